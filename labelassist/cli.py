@@ -1,0 +1,270 @@
+"""The `labelassist` command: one thin command per verb (parse, call core, print)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from .config import DEFAULT_DB, DEFAULT_MODEL, LABEL_FILE_HELP, load_label_file
+from .errors import LabelAssistError
+
+app = typer.Typer(
+    help="CLIP pre-labels your image folders; Label Studio reviewers fix the labels; "
+         "you export a clean dataset.\n\nQuick start: labelassist run photos/ --labels labels.toml",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DbOpt = Annotated[str, typer.Option(
+    "--db", envvar="LABELASSIST_DB", help="Database URL, e.g. sqlite:///labelassist.db or "
+    "postgresql+psycopg://host/db.")]
+LabelsOpt = Annotated[Path, typer.Option("--labels", "-l", help="Label file (TOML): classes, "
+                                         "their descriptions and templates. See --help.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Hub id or local directory of a CLIP-family model. Default: the "
+    f"label file's 'model', else $LABELASSIST_MODEL, else {DEFAULT_MODEL}.")]
+
+
+def main() -> None:
+    try:
+        app()
+    except LabelAssistError as exc:  # raised outside a command (e.g. while parsing)
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(1)
+
+
+def handles_errors(func):
+    """Known errors: one line on stderr and exit 1. Anything else is a bug: traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except LabelAssistError as exc:
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def command(*args, **kwargs):
+    def register(func):
+        return app.command(*args, **kwargs)(handles_errors(func))
+
+    return register
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task):
+        unit = task.fields.get("unit", "images")
+        return f"{task.speed or 0:,.1f} {unit}/s"
+
+
+@contextmanager
+def progress_bar(description: str, unit: str = "images"):
+    """Yields on_progress(done, total), drawn on stderr."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               RateColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(description, total=None, unit=unit)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield on_progress
+
+
+def open_db(url: str):
+    from .db import open_database
+
+    return open_database(url)
+
+
+@command()
+def ingest(
+    dirs: Annotated[list[Path], typer.Argument(help="Folders (or files) to register.")],
+    db: DbOpt = DEFAULT_DB,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this "
+                                            "(decompression bombs).")] = 178_956_970,
+) -> None:
+    """Register the images under DIRS: path, content hash, size, dimensions, mtime.
+
+    Re-running does nothing for unchanged files and re-registers changed ones. The
+    same content under two paths is one image (predicted and reviewed once).
+    Unreadable files are recorded with their reason and never stop the run.
+
+    Example: labelassist ingest photos/ more_photos/
+    """
+    from .ingest import ingest as run_ingest
+
+    database = open_db(db)
+    with progress_bar("ingest", unit="files") as on_progress:
+        summary = run_ingest(database, dirs, max_pixels=max_pixels, on_progress=on_progress)
+    print_ingest_summary(summary)
+
+
+def print_ingest_summary(summary) -> None:
+    err.print(f"{summary.seen:,} files: {summary.added:,} added, {summary.duplicates:,} "
+              f"duplicates of known content, {summary.unchanged:,} unchanged, "
+              f"{summary.changed:,} changed, {summary.error_count:,} errors", markup=False)
+    for reason, count in summary.errors.most_common():
+        example = summary.error_examples.get(reason)
+        err.print(f"  {reason}: {count:,}" + (f" (e.g. {example})" if example else ""),
+                  markup=False)
+
+
+@command()
+def status(db: DbOpt = DEFAULT_DB) -> None:
+    """Counts per state: files, images, errors, predictions per model_version, workers.
+
+    Example: labelassist status --db sqlite:///labelassist.db
+    """
+    from .status import workspace_status
+
+    s = workspace_status(open_db(db))
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"files: {s.files:,}   images: {s.images:,}", markup=False)
+    for title, errors in (("file errors", s.file_errors), ("image errors", s.image_errors)):
+        if errors:
+            out.print(f"{title}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(errors.items())),
+                      markup=False)
+    if s.versions:
+        table = Table("model_version", "predicted", "pending", "auto-accepted")
+        for v in s.versions:
+            table.add_row(v.name, f"{v.predicted:,}", f"{v.pending:,}", f"{v.auto_accepted:,}")
+        out.print(table)
+    if s.versions or s.workers:
+        out.print(f"pushed to Label Studio: {s.versions[0].pushed if s.versions else 0:,}   "
+                  f"reviewed: {s.versions[0].reviewed if s.versions else 0:,}", markup=False)
+    out.print(f"active workers: {len(s.workers)}", markup=False)
+    for w in s.workers:
+        out.print(f"  worker {w['id']} on {w['host']} pid {w['pid']}: {w['claims']} claimed, "
+                  f"heartbeat {w['heartbeat_at']:%H:%M:%S}", markup=False)
+
+
+PREDICT_HELP = """Classify every ingested image that has no prediction for this model_version.
+
+A model_version is the model plus the prompt set: change the label file and you
+get a new version; old predictions stay. Images whose embedding is already stored
+are re-scored without being decoded again. Ctrl-C or a crash loses at most the
+batch in flight: run the command again to continue.
+
+""" + LABEL_FILE_HELP + """
+Example: labelassist predict --labels examples/animals/labels.toml --batch-size 64
+"""
+
+
+@command(help=PREDICT_HELP)
+def predict(
+    labels: LabelsOpt,
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
+    "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware runs it fast), "
+                                       "fp32 or bf16.")] = "auto",
+    exact: Annotated[bool, typer.Option("--exact", help="The reference path: fp32 and full "
+                                        "decoding of every JPEG (slower).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")]
+    = None,
+) -> None:
+    summary = run_predict(db, labels, model, batch_size, device, dtype, exact, threads)
+    print_predict_summary(summary)
+
+
+def run_predict(db, labels, model, batch_size, device, dtype, exact, threads):
+    from .model import load_model
+    from .predict import PredictOptions
+    from .predict import predict as run
+
+    label_set = load_label_file(labels)
+    database = open_db(db)
+    model_id = model or label_set.model or os.environ.get("LABELASSIST_MODEL") or DEFAULT_MODEL
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    loaded = load_model(model_id, device=device, dtype="fp32" if exact else dtype)
+    options = PredictOptions(batch_size=batch_size, exact=exact)
+    with progress_bar("predict") as on_progress:
+        return run(database, loaded, label_set, options, on_progress=on_progress)
+
+
+def print_predict_summary(summary) -> None:
+    err.print(f"{summary.model_version}: {summary.predicted:,} predicted ({summary.encoded:,} "
+              f"encoded, {summary.rescored:,} re-scored from stored embeddings), "
+              f"{sum(summary.failed.values()):,} failed, {summary.images_per_second:,.1f} "
+              "images/s", markup=False)
+    for reason, count in summary.failed.most_common():
+        err.print(f"  skipped {count:,} ({reason}), e.g. {summary.failed_examples[reason]}",
+                  markup=False)
+
+
+@command()
+def predictions(
+    db: DbOpt = DEFAULT_DB,
+    version: Annotated[Optional[str], typer.Option(help="model_version (default: the newest "
+                                                   "with predictions).")] = None,
+    format: Annotated[str, typer.Option(help="jsonl or csv.")] = "jsonl",
+) -> None:
+    """Print one record per image to stdout: path, sha256, label, confidence, scores,
+    model_version.
+
+    Example: labelassist predictions --format csv > predictions.csv
+    """
+    from .errors import ConfigError
+    from .queries import prediction_records, resolve_version
+
+    if format not in ("jsonl", "csv"):
+        raise ConfigError(f"--format {format!r}: use jsonl or csv")
+    database = open_db(db)
+    records = prediction_records(database, resolve_version(database, version))
+    if format == "jsonl":
+        for record in records:
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
+    fields = ["path", "sha256", "label", "confidence", "margin", "scores", "model_version"]
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+    writer.writeheader()
+    for record in records:
+        writer.writerow({**record, "scores": json.dumps(record["scores"], ensure_ascii=False)})
+
+
+@command(name="run")
+def run_all(
+    dirs: Annotated[list[Path], typer.Argument(help="Folders of images.")],
+    labels: LabelsOpt,
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    exact: bool = False,
+) -> None:
+    """Ingest DIRS, then predict every new image.
+
+    Example: labelassist run photos/ --labels labels.toml
+    """
+    from .ingest import ingest as run_ingest
+
+    database = open_db(db)
+    with progress_bar("ingest", unit="files") as on_progress:
+        print_ingest_summary(run_ingest(database, dirs, on_progress=on_progress))
+    print_predict_summary(run_predict(db, labels, model, batch_size, device, dtype, exact, None))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Open a database: create or upgrade its schema, then hand out sessions.
+
+SQLite runs in WAL mode with a busy timeout, so readers never block the writer.
+Writers begin with BEGIN IMMEDIATE: they queue for the write lock up front
+instead of failing when a read transaction tries to upgrade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import DatabaseError
+from .models import Base  # noqa: F401  (re-exported for callers)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_MIGRATION_LOCK_KEY = 7_310_225_418  # PostgreSQL advisory lock serialising schema upgrades
+
+
+def migrations_dir() -> str:
+    """Top-level migrations/, installed as the package labelassist._migrations."""
+    return str(resources.files("labelassist._migrations"))
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", migrations_dir())
+    return cfg
+
+
+class Database:
+    """An engine plus two session factories: `read()` and `write()`."""
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise DatabaseError(f"--db {url!r} is not a database URL "
+                                "(try sqlite:///labelassist.db)") from None
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}} if self.is_sqlite \
+            else {"pool_pre_ping": True}
+        try:
+            self.engine: Engine = create_engine(parsed, **kwargs)
+        except (ArgumentError, ImportError) as exc:
+            raise DatabaseError(f"cannot use --db {parsed.render_as_string()}: {exc}") from None
+        if self.is_sqlite:
+            _configure_sqlite(self.engine)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(self.engine.execution_options(sqlite_immediate=True),
+                                   expire_on_commit=False)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._write() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        immediate = conn.get_execution_options().get("sqlite_immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def open_database(url: str) -> Database:
+    """Open `url`, creating or upgrading its schema; refuse one written by a newer labelassist."""
+    db = Database(url)
+    try:
+        upgrade_schema(db)
+    except OperationalError as exc:
+        db.dispose()
+        raise DatabaseError(f"cannot open database {db.engine.url.render_as_string()}: "
+                            f"{exc.orig}. Check --db or LABELASSIST_DB.") from None
+    return db
+
+
+def upgrade_schema(db: Database, revision: str = "head") -> None:
+    cfg = alembic_config()
+    script = ScriptDirectory.from_config(cfg)
+    known = {rev.revision for rev in script.walk_revisions()}
+    head = script.get_current_head()
+    engine = db.engine.execution_options(sqlite_immediate=True)
+    with engine.connect() as conn:
+        if _current_revision(conn) == head and revision == "head":
+            return  # the common case: no lock, no Alembic run
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+        current = _current_revision(conn)
+        if current is not None and current not in known:
+            raise DatabaseError(
+                f"database {db.engine.url.render_as_string()} was written by a newer "
+                f"labelassist (schema revision {current}; this one knows up to {head}). "
+                "Upgrade labelassist: pip install -U labelassist")
+        if current == head and revision == "head":
+            return
+        from alembic import command
+
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def _current_revision(conn) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def schema_revision(db: Database) -> str | None:
+    with db.engine.connect() as conn:
+        return _current_revision(conn)
+
+
+def insert_ignoring_duplicates(session: Session, model, rows: list[dict]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING on SQLite and PostgreSQL: a rerun after a crash
+    may meet rows that the crashed run already committed."""
+    if not rows:
+        return
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(insert(model).on_conflict_do_nothing(), rows)

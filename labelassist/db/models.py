@@ -1,0 +1,188 @@
+"""The ledger. Alembic (migrations/) owns the schema; these classes mirror its head.
+
+Images are keyed by content (sha256): the same bytes under two paths are one
+image with two `files` rows, so they are predicted, pushed and reviewed once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary,
+                        String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Image(Base):
+    """One distinct content. `error` is set when decoding failed at predict time."""
+
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(String(32))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class File(Base):
+    """A path seen by ingest. image_id is NULL while the file is not a readable image."""
+
+    __tablename__ = "files"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    # The exact bytes of a path that is not valid UTF-8 (`path` then holds a readable form).
+    raw_path: Mapped[bytes | None] = mapped_column(LargeBinary)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(String(32))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelVersion(Base):
+    """A model plus a prompt set (or a probe): the unit Label Studio calls model_version."""
+
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default="zeroshot")
+    model_id: Mapped[str] = mapped_column(Text)
+    # Which stored embeddings this version reads: one per (model, revision).
+    model_key: Mapped[str] = mapped_column(String(200), index=True)
+    label_set: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Embedding(Base):
+    """L2-normalised float32 image embedding, reused by every prompt set of that model."""
+
+    __tablename__ = "embeddings"
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    model_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    label: Mapped[str] = mapped_column(Text)
+    confidence: Mapped[float] = mapped_column(Float)
+    margin: Mapped[float] = mapped_column(Float)
+    scores: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LSProject(Base):
+    """A Label Studio project that labelassist pushes to (no token is ever stored)."""
+
+    __tablename__ = "ls_projects"
+    __table_args__ = (UniqueConstraint("url", "ls_project_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    ls_project_id: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(Text)
+    classes: Mapped[list] = mapped_column(JSON)
+    image_mode: Mapped[str] = mapped_column(String(16))
+    last_pull_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LSTask(Base):
+    __tablename__ = "ls_tasks"
+    __table_args__ = (UniqueConstraint("project_id", "image_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("ls_projects.id"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    ls_task_id: Mapped[int] = mapped_column(Integer, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LSPrediction(Base):
+    """Which model_version's prediction a task already carries in Label Studio."""
+
+    __tablename__ = "ls_predictions"
+    __table_args__ = (UniqueConstraint("task_id", "model_version_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("ls_tasks.id"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Annotation(Base):
+    """A reviewer's answer, pulled from Label Studio. The human label is the truth."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (UniqueConstraint("project_id", "ls_annotation_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("ls_projects.id"))
+    ls_annotation_id: Mapped[int] = mapped_column(Integer)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    label: Mapped[str | None] = mapped_column(Text)
+    cancelled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The prediction the reviewer started from, and whether they kept it unchanged.
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    accepted_prediction: Mapped[bool | None] = mapped_column(Boolean)
+    annotator: Mapped[str | None] = mapped_column(Text)
+    lead_time: Mapped[float | None] = mapped_column(Float)
+    ls_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ls_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    pulled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AutoAccept(Base):
+    """A prediction trusted without review (`accept`); never presented as human work."""
+
+    __tablename__ = "auto_accepts"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    label: Mapped[str] = mapped_column(Text)
+    confidence: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    target_precision: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Worker(Base):
+    """A running (or dead) predict worker; its heartbeat keeps its claims alive."""
+
+    __tablename__ = "workers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hostname: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Claim(Base):
+    """An image a worker is encoding for a model_version, until expires_at."""
+
+    __tablename__ = "claims"
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"),
+                                                  primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id"), index=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,191 @@
+"""Load CLIP-family models (CLIP, SigLIP) through one factory: a hub id or a local dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .images import Preprocess
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: Preprocess
+    model_id: str
+    name: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def model_key(self) -> str:
+        """Key of stored embeddings: same weights, same vectors, whatever the prompts."""
+        return f"{self.name}@{self.revision[:12]}"
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp())
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().float())
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> L2-normalised float32 embeddings (B, D)."""
+        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        return _normalise(_features(self.model.get_image_features(pixel_values=pixel_values)))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        siglip = "siglip" in self.model.config.model_type
+        tokens = self.tokenizer(texts, padding="max_length" if siglip else True,
+                                truncation=True, return_tensors="pt")
+        tokens = {k: v.to(self.device) for k, v in tokens.items()
+                  if k in ("input_ids", "attention_mask")}
+        if siglip:
+            tokens.pop("attention_mask", None)  # SigLIP is trained without one
+        return _normalise(_features(self.model.get_text_features(**tokens)))
+
+
+def _features(out) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projection.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise ModelLoadError(f"--device {device!r}: use auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda, but torch sees no CUDA GPU (use --device cpu)")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r}: use auto, fp32 or bf16")
+    return DTYPES[dtype]
+
+
+def load_model(model_id_or_path: str, device: str = "auto", dtype: str = "fp32") -> LoadedModel:
+    """Load a CLIP-family model, its tokenizer and its preprocessing, once per worker."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    source = _resolve_source(model_id_or_path)
+    try:
+        model = AutoModel.from_pretrained(source, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+    except OSError as exc:
+        raise ModelLoadError(_explain_load_failure(model_id_or_path, exc)) from None
+    if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
+        raise ModelLoadError(f"{model_id_or_path} is a {type(model).__name__}, not a CLIP-family "
+                             "model with image and text towers")
+    model.to(dev).eval()
+    local_dir = source if os.path.isdir(source) else _snapshot_dir(source)
+    return LoadedModel(model=model, tokenizer=tokenizer,
+                       preprocess=Preprocess.from_processor(processor),
+                       model_id=model_id_or_path, name=model_name(model_id_or_path),
+                       revision=fingerprint_dir(local_dir), device=dev, dtype=torch_dtype)
+
+
+def model_name(model_id_or_path: str) -> str:
+    return Path(model_id_or_path.rstrip("/\\")).name or "model"
+
+
+def _resolve_source(model_id_or_path: str) -> str:
+    path = Path(model_id_or_path).expanduser()
+    looks_local = path.exists() or model_id_or_path.startswith((".", "/", "~")) \
+        or model_id_or_path.count("/") > 1
+    if not looks_local:
+        return model_id_or_path
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist (check --model or 'model' "
+                             "in the label file)")
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        missing.append("weights (model.safetensors or pytorch_model.bin)")
+    if missing:
+        raise ModelLoadError(f"model directory {path} lacks {' and '.join(missing)}; save it "
+                             "with model.save_pretrained(dir) and processor.save_pretrained(dir)")
+    return str(path)
+
+
+def _explain_load_failure(model_id: str, exc: OSError) -> str:
+    text = str(exc)
+    if os.path.isdir(model_id):
+        return f"cannot load model from {model_id}: {text.splitlines()[0]}"
+    if os.environ.get("HF_HUB_OFFLINE") or "offline" in text.lower():
+        return (f"model {model_id} is not in the local cache and the hub is offline "
+                "(HF_HUB_OFFLINE is set): pass --model DIR with a saved model")
+    if "not a valid model identifier" in text or "404" in text or "Repository Not Found" in text:
+        return f"model {model_id} does not exist on the hub (check --model)"
+    return (f"cannot download model {model_id}: the hub is unreachable ({text.splitlines()[0]}). "
+            "Pass --model DIR with a saved model, or check the network")
+
+
+def _snapshot_dir(model_id: str) -> str:
+    from transformers.utils import cached_file
+
+    return str(Path(cached_file(model_id, "config.json")).parent)
+
+
+def fingerprint_dir(path: str) -> str:
+    """A cheap identity for a model directory: its config plus the size, head and tail of
+    each weight file. Renaming or copying the directory keeps the identity (and so the
+    stored embeddings); retrained weights change it."""
+    digest = hashlib.sha256()
+    config = Path(path) / "config.json"
+    digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    for name in sorted(os.listdir(path)):
+        file = Path(path) / name
+        if not name.endswith((".safetensors", ".bin")) or not file.is_file():
+            continue
+        size = file.stat().st_size
+        digest.update(f"{name}:{size}".encode())
+        with open(file, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()

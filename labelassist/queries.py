@@ -1,0 +1,58 @@
+"""Reads shared by several commands: which model_version, and its prediction records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sqlalchemy import func, select
+
+from .db import Database
+from .db.models import File, Image, ModelVersion, Prediction
+from .errors import ConfigError
+
+
+def resolve_version(db: Database, name: str | None = None) -> ModelVersion:
+    """The named model_version, or the newest one that has predictions."""
+    with db.read() as session:
+        if name:
+            version = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).first()
+            if version is None:
+                known = session.scalars(select(ModelVersion.name).order_by(ModelVersion.id)).all()
+                raise ConfigError(f"no model_version {name!r}; known: {', '.join(known) or 'none'} "
+                                  "(see labelassist status)")
+            return version
+        version = session.scalars(
+            select(ModelVersion).where(select(Prediction.id).where(
+                Prediction.model_version_id == ModelVersion.id).exists())
+            .order_by(ModelVersion.id.desc())).first()
+        if version is None:
+            raise ConfigError("no predictions yet: run labelassist predict --labels FILE first")
+        return version
+
+
+def first_paths(session, image_ids: list[int]) -> dict[int, str]:
+    """One readable path per image (the first registered) for display and export."""
+    rows = session.execute(select(File.image_id, func.min(File.path))
+                           .where(File.image_id.in_(image_ids), File.error.is_(None))
+                           .group_by(File.image_id)).all()
+    return dict(rows)
+
+
+def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:
+    """DESIGN.md record: path, sha256, label, confidence, scores, model_version (+ margin)."""
+    last_id = 0
+    while True:
+        with db.read() as session:
+            rows = session.execute(
+                select(Prediction, Image.sha256).join(Image, Image.id == Prediction.image_id)
+                .where(Prediction.model_version_id == version.id, Prediction.id > last_id)
+                .order_by(Prediction.id).limit(chunk)).all()
+            if not rows:
+                return
+            paths = first_paths(session, [p.image_id for p, _ in rows])
+        for prediction, sha in rows:
+            yield {"path": paths.get(prediction.image_id), "sha256": sha,
+                   "label": prediction.label, "confidence": prediction.confidence,
+                   "margin": prediction.margin, "scores": prediction.scores,
+                   "model_version": version.name}
+        last_id = rows[-1][0].id

@@ -1,0 +1,58 @@
+"""Counts per state, for `labelassist status`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from .claims import active_workers
+from .db import Database
+from .db.models import Annotation, AutoAccept, File, Image, LSTask, ModelVersion, Prediction
+
+
+@dataclass
+class VersionStatus:
+    name: str
+    predicted: int
+    pending: int
+    pushed: int
+    reviewed: int
+    auto_accepted: int
+
+
+@dataclass
+class WorkspaceStatus:
+    files: int
+    file_errors: dict[str, int]
+    images: int
+    image_errors: dict[str, int]
+    versions: list[VersionStatus] = field(default_factory=list)
+    workers: list[dict] = field(default_factory=list)
+
+
+def workspace_status(db: Database) -> WorkspaceStatus:
+    with db.read() as session:
+        files = session.scalar(select(func.count()).select_from(File))
+        file_errors = dict(session.execute(select(File.error, func.count())
+                                           .where(File.error.is_not(None))
+                                           .group_by(File.error)).all())
+        live = select(File.image_id).where(File.error.is_(None)).distinct().subquery()
+        images = session.scalar(select(func.count()).select_from(live))
+        image_errors = dict(session.execute(select(Image.error, func.count())
+                                            .where(Image.error.is_not(None))
+                                            .group_by(Image.error)).all())
+        usable = images - sum(image_errors.values())
+        reviewed = session.scalar(select(func.count(func.distinct(Annotation.image_id))).where(
+            Annotation.deleted_at.is_(None), Annotation.cancelled.is_(False)))
+        pushed = session.scalar(select(func.count(func.distinct(LSTask.image_id))))
+        versions = []
+        for version in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+            predicted = session.scalar(select(func.count()).where(
+                Prediction.model_version_id == version.id))
+            accepted = session.scalar(select(func.count()).where(
+                AutoAccept.model_version_id == version.id))
+            versions.append(VersionStatus(version.name, predicted, max(0, usable - predicted),
+                                          pushed, reviewed, accepted))
+    return WorkspaceStatus(files, file_errors, images, image_errors, versions,
+                           active_workers(db))

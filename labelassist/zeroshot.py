@@ -1,0 +1,92 @@
+"""Prompt set -> text classifier -> class probabilities (DESIGN.md, "Probabilities").
+
+Each description gets one text embedding: the normalised mean of its templates'
+normalised embeddings (CLIP's prompt ensembling). Logits are logit_scale * cosine
+(+ logit_bias for SigLIP) over all descriptions, softmaxed together; a class's
+probability is the sum over its descriptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import LabelSet
+from .model import LoadedModel
+
+TEXT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    margin: float  # top-1 minus top-2 class probability: low means "look at me"
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TextClassifier:
+    class_names: list[str]
+    weights: torch.Tensor        # (D, n_descriptions), unit columns
+    description_class: torch.Tensor  # (n_descriptions,) class index of each column
+    logit_scale: float
+    logit_bias: float | None
+
+    def probabilities(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D) unit image embeddings -> (B, n_classes) probabilities."""
+        logits = self.logit_scale * image_embeddings.float() @ self.weights
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        per_description = logits.softmax(dim=-1)
+        probs = torch.zeros(per_description.shape[0], len(self.class_names))
+        return probs.index_add_(1, self.description_class, per_description)
+
+
+def build_text_classifier(model: LoadedModel, label_set: LabelSet) -> TextClassifier:
+    """Encode every prompt once; average the templates of each description."""
+    descriptions = label_set.descriptions()
+    prompts = [p for _, d in descriptions for p in label_set.prompts_for(d)]
+    encoded = torch.cat([model.encode_texts(prompts[i:i + TEXT_BATCH])
+                         for i in range(0, len(prompts), TEXT_BATCH)])
+    per_template = encoded.view(len(descriptions), len(label_set.templates), -1)
+    mean = per_template.mean(dim=1)
+    weights = (mean / mean.norm(dim=-1, keepdim=True)).T.contiguous()
+    names = label_set.class_names
+    index = torch.tensor([names.index(c) for c, _ in descriptions])
+    return TextClassifier(names, weights, index, model.logit_scale, model.logit_bias)
+
+
+def to_predictions(probs: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> list[Prediction]:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape[1] > 1:
+        top2 = np.sort(probs, axis=1)[:, -2:]
+        margins = top2[:, 1] - top2[:, 0]
+    else:
+        margins = probs[:, 0]
+    best = probs.argmax(axis=1)
+    return [Prediction(label=class_names[b], confidence=float(row[b]), margin=float(m),
+                       scores={c: float(p) for c, p in zip(class_names, row)})
+            for row, b, m in zip(probs, best, margins)]
+
+
+class ZeroShotClassifier:
+    """The Python API: ZeroShotClassifier(model, label_set).classify(images)."""
+
+    def __init__(self, model: LoadedModel, label_set: LabelSet):
+        self.model = model
+        self.label_set = label_set
+        self.text = build_text_classifier(model, label_set)
+
+    def classify(self, images: Sequence[Image.Image]) -> list[Prediction]:
+        from .images import to_rgb
+
+        pixels = torch.from_numpy(np.stack([self.model.preprocess(to_rgb(im)) for im in images]))
+        return self.classify_embeddings(self.model.encode_images(pixels))
+
+    def classify_embeddings(self, embeddings: torch.Tensor) -> list[Prediction]:
+        return to_predictions(self.text.probabilities(embeddings), self.text.class_names)

@@ -1,0 +1,52 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from labelassist.db import open_database  # noqa: E402
+from labelassist.tinymodels import save_random_clip, tiny_clip_config  # noqa: E402
+
+from .imagegen import write_shape_images  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP with the real CLIP tokenizer, saved like any user model."""
+    return save_random_clip(tmp_path_factory.mktemp("models") / "tiny-clip", tiny_clip_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_clip_dir):
+    from labelassist.model import load_model
+
+    return load_model(str(tiny_clip_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'labelassist.db'}"
+
+
+@pytest.fixture
+def db(db_url):
+    database = open_database(db_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def photo_dir(tmp_path):
+    """24 small real image files (PNG and JPEG) of coloured shapes."""
+    root = tmp_path / "photos"
+    write_shape_images(root, 24)
+    return root
+
+
+@pytest.fixture
+def labels_file(tmp_path):
+    path = tmp_path / "labels.toml"
+    path.write_text('templates = ["a photo of a {}."]\n[classes]\nwarm = ["red", "orange"]\n'
+                    'cool = ["blue"]\nplain = ["grey"]\n')
+    return path
