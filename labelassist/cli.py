@@ -77,7 +77,9 @@ def progress_bar(description: str, unit: str = "images"):
     """Yields on_progress(done, total), drawn on stderr."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                RateColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=False) as progress:
+    # Bars are for people: in a log or a pipe they are noise, so only a terminal gets one.
+    with Progress(*columns, console=err, transient=False,
+                  disable=not err.is_terminal) as progress:
         task = progress.add_task(description, total=None, unit=unit)
 
         def on_progress(done: int, total: int) -> None:

@@ -52,8 +52,9 @@ class LoadedModel:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         siglip = "siglip" in self.model.config.model_type
+        max_length = self.model.config.text_config.max_position_embeddings
         tokens = self.tokenizer(texts, padding="max_length" if siglip else True,
-                                truncation=True, return_tensors="pt")
+                                truncation=True, max_length=max_length, return_tensors="pt")
         tokens = {k: v.to(self.device) for k, v in tokens.items()
                   if k in ("input_ids", "attention_mask")}
         if siglip:
@@ -109,7 +110,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(model_id_or_path: str, device: str = "auto", dtype: str = "fp32") -> LoadedModel:
     """Load a CLIP-family model, its tokenizer and its preprocessing, once per worker."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress goes to stderr; theirs is noise
+    hf_logging.set_verbosity_error()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = _resolve_source(model_id_or_path)

@@ -50,3 +50,14 @@ def labels_file(tmp_path):
     path.write_text('templates = ["a photo of a {}."]\n[classes]\nwarm = ["red", "orange"]\n'
                     'cool = ["blue"]\nplain = ["grey"]\n')
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir():
+    """The toy-world CLIP, trained once (about 2 minutes) and cached across sessions."""
+    from pathlib import Path
+
+    from labelassist.toyworld import cached_model
+
+    cache = Path(os.environ.get("LABELASSIST_TEST_CACHE", Path.home() / ".cache" / "labelassist"))
+    return cached_model(cache, log=lambda message: None)

@@ -1,0 +1,49 @@
+import json
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from labelassist import toyworld
+from labelassist.cli import app
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "toyworld"
+
+
+def test_toy_clip_classifies_held_out_colour_shape_pairs_zero_shot(toy_model_dir, capsys):
+    scores = toyworld.evaluate(toy_model_dir)
+    with capsys.disabled():
+        print(f"\ntoy world zero-shot on held-out pairs: {scores}")
+    chance = 1 / (len(toyworld.COLOURS) * len(toyworld.SHAPES))
+    assert scores["pair"] > 5 * chance  # never-seen pairs, 24-way: chance is 4.2%
+    assert scores["colour"] > 0.9
+
+
+def accuracy_through_cli(runner, env, labels_file, photos, model_dir):
+    result = runner.invoke(app, ["run", str(photos), "--labels", str(labels_file),
+                                 "--model", str(model_dir), "--exact"], env=env)
+    assert result.exit_code == 0, result.output
+    version = re.search(r"^(\S+@[0-9a-f]{8}): \d+ predicted", result.output, re.M).group(1)
+    out = runner.invoke(app, ["predictions", "--version", version], env=env).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    truth = {"warm": toyworld.WARM, "cool": toyworld.COOL}
+    right = sum(Path(r["path"]).name.split("_")[0] in truth[r["label"]] for r in records)
+    return right / len(records), len(records)
+
+
+def test_describing_a_class_by_its_members_beats_a_vague_description(
+        toy_model_dir, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    toyworld.write_images(photos, 120, seed=5)
+    runner = CliRunner()
+    env = {"LABELASSIST_DB": f"sqlite:///{tmp_path / 'toy.db'}"}
+
+    members, n = accuracy_through_cli(runner, env, EXAMPLES / "labels.toml", photos,
+                                      toy_model_dir)
+    vague, _ = accuracy_through_cli(runner, env, EXAMPLES / "labels-vague.toml", photos,
+                                    toy_model_dir)
+
+    with capsys.disabled():
+        print(f"\nwarm/cool over {n} pictures: members {members:.1%}, vague {vague:.1%}")
+    assert members >= 0.95
+    assert members - vague >= 0.2
