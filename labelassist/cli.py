@@ -245,6 +245,120 @@ def predictions(
         writer.writerow({**record, "scores": json.dumps(record["scores"], ensure_ascii=False)})
 
 
+LsUrlOpt = Annotated[Optional[str], typer.Option(
+    "--ls-url", help="Label Studio URL (env LABEL_STUDIO_URL).")]
+LsTokenOpt = Annotated[Optional[str], typer.Option(
+    "--ls-token", help="Label Studio API token (env LABEL_STUDIO_API_KEY). Never stored.")]
+VersionOpt = Annotated[Optional[str], typer.Option(
+    "--version", help="model_version (default: the newest with predictions).")]
+
+
+def ls_client(url, token):
+    from .lsclient import LabelStudioClient, resolve_connection
+
+    return LabelStudioClient(resolve_connection(url, token))
+
+
+@command()
+def push(
+    db: DbOpt = DEFAULT_DB,
+    ls_url: LsUrlOpt = None,
+    ls_token: LsTokenOpt = None,
+    project: Annotated[Optional[str], typer.Option(
+        help="Project title (default: 'labelassist: <classes>'); found or created.")] = None,
+    version: VersionOpt = None,
+    image_mode: Annotated[str, typer.Option(
+        help="local: Label Studio serves files from its LOCAL_FILES_DOCUMENT_ROOT (same "
+             "disk); upload: send the image bytes; auto: local for a Label Studio on this "
+             "machine with a known root, else upload.")] = "auto",
+    ls_root: Annotated[Optional[str], typer.Option(
+        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for --image-mode local "
+             "(env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT).")] = None,
+    order: Annotated[str, typer.Option(
+        help="Which images become tasks first: ingest, uncertain (lowest margin first: "
+             "reviewers start where the model is weakest) or confident.")] = "ingest",
+    batch_size: Annotated[int, typer.Option(min=1, max=5000, help="Tasks per import request "
+                                            "(Label Studio handles ~1,000 in 1.5 s).")] = 500,
+) -> None:
+    """Push predictions to Label Studio as pre-annotations: one task per image with the
+    prediction preselected (model_version and score set, so reviewers can sort by score).
+
+    Pushing again adds nothing twice; a new model_version adds its predictions to the
+    existing tasks; an interrupted push resumes where it stopped.
+
+    Example: labelassist push --ls-url http://127.0.0.1:8080 --ls-root /data/images
+    """
+    from .labelstudio import push as run_push
+    from .labelstudio import resolve_image_source
+    from .queries import resolve_version
+
+    database = open_db(db)
+    client = ls_client(ls_url, ls_token)
+    source = resolve_image_source(image_mode, ls_root, client.conn.url)
+    with progress_bar("push", unit="tasks") as on_progress:
+        summary = run_push(database, client, resolve_version(database, version), source,
+                           title=project, order=order, batch_size=batch_size,
+                           on_progress=on_progress)
+    err.print(f"{summary.model_version} -> {summary.project_url}: {summary.tasks_created:,} "
+              f"tasks created, {summary.predictions_added:,} predictions added to existing "
+              f"tasks, {summary.recovered:,} recovered from an interrupted push", markup=False)
+
+
+@command()
+def pull(
+    db: DbOpt = DEFAULT_DB,
+    ls_url: LsUrlOpt = None,
+    ls_token: LsTokenOpt = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-read every task, not only those "
+                                       "changed since the last pull.")] = False,
+) -> None:
+    """Fetch reviewers' annotations that are new or changed since the last pull: the human
+    label, whether the prediction was accepted unchanged, annotator, lead time. Updated,
+    deleted and skipped annotations are tracked too.
+
+    Example: labelassist pull --ls-url http://127.0.0.1:8080
+    """
+    from .labelstudio import pull as run_pull
+
+    summary = run_pull(open_db(db), ls_client(ls_url, ls_token), full=full)
+    err.print(f"{summary.tasks_seen:,} tasks read: {summary.new:,} new annotations, "
+              f"{summary.updated:,} updated, {summary.deleted:,} deleted, {summary.unchanged:,} "
+              f"unchanged ({summary.cancelled:,} skipped by reviewers)", markup=False)
+
+
+@command()
+def studio(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    root: Annotated[Path, typer.Option(help="Folder whose subfolders Label Studio may serve "
+                                       "as local files (your image folders live below it).")]
+    = Path("."),
+    data_dir: Annotated[Path, typer.Option(help="Label Studio's data (its own database).")] =
+    Path.home() / ".local" / "share" / "labelassist" / "label-studio",
+) -> None:
+    """Start a local Label Studio wired for local files and an API token, print the URL,
+    login and token, and keep it running until Ctrl-C. Needs labelassist[studio].
+
+    Example: labelassist studio --root ~/datasets   (then: labelassist push --ls-root ~/datasets)
+    """
+    import signal
+
+    from .studio import start_studio
+
+    err.print("starting Label Studio (the first start takes about 40 s) ...", markup=False)
+    s = start_studio(port, root.resolve(), data_dir)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"Label Studio is up at {s.url}  (login {s.username} / {s.password})\n"
+              f"export LABEL_STUDIO_URL={s.url}\nexport LABEL_STUDIO_API_KEY={s.token}\n"
+              f"export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={s.root}", markup=False)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
+    try:
+        s.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        s.stop()
+
+
 @command(name="run")
 def run_all(
     dirs: Annotated[list[Path], typer.Argument(help="Folders of images.")],

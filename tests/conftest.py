@@ -61,3 +61,33 @@ def toy_model_dir():
 
     cache = Path(os.environ.get("LABELASSIST_TEST_CACHE", Path.home() / ".cache" / "labelassist"))
     return cached_model(cache, log=lambda message: None)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio server for the whole test session, on a free port."""
+    from labelassist.studio import free_port, start_studio
+
+    root = tmp_path_factory.mktemp("ls-root")
+    studio = start_studio(free_port(), root, tmp_path_factory.mktemp("ls-data"))
+    yield studio
+    studio.stop()
+
+
+@pytest.fixture
+def ls_env(label_studio, monkeypatch):
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(label_studio.root))
+    return label_studio
+
+
+@pytest.fixture
+def ls_photos(label_studio, request):
+    """Images in this test's own folder under the server's local-files root."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", request.node.name)[:60]
+    root = label_studio.root / name
+    write_shape_images(root, 12)
+    return root

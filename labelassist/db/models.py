@@ -186,3 +186,16 @@ class Claim(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
     worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id"), index=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LSPushJournal(Base):
+    """An import sent (or about to be sent) to Label Studio and not yet recorded here.
+    kind is 'tasks' (new tasks) or 'predictions' (a new version on existing tasks)."""
+
+    __tablename__ = "ls_push_journal"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("ls_projects.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    image_ids: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,122 @@
+"""Start a local Label Studio wired for local files and an API token (`labelassist studio`,
+and the test session's server). Facts measured on Label Studio 1.23 are in DESIGN.md."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from .errors import LabelStudioError
+
+# Label Studio reads these bare names into its settings: never pass ours through.
+LEAKY_ENV = ("PORT", "HOST", "USERNAME", "PASSWORD", "DEBUG")
+
+
+@dataclass
+class Studio:
+    url: str
+    token: str
+    username: str
+    password: str
+    root: Path
+    data_dir: Path
+    process: subprocess.Popen
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) != 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_or_make_token(data_dir: Path) -> str:
+    """One token per data dir, kept in a 0600 file beside Label Studio's own data."""
+    path = data_dir / "labelassist-token"
+    if path.is_file():
+        return path.read_text().strip()
+    token = secrets.token_hex(20)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token)
+    return token
+
+
+def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admin@localhost",
+                 password: str | None = None, log_file: Path | None = None,
+                 timeout: float = 180) -> Studio:
+    """Start `label-studio` on 127.0.0.1:port and wait until /health/ answers UP."""
+    exe = shutil.which("label-studio")
+    if exe is None:
+        raise LabelStudioError("label-studio is not installed: pip install 'labelassist[studio]'")
+    if not port_is_free(port):
+        # Label Studio would silently move to the next port; we refuse instead.
+        raise LabelStudioError(f"port {port} is busy: pass another --port")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = read_or_make_token(data_dir)
+    password = password or read_or_make_password(data_dir)
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
+    env.update({
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "DJANGO_DB": "sqlite",
+        "LABEL_STUDIO_USERNAME": username, "LABEL_STUDIO_PASSWORD": password,
+        "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(root),
+        "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
+    })
+    log = open(log_file or data_dir / "label-studio.log", "ab")
+    process = subprocess.Popen(
+        [exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    studio = Studio(f"http://127.0.0.1:{port}", token, username, password, root, data_dir,
+                    process)
+    wait_until_healthy(studio, timeout)
+    return studio
+
+
+def read_or_make_password(data_dir: Path) -> str:
+    path = data_dir / "labelassist-password"
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(12))
+    return path.read_text().strip()
+
+
+def wait_until_healthy(studio: Studio, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if studio.process.poll() is not None:
+            raise LabelStudioError(f"label-studio exited with code {studio.process.returncode}; "
+                                   f"see {studio.data_dir / 'label-studio.log'}")
+        try:
+            if httpx.get(f"{studio.url}/health/", timeout=2).json().get("status") == "UP":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    studio.stop()
+    raise LabelStudioError(f"label-studio did not answer on {studio.url} within {timeout:.0f}s")

@@ -1,0 +1,239 @@
+"""Push and pull against a real Label Studio server (started once per test session)."""
+
+import http.server
+import threading
+import time
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from labelassist.cli import app
+from labelassist.config import parse_label_text
+from labelassist.db.models import Annotation, LSTask
+from labelassist.errors import LabelStudioError
+from labelassist.ingest import ingest
+from labelassist.labelstudio import (ImageSource, choice_result, list_remote_tasks, pull, push,
+                                     resolve_image_source)
+from labelassist.lsclient import Connection, LabelStudioClient, resolve_connection
+from labelassist.predict import predict
+from labelassist.queries import resolve_version
+
+pytestmark = pytest.mark.labelstudio
+
+LABELS = '[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\nplain = ["grey"]\n'
+
+
+@pytest.fixture
+def client(label_studio):
+    c = LabelStudioClient(Connection(label_studio.url, label_studio.token), retries=1)
+    yield c
+    c.close()
+
+
+def predicted(db, model, photos, labels=LABELS):
+    ingest(db, [photos])
+    predict(db, model, parse_label_text(labels))
+    return resolve_version(db)
+
+
+def remote_tasks(client, summary):
+    return list_remote_tasks(client, summary.project_id)
+
+
+def test_push_creates_tasks_with_preselected_predictions_and_is_idempotent(
+        db, tiny_model, ls_photos, client, label_studio, request):
+    version = predicted(db, tiny_model, ls_photos)
+    source = ImageSource("local", label_studio.root)
+
+    first = push(db, client, version, source, title=request.node.name)
+    again = push(db, client, version, source, title=request.node.name)
+
+    assert (first.tasks_created, again.tasks_created, again.predictions_added) == (12, 0, 0)
+    tasks = remote_tasks(client, first)
+    assert len(tasks) == 12
+    for task in tasks:
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"] == version.name
+        assert 0 < prediction["score"] <= 1
+        assert prediction["result"][0]["value"]["choices"][0] in ("warm", "cool", "plain")
+    image = httpx.get(label_studio.url + tasks[0]["data"]["image"],
+                      headers={"Authorization": f"Token {label_studio.token}"})
+    assert image.status_code == 200
+    assert image.content == open(tasks[0]["data"]["path"], "rb").read()
+
+
+def test_second_model_version_adds_predictions_not_tasks(db, tiny_model, ls_photos, client,
+                                                         label_studio, request):
+    source = ImageSource("local", label_studio.root)
+    first = push(db, client, predicted(db, tiny_model, ls_photos), source,
+                 title=request.node.name)
+    predict(db, tiny_model, parse_label_text(LABELS.replace('"grey"]', '"grey", "white"]')))
+    second_version = resolve_version(db)
+
+    second = push(db, client, second_version, source, title=request.node.name)
+
+    assert (second.tasks_created, second.predictions_added) == (0, 12)
+    tasks = remote_tasks(client, first)
+    assert len(tasks) == 12
+    assert all(sorted(p["model_version"] for p in t["predictions"])
+               == sorted([first.model_version, second_version.name]) for t in tasks)
+
+
+def test_new_images_push_only_the_new_tasks(db, tiny_model, ls_photos, client, label_studio,
+                                            request):
+    from .imagegen import write_shape_images
+
+    source = ImageSource("local", label_studio.root)
+    push(db, client, predicted(db, tiny_model, ls_photos), source, title=request.node.name)
+    write_shape_images(ls_photos / "more", 5, start=500)
+    summary = push(db, client, predicted(db, tiny_model, ls_photos), source,
+                   title=request.node.name)
+    assert summary.tasks_created == 5 and len(remote_tasks(client, summary)) == 17
+
+
+def test_upload_mode_sends_the_image_bytes(db, tiny_model, tmp_path, client, label_studio,
+                                           request):
+    from .imagegen import write_shape_images
+
+    outside = tmp_path / "not-under-the-root"
+    write_shape_images(outside, 3)
+    summary = push(db, client, predicted(db, tiny_model, outside), ImageSource("upload"),
+                   title=request.node.name)
+    tasks = remote_tasks(client, summary)
+    assert len(tasks) == 3
+    for task in tasks:
+        assert task["data"]["image"].startswith("/data/upload/")
+        got = httpx.get(label_studio.url + task["data"]["image"],
+                        headers={"Authorization": f"Token {label_studio.token}"})
+        assert got.content == open(task["data"]["path"], "rb").read()
+
+
+def test_local_mode_refuses_images_outside_the_root(db, tiny_model, tmp_path, client,
+                                                   label_studio, request):
+    from .imagegen import write_shape_images
+
+    write_shape_images(tmp_path / "elsewhere", 2)
+    with pytest.raises(LabelStudioError, match="--image-mode upload"):
+        push(db, client, predicted(db, tiny_model, tmp_path / "elsewhere"),
+             ImageSource("local", label_studio.root), title=request.node.name)
+
+
+def annotate(client, task, label, *, accept=False, user=None, cancel=False, lead_time=2.5):
+    pred = task["predictions"][0]
+    return client.sdk.annotations.create(
+        id=task["id"], result=[] if cancel else choice_result(label),
+        parent_prediction=pred["id"], lead_time=lead_time, was_cancelled=cancel,
+        **({"completed_by": user} if user else {}))
+
+
+def predicted_label(task):
+    return task["predictions"][0]["result"][0]["value"]["choices"][0]
+
+
+def other(label):
+    return "cool" if label != "cool" else "warm"
+
+
+def test_reviews_are_pulled_then_updates_and_deletes_arrive_as_deltas(
+        db, tiny_model, ls_photos, client, label_studio, request):
+    summary = push(db, client, predicted(db, tiny_model, ls_photos),
+                   ImageSource("local", label_studio.root), title=request.node.name)
+    t = remote_tasks(client, summary)
+    time.sleep(1.2)  # so that the untouched tasks fall before the delta pull's window
+    second = client.sdk.users.create(username=f"r2-{summary.project_id}",
+                                      email=f"r2-{summary.project_id}@example.org")
+    accepted = annotate(client, t[0], predicted_label(t[0]), lead_time=1.5)
+    changed = annotate(client, t[1], other(predicted_label(t[1])))
+    annotate(client, t[2], None, cancel=True)
+    annotate(client, t[3], predicted_label(t[3]))
+    annotate(client, t[3], other(predicted_label(t[3])), user=second.id)
+
+    first = pull(db, client)
+
+    assert (first.new, first.cancelled, first.deleted) == (5, 1, 0)
+    rows = {a.ls_annotation_id: a for a in _annotations(db)}
+    assert rows[accepted.id].accepted_prediction is True
+    assert rows[accepted.id].label == predicted_label(t[0])
+    assert rows[accepted.id].lead_time == 1.5 and rows[accepted.id].annotator
+    assert rows[changed.id].accepted_prediction is False
+    assert rows[changed.id].label == other(predicted_label(t[1]))
+    assert {a.annotator for a in rows.values() if a.image_id == rows[accepted.id].image_id} \
+        == {rows[accepted.id].annotator}
+    skipped = [a for a in rows.values() if a.cancelled]
+    assert len(skipped) == 1 and skipped[0].label is None
+    two = [a for a in rows.values() if a.image_id == _image_of(db, t[3]["id"])]
+    assert {a.annotator for a in two} == {"admin@localhost", second.email}
+
+    assert pull(db, client).new == 0  # nothing changed: nothing new
+    time.sleep(1.2)  # past the pull's one-second overlap
+    client.sdk.annotations.update(id=accepted.id, result=choice_result(
+        other(predicted_label(t[0]))))
+    client.sdk.annotations.delete(id=changed.id)
+
+    delta = pull(db, client)
+
+    assert (delta.new, delta.updated, delta.deleted) == (0, 1, 1)
+    assert delta.tasks_seen <= 4  # the changed tasks (+ the pull's 1 s overlap), not all 12
+    rows = {a.ls_annotation_id: a for a in _annotations(db)}
+    assert rows[accepted.id].label == other(predicted_label(t[0]))
+    assert rows[accepted.id].accepted_prediction is False
+    assert rows[changed.id].deleted_at is not None
+
+
+def _annotations(db):
+    with db.read() as s:
+        return s.scalars(select(Annotation)).all()
+
+
+def _image_of(db, ls_task_id):
+    with db.read() as s:
+        return s.scalar(select(LSTask.image_id).where(LSTask.ls_task_id == ls_task_id))
+
+
+def test_connection_problems_each_give_one_clear_line(label_studio, monkeypatch):
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    with pytest.raises(LabelStudioError, match="set LABEL_STUDIO_API_KEY or pass --ls-token"):
+        resolve_connection(label_studio.url, None)
+    with pytest.raises(LabelStudioError, match=r"refused the token \(401\).*--ls-token"):
+        LabelStudioClient(Connection(label_studio.url, "wrong-token"), retries=0).check_server()
+    from labelassist.studio import free_port
+
+    with pytest.raises(LabelStudioError, match="cannot reach Label Studio.*Is it running"):
+        LabelStudioClient(Connection(f"http://127.0.0.1:{free_port()}", "t"),
+                          retries=1).check_server()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(LabelStudioError, match="does not look like Label Studio"):
+            LabelStudioClient(Connection(f"http://127.0.0.1:{server.server_port}", "t"),
+                              retries=0).check_server()
+    finally:
+        server.shutdown()
+
+
+def test_cli_push_and_pull_with_env_connection(db_url, tiny_clip_dir, ls_env, ls_photos,
+                                               tmp_path, request):
+    runner = CliRunner()
+    labels = tmp_path / "labels.toml"
+    labels.write_text(LABELS)
+    assert runner.invoke(app, ["run", str(ls_photos), "--labels", str(labels), "--model",
+                               str(tiny_clip_dir), "--db", db_url]).exit_code == 0
+    result = runner.invoke(app, ["push", "--db", db_url, "--project", request.node.name[:40]])
+    assert result.exit_code == 0, result.output
+    assert "12 tasks created" in result.output
+    assert ls_env.token not in result.output
+    pulled = runner.invoke(app, ["pull", "--db", db_url])
+    assert pulled.exit_code == 0 and "0 new annotations" in pulled.output
+    wrong = runner.invoke(app, ["push", "--db", db_url, "--ls-token", "nope"])
+    assert wrong.exit_code == 1
+    assert wrong.output.strip().splitlines()[-1].startswith("error: Label Studio refused the "
+                                                             "token (401)")
+
+
+def test_image_mode_auto_picks_local_only_for_a_local_server_with_a_root():
+    assert resolve_image_source("auto", "/srv", "http://127.0.0.1:8080").mode == "local"
+    assert resolve_image_source("auto", None, "http://127.0.0.1:8080").mode in ("upload",
+                                                                                "local")
+    assert resolve_image_source("auto", "/srv", "https://ls.example.org").mode == "upload"

@@ -1,0 +1,108 @@
+"""Interrupted pushes against a real Label Studio: nothing lost, nothing duplicated."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from sqlalchemy import func, select
+
+import labelassist.labelstudio as ls
+from labelassist.config import parse_label_text
+from labelassist.db.models import LSPushJournal, LSTask
+from labelassist.ingest import ingest
+from labelassist.labelstudio import ImageSource, list_remote_tasks, push
+from labelassist.lsclient import Connection, LabelStudioClient
+from labelassist.predict import predict
+from labelassist.queries import resolve_version
+from labelassist.studio import free_port, start_studio
+
+from .imagegen import write_shape_images
+
+pytestmark = pytest.mark.labelstudio
+LABELS = '[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\n'
+
+
+def count(db, model):
+    with db.read() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def assert_one_task_and_one_prediction_per_image(client, project_id, n_images):
+    tasks = list_remote_tasks(client, project_id)
+    shas = Counter(t["data"]["sha256"] for t in tasks)
+    assert len(tasks) == n_images and set(shas.values()) == {1}
+    assert all(len(t["predictions"]) == 1 for t in tasks)
+
+
+def test_crash_between_import_and_commit_is_reconciled(db, tiny_model, label_studio,
+                                                       monkeypatch, request):
+    photos = label_studio.root / "crash_window"
+    write_shape_images(photos, 30)
+    ingest(db, [photos])
+    predict(db, tiny_model, parse_label_text(LABELS))
+    version = resolve_version(db)
+    client = LabelStudioClient(Connection(label_studio.url, label_studio.token), retries=1)
+    source = ImageSource("local", label_studio.root)
+    real_record = ls.record_tasks
+    calls = []
+
+    def die_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Label Studio has the batch; we die before writing it down
+            raise KeyboardInterrupt
+        return real_record(*args, **kwargs)
+
+    monkeypatch.setattr(ls, "record_tasks", die_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        push(db, client, version, source, title=request.node.name, batch_size=10)
+    monkeypatch.setattr(ls, "record_tasks", real_record)
+    assert count(db, LSTask) == 10 and count(db, LSPushJournal) == 1
+
+    summary = push(db, client, version, source, title=request.node.name, batch_size=10)
+
+    assert (summary.recovered, summary.tasks_created) == (10, 10)
+    assert count(db, LSTask) == 30 and count(db, LSPushJournal) == 0
+    assert_one_task_and_one_prediction_per_image(client, summary.project_id, 30)
+
+
+def test_label_studio_killed_mid_push_then_restarted(tmp_path, db_url, db, tiny_clip_dir):
+    port, root, data = free_port(), tmp_path / "root", tmp_path / "ls-data"
+    photos = root / "photos"
+    write_shape_images(photos, 150)
+    studio = start_studio(port, root, data)
+    try:
+        labels = tmp_path / "labels.toml"
+        labels.write_text(LABELS)
+        env = {**os.environ, "LABELASSIST_DB": db_url, "LABEL_STUDIO_URL": studio.url,
+               "LABEL_STUDIO_API_KEY": studio.token, "LABELASSIST_LS_RETRIES": "2",
+               "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
+        cli = [sys.executable, "-m", "labelassist.cli"]
+        subprocess.run(cli + ["run", str(photos), "--labels", str(labels), "--model",
+                              str(tiny_clip_dir)], env=env, check=True, capture_output=True)
+        pusher = subprocess.Popen(cli + ["push", "--batch-size", "5", "--project", "outage"],
+                                  env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while count(db, LSTask) < 20 and pusher.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(studio.process.pid, signal.SIGKILL)  # the server dies mid-push
+        studio.process.wait()
+        _, stderr = pusher.communicate(timeout=120)
+        assert pusher.returncode == 1, stderr
+        assert stderr.strip().splitlines()[-1].startswith("error: ")
+        assert "Traceback" not in stderr
+        assert 20 <= count(db, LSTask) < 150
+
+        studio = start_studio(port, root, data)  # same data dir: Label Studio comes back
+        again = subprocess.run(cli + ["push", "--batch-size", "50", "--project", "outage"],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+        client = LabelStudioClient(Connection(studio.url, studio.token))
+        project_id = next(p.id for p in client.sdk.projects.list() if p.title == "outage")
+        assert_one_task_and_one_prediction_per_image(client, project_id, 150)
+        assert count(db, LSTask) == 150 and count(db, LSPushJournal) == 0
+    finally:
+        studio.stop()
