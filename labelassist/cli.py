@@ -254,7 +254,7 @@ VersionOpt = Annotated[Optional[str], typer.Option(
 
 
 def ls_client(url, token):
-    from .lsclient import LabelStudioClient, resolve_connection
+    from .labelstudio import LabelStudioClient, resolve_connection
 
     return LabelStudioClient(resolve_connection(url, token))
 

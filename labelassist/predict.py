@@ -29,7 +29,7 @@ from .db import Database, insert_ignoring_duplicates
 from .db.models import Embedding, File, Image, ModelVersion, Prediction, utcnow
 from .images import DEFAULT_MAX_PIXELS, BadImage, Preprocess, decode, open_image
 from .model import LoadedModel
-from .zeroshot import TextClassifier, build_text_classifier, to_predictions
+from .zeroshot import build_text_classifier, to_predictions
 
 Progress = Callable[[int, int], None]
 RESCORE_CHUNK = 4096

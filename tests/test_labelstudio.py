@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
@@ -16,7 +16,7 @@ from labelassist.errors import LabelStudioError
 from labelassist.ingest import ingest
 from labelassist.labelstudio import (ImageSource, choice_result, list_remote_tasks, pull, push,
                                      resolve_image_source)
-from labelassist.lsclient import Connection, LabelStudioClient, resolve_connection
+from labelassist.labelstudio.client import Connection, LabelStudioClient, resolve_connection
 from labelassist.predict import predict
 from labelassist.queries import resolve_version
 

@@ -10,12 +10,12 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-import labelassist.labelstudio as ls
+import importlib
 from labelassist.config import parse_label_text
 from labelassist.db.models import LSPushJournal, LSTask
 from labelassist.ingest import ingest
 from labelassist.labelstudio import ImageSource, list_remote_tasks, push
-from labelassist.lsclient import Connection, LabelStudioClient
+from labelassist.labelstudio.client import Connection, LabelStudioClient
 from labelassist.predict import predict
 from labelassist.queries import resolve_version
 from labelassist.studio import free_port, start_studio
@@ -23,6 +23,8 @@ from labelassist.studio import free_port, start_studio
 from .imagegen import write_shape_images
 
 pytestmark = pytest.mark.labelstudio
+# The module, not the function of the same name that labelassist.labelstudio re-exports.
+ls = importlib.import_module("labelassist.labelstudio.push")
 LABELS = '[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\n'
 
 

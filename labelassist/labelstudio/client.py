@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from .errors import LabelStudioError
+from ..errors import LabelStudioError
 
 T = TypeVar("T")
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
