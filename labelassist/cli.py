@@ -359,6 +359,61 @@ def studio(
         s.stop()
 
 
+@command()
+def report(
+    db: DbOpt = DEFAULT_DB,
+    html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report "
+                                                 "(charts and thumbnails embedded).")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report "
+                                                    "to FILE ('-' for stdout).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Audit only this model_version "
+                                                   "(default: every reviewed one).")] = None,
+    target_precision: Annotated[float, typer.Option(help="Precision a class must reach for "
+                                                    "its trust threshold.")] = 0.99,
+    min_support: Annotated[int, typer.Option(min=1, help="Reviews a threshold needs before "
+                                             "it is trusted.")] = 30,
+    resolve: Annotated[str, typer.Option(help="When annotators disagree: majority (ties "
+                                         "go to the latest) or latest.")] = "majority",
+) -> None:
+    """Audit model-human agreement per model_version: accuracy, Cohen's kappa, per-class
+    precision/recall/F1, confusion matrix, calibration (ECE), the confidence above which
+    each class reaches --target-precision, review effort and the disagreements.
+
+    Example: labelassist report --html audit.html --json audit.json
+    """
+    from .audit import audit
+    from .report import write_html, write_json
+
+    audits = audit(open_db(db), version, target_precision=target_precision,
+                   min_support=min_support, policy=resolve)
+    out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
+    for a in audits:
+        print_audit(out, a)
+    if json_out:
+        write_json(audits, json_out)
+    if html:
+        write_html(audits, html)
+        err.print(f"wrote {html}", markup=False)
+
+
+def print_audit(out: Console, a) -> None:
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    out.print(f"{a.model_version}: {a.reviewed:,} reviewed, accuracy {pct(a.accuracy)}, "
+              f"accepted unchanged {pct(a.agreement)}, kappa {a.cohen_kappa:.3f}, ECE "
+              f"{a.calibration['ece']:.3f}, {len(a.disagreements):,} disagreements",
+              markup=False)
+    table = Table("class", "precision", "recall", "F1", "support", "threshold", "coverage")
+    per_class = a.thresholds["per_class"]
+    for name, m in a.per_class.items():
+        t = per_class.get(name, {})
+        table.add_row(name, pct(m["precision"]), pct(m["recall"]), pct(m["f1"]),
+                      str(m["support"]), "-" if t.get("threshold") is None else
+                      f"{t['threshold']:.3f}", pct(t.get("coverage")))
+    out.print(table)
+
+
 @command(name="run")
 def run_all(
     dirs: Annotated[list[Path], typer.Argument(help="Folders of images.")],

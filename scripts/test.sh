@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test,studio
+# The HTML report is checked in a real headless browser: Debian's chromium.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 # pytest exits 5 when it collects nothing: set -e turns that into a failure.

@@ -1,0 +1,86 @@
+"""Render audits: JSON (DESIGN.md field names) and one self-contained HTML file (inline SVG
+charts, embedded thumbnails, no network) from templates/report.html.j2."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from . import __version__
+from .audit import VersionAudit
+from .images import BadImage, decode, open_image, read_bytes
+
+THUMBNAILS = 60
+THUMB_SIZE = 112
+
+
+def report_json(audits: list[VersionAudit]) -> dict:
+    """The first audit's fields at the top level (the contract), every version in
+    `versions` for comparison."""
+    primary = audits[0].to_json()
+    return {**primary, "versions": [a.to_json() for a in audits],
+            "generated_at": datetime.now(timezone.utc).isoformat(),
+            "labelassist": __version__}
+
+
+def write_json(audits: list[VersionAudit], path: str | Path) -> None:
+    text = json.dumps(_finite(report_json(audits)), indent=2, ensure_ascii=False)
+    if str(path) == "-":
+        print(text)
+    else:
+        Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+def _finite(value):
+    """JSON has no NaN: undefined metrics (kappa of nothing) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def render_html(audits: list[VersionAudit]) -> str:
+    env = Environment(loader=FileSystemLoader(str(resources.files("labelassist._templates"))),
+                      autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
+                      lstrip_blocks=True)
+    env.filters["pct"] = lambda v: "–" if v is None or (isinstance(v, float) and
+                                                       math.isnan(v)) else f"{v:.1%}"
+    env.filters["num"] = lambda v, d=3: "–" if v is None or (isinstance(v, float) and
+                                                             math.isnan(v)) else f"{v:.{d}f}"
+    template = env.get_template("report.html.j2")
+    thumbs = {d["path"]: thumbnail(d["path"]) for a in audits
+              for d in a.disagreements[:THUMBNAILS] if d["path"]}
+    return template.render(audits=[_finite(a.to_json()) for a in audits], thumbs=thumbs,
+                           heat=heat_colour, generated=datetime.now(timezone.utc),
+                           version=__version__, max_rows=THUMBNAILS)
+
+
+def write_html(audits: list[VersionAudit], path: str | Path) -> None:
+    Path(path).write_text(render_html(audits), encoding="utf-8")
+
+
+def heat_colour(value: int, row_total: int) -> str:
+    share = value / row_total if row_total else 0
+    return f"rgba(37, 99, 235, {0.08 + 0.85 * share:.3f})" if value else "#f8fafc"
+
+
+def thumbnail(path: str) -> str | None:
+    """A small JPEG as a data: URI, so the report opens offline and travels by email."""
+    try:
+        img = decode(open_image(read_bytes(path)), draft_size=THUMB_SIZE)
+    except (BadImage, OSError):
+        return None
+    img.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
