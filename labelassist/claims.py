@@ -48,13 +48,13 @@ def heartbeat(session, worker_id: int, lease: timedelta = DEFAULT_LEASE) -> None
 def _release_dead_local_workers(session, host: str) -> None:
     alive = session.execute(select(Worker.id, Worker.pid).where(
         Worker.hostname == host, Worker.stopped_at.is_(None))).all()
-    dead = [wid for wid, pid in alive if not _pid_alive(pid)]
+    dead = [wid for wid, pid in alive if not pid_alive(pid)]
     if dead:
         session.execute(delete(Claim).where(Claim.worker_id.in_(dead)))
         session.execute(update(Worker).where(Worker.id.in_(dead)).values(stopped_at=utcnow()))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

@@ -414,6 +414,59 @@ def print_audit(out: Console, a) -> None:
     out.print(table)
 
 
+@command()
+def export(
+    out: Annotated[Path, typer.Argument(help="Folder to create (it must not exist, unless "
+                                        "--overwrite).")],
+    format: Annotated[str, typer.Option(help="imagefolder (OUT/<split>/<class>/<file>), csv "
+                                        "or jsonl (manifests only), hf (loads with "
+                                        "datasets.load_dataset('imagefolder', data_dir=OUT)).")]
+    = "imagefolder",
+    db: DbOpt = DEFAULT_DB,
+    include_auto: Annotated[bool, typer.Option(help="Also export unreviewed predictions whose "
+                                               "confidence clears their class's trust "
+                                               "threshold (see report).")] = False,
+    split: Annotated[str, typer.Option(help="train[,validation],test fractions.")] =
+    "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Split seed: same seed, same split for the same "
+                                      "content, whatever else is added.")] = 0,
+    link: Annotated[str, typer.Option(help="copy, hardlink or symlink the images.")] = "copy",
+    resolve: Annotated[str, typer.Option(help="When annotators disagree: majority (ties go "
+                                         "to the latest) or latest.")] = "majority",
+    version: VersionOpt = None,
+    target_precision: Annotated[float, typer.Option(help="With --include-auto: precision a "
+                                                    "class threshold must reach.")] = 0.99,
+    min_support: Annotated[int, typer.Option(min=1)] = 30,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT (atomically).")] = False,
+) -> None:
+    """Export the labeled dataset: human-reviewed labels, plus trusted predictions with
+    --include-auto. Every row records its provenance (human or auto, annotators,
+    model_version, confidence) in OUT/manifest.jsonl; copied images are listed in
+    OUT/SHA256SUMS (check with: cd OUT && sha256sum -c SHA256SUMS).
+
+    Example: labelassist export dataset/ --format hf --split 0.8,0.1,0.1 --seed 0
+    """
+    from .export import export as run_export
+
+    with progress_bar("export", unit="files") as on_progress:
+        summary = run_export(open_db(db), out, format, include_auto=include_auto, split=split,
+                             seed=seed, link=link, policy=resolve, version=version,
+                             target_precision=target_precision, min_support=min_support,
+                             overwrite=overwrite, on_progress=on_progress)
+    splits = sorted({s for c in summary.per_class_split.values() for s in c},
+                    key=["train", "validation", "test"].index)
+    table = Table("class", *splits, "total")
+    for label, counts in sorted(summary.per_class_split.items()):
+        table.add_row(label, *(f"{counts[s]:,}" for s in splits), f"{sum(counts.values()):,}")
+    out_console = Console(highlight=False, soft_wrap=True)
+    out_console.print(table)
+    out_console.print(f"{summary.rows:,} images to {summary.out} ({summary.format}): "
+                      + ", ".join(f"{n:,} {k}" for k, n in summary.per_source.items()),
+                      markup=False)
+    for reason, n in summary.excluded.most_common():
+        out_console.print(f"  left out: {n:,} {reason}", markup=False)
+
+
 @command(name="run")
 def run_all(
     dirs: Annotated[list[Path], typer.Argument(help="Folders of images.")],

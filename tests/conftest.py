@@ -91,3 +91,60 @@ def ls_photos(label_studio, request):
     root = label_studio.root / name
     write_shape_images(root, 12)
     return root
+
+
+EVIL = "<img src=x onerror=alert(1)>.jpg"
+
+
+def add_annotation(db, image_id, label, *, n, annotator="ann@example.org", cancelled=False,
+                   when=None, accepted=None, version_id=None, lead_time=None):
+    """A review stored exactly as `labelassist pull` stores one."""
+    from sqlalchemy import select
+
+    from labelassist.db.models import Annotation, LSProject, utcnow
+
+    with db.write() as s:
+        project = s.scalars(select(LSProject)).first()
+        if project is None:
+            project = LSProject(url="http://ls", ls_project_id=1, title="t", classes=[],
+                                image_mode="local")
+            s.add(project)
+            s.flush()
+        s.add(Annotation(project_id=project.id, ls_annotation_id=n, image_id=image_id,
+                         label=label, cancelled=cancelled, annotator=annotator,
+                         model_version_id=version_id, accepted_prediction=accepted,
+                         lead_time=lead_time, ls_updated_at=when or utcnow()))
+
+
+@pytest.fixture
+def reviewed_db(db, tiny_model, tmp_path):
+    """30 images with real predictions from the tiny model; 24 reviewed (60% agree with the
+    model), one reviewed twice, one skipped, five never reviewed."""
+    import random
+
+    from sqlalchemy import select
+
+    from labelassist.config import parse_label_text
+    from labelassist.db.models import Prediction
+    from labelassist.ingest import ingest
+    from labelassist.predict import predict
+
+    from .imagegen import shape_image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(30):
+        shape_image(i).save(photos / (EVIL if i == 0 else f"p{i:02d}.jpg"))
+    ingest(db, [photos])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'
+                                             '"<b>wild</b>" = ["lion"]\n'))
+    rng = random.Random(3)
+    with db.read() as s:
+        preds = s.scalars(select(Prediction).order_by(Prediction.image_id)).all()
+    for n, p in enumerate(preds[:24]):
+        human = p.label if rng.random() < 0.6 else rng.choice(["cat", "dog", "<b>wild</b>"])
+        add_annotation(db, p.image_id, human, n=n, accepted=human == p.label,
+                       version_id=p.model_version_id, lead_time=2.0 + n)
+    add_annotation(db, preds[0].image_id, "dog", n=99, annotator="<script>x</script>")
+    add_annotation(db, preds[25].image_id, None, n=100, cancelled=True)
+    return db

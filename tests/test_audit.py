@@ -90,39 +90,7 @@ def test_threshold_needs_target_precision_and_minimum_support():
     assert loose["threshold"] == 0.7 and loose["precision"] == pytest.approx(6 / 7)
 
 
-EVIL = "<img src=x onerror=alert(1)>.jpg"
-
-
-@pytest.fixture
-def reviewed_db(db, tiny_model, tmp_path):
-    """Real predictions from the tiny model; reviews written as pull would store them."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(30):
-        shape_image(i).save(photos / (EVIL if i == 0 else f"p{i:02d}.jpg"))
-    ingest(db, [photos])
-    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'
-                                             '"<b>wild</b>" = ["lion"]\n'))
-    rng = random.Random(3)
-    with db.write() as s:
-        project = LSProject(url="http://ls", ls_project_id=1, title="t", classes=[],
-                            image_mode="local")
-        s.add(project)
-        s.flush()
-        preds = s.scalars(select(Prediction).order_by(Prediction.image_id)).all()
-        for n, p in enumerate(preds[:24]):
-            human = p.label if rng.random() < 0.6 else rng.choice(["cat", "dog", "<b>wild</b>"])
-            s.add(Annotation(project_id=project.id, ls_annotation_id=n, image_id=p.image_id,
-                             label=human, cancelled=False, model_version_id=p.model_version_id,
-                             accepted_prediction=human == p.label, annotator="ann@example.org",
-                             lead_time=2.0 + n, ls_updated_at=utcnow()))
-        s.add(Annotation(project_id=project.id, ls_annotation_id=99, image_id=preds[0].image_id,
-                         label="dog", cancelled=False, annotator="<script>x</script>",
-                         ls_updated_at=utcnow()))
-        s.add(Annotation(project_id=project.id, ls_annotation_id=100,
-                         image_id=preds[25].image_id, label=None, cancelled=True,
-                         annotator="ann@example.org", ls_updated_at=utcnow()))
-    return db
+from .conftest import EVIL  # noqa: E402,F401
 
 
 def test_audit_of_a_reviewed_workspace(reviewed_db):

@@ -1,0 +1,219 @@
+import csv
+import json
+import os
+import subprocess
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+import labelassist.export as E
+from labelassist.cli import app
+from labelassist.db.models import Image, Prediction
+from labelassist.errors import ExportError
+from labelassist.ingest import ingest
+from labelassist.predict import predict
+from labelassist.config import parse_label_text
+
+from .conftest import add_annotation
+from .imagegen import shape_image
+
+
+def manifest(out):
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_imagefolder_layout_provenance_and_checksums(reviewed_db, tmp_path):
+    out = tmp_path / "dataset"
+    summary = E.export(reviewed_db, out, "imagefolder")
+
+    rows = manifest(out)
+    assert summary.rows == len(rows) == 24
+    assert summary.excluded["skipped by reviewers"] == 1
+    assert sum(summary.per_source.values()) == 24 and summary.per_source["human"] == 24
+    for r in rows:
+        split, folder, name = r["file"].split("/")
+        assert split in ("train", "validation", "test") and (out / r["file"]).is_file()
+        assert r["source"] == "human" and r["annotators"] and r["model_version"]
+    check = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out)
+    assert check.returncode == 0
+    assert not list(tmp_path.glob(".dataset.partial-*"))
+
+
+def test_csv_and_jsonl_are_manifests_of_the_source_files(reviewed_db, tmp_path):
+    E.export(reviewed_db, tmp_path / "c", "csv")
+    E.export(reviewed_db, tmp_path / "j", "jsonl")
+    with open(tmp_path / "c" / "labels.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    jrows = [json.loads(x) for x in (tmp_path / "j" / "labels.jsonl").read_text().splitlines()]
+    assert len(rows) == len(jrows) == 24
+    assert {r["sha256"] for r in rows} == {r["sha256"] for r in jrows}
+    assert all(os.path.isfile(r["path"]) for r in rows)
+    assert set(rows[0]) >= {"path", "sha256", "label", "split", "source", "annotators",
+                            "model_version", "confidence"}
+    assert not any(p.suffix == ".jpg" for p in (tmp_path / "c").rglob("*"))
+
+
+def test_hf_export_loads_with_the_datasets_library(reviewed_db, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "hf"
+    E.export(reviewed_db, out, "hf", split="0.5,0.5")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out))
+    rows = manifest(out)
+    assert set(ds) == {r["split"] for r in rows}
+    assert sum(len(ds[s]) for s in ds) == len(rows)
+    names = ds["train"].features["label"].names
+    for split in ds:
+        got = sorted(names[x] for x in ds[split]["label"])
+        want = sorted(r["file"].split("/")[1] for r in rows if r["split"] == split)
+        assert got == want
+
+
+def test_splits_are_a_function_of_the_content_hash(reviewed_db, tmp_path, tiny_model):
+    E.export(reviewed_db, tmp_path / "first", "jsonl", seed=7)
+    before = {r["sha256"]: r["split"] for r in manifest(tmp_path / "first")}
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in range(200, 240):
+        shape_image(i).save(more / f"m{i}.png")
+    ingest(reviewed_db, [more])
+    predict(reviewed_db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'
+                                                      '"<b>wild</b>" = ["lion"]\n'))
+    with reviewed_db.read() as s:
+        new = s.scalars(select(Prediction).where(Prediction.id > 30)).all()
+    for n, p in enumerate(new):
+        add_annotation(reviewed_db, p.image_id, p.label, n=1000 + n)
+
+    E.export(reviewed_db, tmp_path / "second", "jsonl", seed=7)
+    after = {r["sha256"]: r["split"] for r in manifest(tmp_path / "second")}
+
+    assert len(after) == 24 + 40
+    assert all(after[sha] == split for sha, split in before.items())
+    other_seed = E.export(reviewed_db, tmp_path / "third", "jsonl", seed=8)
+    assert other_seed.rows == 64
+    assert {r["split"] for r in manifest(tmp_path / "third")} == {"train", "validation", "test"}
+
+
+def test_split_fractions_hold_on_many_hashes():
+    import hashlib
+
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20000)]
+    counts = {s: 0 for s in ("train", "validation", "test")}
+    for sha in shas:
+        counts[E.split_of(sha, (0.8, 0.1, 0.1), 0)] += 1
+    assert abs(counts["train"] / 20000 - 0.8) < 0.01 and abs(counts["test"] / 20000 - 0.1) < 0.01
+
+
+def test_include_auto_adds_only_predictions_above_their_class_threshold(reviewed_db, tmp_path):
+    from labelassist.audit import audit
+
+    (result,) = audit(reviewed_db, target_precision=0.9, min_support=2)
+    thresholds = {c: t["threshold"] for c, t in result.thresholds["per_class"].items()}
+    summary = E.export(reviewed_db, tmp_path / "auto", "jsonl", include_auto=True,
+                       target_precision=0.9, min_support=2)
+
+    with reviewed_db.read() as s:
+        preds = s.scalars(select(Prediction).order_by(Prediction.image_id)).all()
+    unreviewed = preds[24:25] + preds[26:]  # preds[25] was skipped by its reviewer
+    expected = {p.image_id for p in unreviewed if thresholds.get(p.label) is not None
+                and p.confidence >= thresholds[p.label]}
+    autos = [r for r in manifest(tmp_path / "auto") if r["source"] == "auto"]
+    assert summary.per_source["auto"] == len(expected) == len(autos)
+    assert all(r["annotators"] == [] and r["confidence"] >= thresholds[r["label"]]
+               for r in autos)
+    assert summary.excluded["unreviewed, below the trust threshold"] == 5 - len(expected)
+
+
+def test_annotator_conflicts_follow_the_policy(db, tiny_model, photo_dir, tmp_path):
+    ingest(db, [photo_dir])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+    with db.read() as s:
+        image_id = s.scalars(select(Image.id)).first()
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    add_annotation(db, image_id, "cat", n=1, annotator="a", when=t0)
+    add_annotation(db, image_id, "cat", n=2, annotator="b", when=t0 + timedelta(hours=1))
+    add_annotation(db, image_id, "dog", n=3, annotator="c", when=t0 + timedelta(hours=2))
+
+    E.export(db, tmp_path / "majority", "jsonl")
+    E.export(db, tmp_path / "latest", "jsonl", policy="latest")
+
+    (m,), (lt,) = manifest(tmp_path / "majority"), manifest(tmp_path / "latest")
+    assert (m["label"], m["annotators"]) == ("cat", ["a", "b"])
+    assert (lt["label"], lt["annotators"]) == ("dog", ["c"])
+
+
+def test_unsafe_class_names_and_colliding_file_names_stay_inside(db, tiny_model, tmp_path):
+    photos = tmp_path / "src"
+    for d in ("x", "y"):
+        (photos / d).mkdir(parents=True)
+    for i, d in enumerate(["x", "y", "x", "y", "x", "y"]):
+        shape_image(i).save(photos / d / f"same{i // 2}.png")  # same names in x/ and y/
+    ingest(db, [photos])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\n'))
+    with db.read() as s:
+        ids = s.scalars(select(Image.id).order_by(Image.id)).all()
+    # ids follow the sorted walk: x/same0, x/same1, x/same2, y/same0, y/same1, y/same2
+    for n, (image_id, label) in enumerate(zip(ids, ["../../escape", "a/b", "CON",
+                                                    "../../escape", " ", ".."])):
+        add_annotation(db, image_id, label, n=n)
+
+    out = tmp_path / "out"
+    E.export(db, out, "imagefolder", split="1")
+
+    files = [p for p in out.rglob("*") if p.is_file() and p.suffix == ".png"]
+    assert len(files) == 6
+    (escape,) = {p.parent for p in files if p.name.startswith("same0")}
+    names = sorted(p.name for p in escape.iterdir())  # x/same0.png and y/same0.png, both kept
+    assert len(names) == 2 and "same0.png" in names and names[0].startswith("same0-")
+    for path in files:
+        assert out in path.resolve().parents
+        assert path.relative_to(out).parts[0] == "train" and len(path.relative_to(out).parts) == 3
+    folders = {p.parent.name for p in files}
+    assert not folders & {"..", ".", "CON", "", " "}
+    assert not (tmp_path / "escape").exists()
+
+
+def test_interrupted_export_leaves_out_absent_or_as_it_was(reviewed_db, tmp_path, monkeypatch):
+    real = E._transfer
+    calls = []
+
+    def disk_full_after_three(*args):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(E, "_transfer", disk_full_after_three)
+    with pytest.raises(ExportError, match="left untouched: .*No space left"):
+        E.export(reviewed_db, tmp_path / "out", "imagefolder")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+    monkeypatch.setattr(E, "_transfer", real)
+    E.export(reviewed_db, tmp_path / "out", "imagefolder")
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
+    calls.clear()
+    monkeypatch.setattr(E, "_transfer", disk_full_after_three)
+    with pytest.raises(ExportError):
+        E.export(reviewed_db, tmp_path / "out", "imagefolder", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
+
+
+def test_killed_export_leaves_no_output_and_its_leftovers_are_cleaned(reviewed_db, tmp_path):
+    stale = tmp_path / ".out.partial-999999"  # what a kill -9 leaves behind
+    (stale / "train").mkdir(parents=True)
+    E.export(reviewed_db, tmp_path / "out", "imagefolder")
+    assert not stale.exists() and (tmp_path / "out" / "manifest.jsonl").is_file()
+
+
+def test_cli_export_summary_and_refusals(reviewed_db, db_url, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(tmp_path / "d"), "--db", db_url])
+    assert result.exit_code == 0, result.output
+    assert "24 images to" in result.output and "24 human" in result.output
+    assert "left out: 1 skipped by reviewers" in result.output
+    again = runner.invoke(app, ["export", str(tmp_path / "d"), "--db", db_url])
+    assert again.exit_code == 1 and "already exists" in again.output
+    bad = runner.invoke(app, ["export", str(tmp_path / "e"), "--db", db_url, "--split", "0.9"])
+    assert bad.exit_code == 1 and "add up to 1" in bad.output
