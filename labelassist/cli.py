@@ -50,10 +50,17 @@ def handles_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from sqlalchemy.exc import OperationalError
+
         try:
             return func(*args, **kwargs)
         except LabelAssistError as exc:
             err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(1) from None
+        except OperationalError as exc:  # the database went away outside a retried step
+            first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+            err.print(f"error: database error: {first}. Check --db / LABELASSIST_DB, then run "
+                      "the command again: it resumes where it stopped", markup=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -182,9 +189,42 @@ def predict(
                                         "decoding of every JPEG (slower).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")]
     = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine; they "
+                                         "split the cores. Workers on other machines can "
+                                         "point at the same --db (PostgreSQL).")] = 1,
 ) -> None:
-    summary = run_predict(db, labels, model, batch_size, device, dtype, exact, threads)
+    if workers > 1:
+        summary = run_predict_processes(db, labels, model, batch_size, device, dtype, exact,
+                                        workers)
+    else:
+        summary = run_predict(db, labels, model, batch_size, device, dtype, exact, threads)
     print_predict_summary(summary)
+
+
+def resolve_model_id(model, label_set=None) -> str:
+    from_file = label_set.model if label_set is not None else None
+    return model or from_file or os.environ.get("LABELASSIST_MODEL") or DEFAULT_MODEL
+
+
+def run_predict_processes(db, labels, model, batch_size, device, dtype, exact, workers):
+    from .predict import PredictOptions
+    from .status import workspace_status
+    from .worker import predict_in_processes
+
+    label_set = load_label_file(labels)
+    database = open_db(db)  # creates or upgrades the schema once, before the workers start
+    err.print(f"starting {workers} worker processes ...", markup=False)
+
+    def tick():
+        s = workspace_status(database)
+        if s.workers:
+            err.print(f"  {len(s.workers)} workers, {sum(w['claims'] for w in s.workers)} "
+                      "images claimed", markup=False)
+
+    return predict_in_processes(db, resolve_model_id(model, label_set), label_set, workers,
+                                device=device, dtype="fp32" if exact else dtype,
+                                options=PredictOptions(batch_size=batch_size, exact=exact),
+                                on_tick=tick)
 
 
 def run_predict(db, labels, model, batch_size, device, dtype, exact, threads):
@@ -194,7 +234,7 @@ def run_predict(db, labels, model, batch_size, device, dtype, exact, threads):
 
     label_set = load_label_file(labels)
     database = open_db(db)
-    model_id = model or label_set.model or os.environ.get("LABELASSIST_MODEL") or DEFAULT_MODEL
+    model_id = resolve_model_id(model, label_set)
     if threads:
         import torch
 
@@ -465,6 +505,108 @@ def export(
                       markup=False)
     for reason, n in summary.excluded.most_common():
         out_console.print(f"  left out: {n:,} {reason}", markup=False)
+
+
+@command()
+def worker(
+    labels: Annotated[Optional[list[Path]], typer.Option(
+        "--labels", "-l", help="Label files to serve (repeatable). Prompt sets that others "
+        "store for the same model are served too.")] = None,
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    poll: Annotated[float, typer.Option(help="Seconds to wait when there is no work.")] = 5.0,
+    push: Annotated[bool, typer.Option("--push", help="Push new predictions to Label Studio "
+                                       "after each round (--ls-url/--ls-token or env).")] = False,
+    ls_url: LsUrlOpt = None,
+    ls_token: LsTokenOpt = None,
+    ls_root: Annotated[Optional[str], typer.Option(help="See push --ls-root.")] = None,
+) -> None:
+    """Run until SIGTERM or Ctrl-C, predicting whatever is pending: images that anyone
+    ingests, and any new prompt set for this model. On SIGTERM it finishes the batch in
+    flight and exits cleanly. Start as many as you like, on as many machines, against one
+    PostgreSQL --db.
+
+    Example: labelassist worker --db postgresql+psycopg://host/labels -l labels.toml --push
+    """
+    import signal
+    import threading
+
+    from .model import load_model
+    from .predict import PredictOptions
+    from .worker import serve
+
+    label_sets = [load_label_file(p) for p in labels or []]
+    model_id = resolve_model_id(model, label_sets[0] if label_sets else None)
+    database = open_db(db)
+    loaded = load_model(model_id, device=device, dtype=dtype)
+    stop = threading.Event()
+
+    def request_stop(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now
+        err.print("stopping after the batch in flight ...", markup=False)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    after_round = make_pusher(database, ls_url, ls_token, ls_root) if push else None
+    err.print(f"worker on {loaded.model_key}: waiting for work (Ctrl-C to stop)", markup=False)
+    stats = serve(database, loaded, label_sets, stop,
+                  options=PredictOptions(batch_size=batch_size), poll_seconds=poll,
+                  after_round=after_round)
+    err.print(f"worker stopped: {stats.predicted:,} predicted in {stats.rounds} rounds"
+              + "".join(f"; {v}: {n:,}" for v, n in stats.per_version.items()), markup=False)
+
+
+def make_pusher(database, ls_url, ls_token, ls_root):
+    from .labelstudio import push as run_push
+    from .labelstudio import resolve_image_source
+
+    client = ls_client(ls_url, ls_token)
+    source = resolve_image_source("auto", ls_root, client.conn.url)
+    seen = {"predicted": 0}
+
+    def after_round(stats):
+        if stats.predicted == seen["predicted"]:
+            return
+        seen["predicted"] = stats.predicted
+        from .queries import resolve_version
+
+        for name in stats.per_version:
+            summary = run_push(database, client, resolve_version(database, name), source)
+            stats.pushed_tasks += summary.tasks_created
+            if summary.tasks_created or summary.predictions_added:
+                err.print(f"pushed {summary.tasks_created:,} tasks, "
+                          f"{summary.predictions_added:,} predictions ({name})", markup=False)
+
+    return after_round
+
+
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("migrate-to")
+@handles_errors
+def migrate_to(
+    url: Annotated[str, typer.Argument(help="Target database URL, e.g. "
+                                       "postgresql+psycopg://user@host/labels (empty).")],
+    db: DbOpt = DEFAULT_DB,
+) -> None:
+    """Copy this workspace (images, embeddings, predictions, reviews, Label Studio links)
+    into another, empty database: how a team moves from SQLite to PostgreSQL.
+
+    Example: labelassist db migrate-to postgresql+psycopg://me@dbhost/labels
+    """
+    from .db.copy import copy_database
+
+    with progress_bar("copy", unit="rows") as on_progress:
+        copied = copy_database(open_db(db), url, on_progress=on_progress)
+    err.print("copied " + ", ".join(f"{n:,} {t}" for t, n in copied.items() if n)
+              + f". Now use --db {url}", markup=False)
 
 
 @command(name="run")

@@ -25,7 +25,7 @@ from sqlalchemy import func, select, update
 from .claims import (claim_pending_images, pending_images_query, register_worker,
                      release_claims, stop_worker)
 from .config import LabelSet
-from .db import Database, insert_ignoring_duplicates
+from .db import Database, insert_ignoring_duplicates, retrying
 from .db.models import Embedding, File, Image, ModelVersion, Prediction, utcnow
 from .images import DEFAULT_MAX_PIXELS, BadImage, Preprocess, decode, open_image
 from .model import LoadedModel
@@ -91,9 +91,17 @@ def predict(db: Database, model: LoadedModel, label_set: LabelSet,
             options: PredictOptions = PredictOptions(), *, on_progress: Progress | None = None,
             stop: threading.Event | None = None) -> PredictSummary:
     """Predict every ingested image that has no prediction for this model_version."""
-    started = time.perf_counter()
     version = ensure_model_version(db, model, label_set)
-    classifier = build_text_classifier(model, label_set)
+    return predict_version(db, model, version, options, on_progress=on_progress, stop=stop)
+
+
+def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
+                    options: PredictOptions = PredictOptions(), *,
+                    on_progress: Progress | None = None,
+                    stop: threading.Event | None = None) -> PredictSummary:
+    """Predict the pending images of an existing model_version (its own prompt set)."""
+    started = time.perf_counter()
+    classifier = build_text_classifier(model, LabelSet.from_json(version.label_set))
     summary = PredictSummary(model_version=version.name)
     total = count_pending(db, version)
     worker_id = register_worker(db, version.id)
@@ -119,8 +127,8 @@ class _Run:
     def claim(self, limit: int, stored: bool) -> list[int]:
         if self.stop.is_set():
             return []
-        return claim_pending_images(self.db, self.worker_id, self.version.id,
-                                    self.version.model_key, limit, stored=stored)
+        return retrying(self.db, claim_pending_images, self.db, self.worker_id,
+                        self.version.id, self.version.model_key, limit, stored=stored)
 
     def rescore_stored(self) -> None:
         while ids := self.claim(RESCORE_CHUNK, stored=True):
@@ -159,6 +167,9 @@ class _Run:
         return ids, futures
 
     def paths_for(self, ids: list[int]) -> dict[int, list[tuple]]:
+        return retrying(self.db, self._paths_for_once, ids)
+
+    def _paths_for_once(self, ids: list[int]) -> dict[int, list[tuple]]:
         with self.db.read() as session:
             rows = session.execute(
                 select(File.image_id, File.path, File.raw_path, File.size_bytes, File.mtime_ns)
@@ -185,6 +196,11 @@ class _Run:
 
     def write_batch(self, ids: list[int], vectors: torch.Tensor | None, bad: list,
                     *, store_embeddings: bool) -> None:
+        retrying(self.db, self._write_batch_once, ids, vectors, bad,
+                 store_embeddings=store_embeddings)
+
+    def _write_batch_once(self, ids: list[int], vectors: torch.Tensor | None, bad: list,
+                          *, store_embeddings: bool) -> None:
         """One transaction: embeddings, predictions, failures, and the claims released."""
         version = self.version
         now = utcnow()

@@ -53,8 +53,8 @@ def load_reviews(db: Database, policy: str = "majority") -> Reviews:
     for row in rows:
         by_image.setdefault(row.image_id, []).append(row)
     labels, skipped = {}, set()
-    for image_id, annotations in by_image.items():
-        given = [a for a in annotations if not a.cancelled and a.label is not None]
+    for image_id, rows_of_image in by_image.items():
+        given = [a for a in rows_of_image if not a.cancelled and a.label is not None]
         if not given:
             skipped.add(image_id)
             continue

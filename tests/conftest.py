@@ -148,3 +148,40 @@ def reviewed_db(db, tiny_model, tmp_path):
     add_annotation(db, preds[0].image_id, "dog", n=99, annotator="<script>x</script>")
     add_annotation(db, preds[25].image_id, None, n=100, cancelled=True)
     return db
+
+
+PG_ADMIN = os.environ.get("LABELASSIST_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for one test (the real server on 127.0.0.1:5432)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"la_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc.orig}")
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def terminate_connections(database_name: str) -> int:
+    """Cut every connection to one database, as a restart or a network cut would."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        killed = conn.execute(sa.text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": database_name}).scalar()
+    admin.dispose()
+    return killed

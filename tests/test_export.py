@@ -217,3 +217,19 @@ def test_cli_export_summary_and_refusals(reviewed_db, db_url, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
     bad = runner.invoke(app, ["export", str(tmp_path / "e"), "--db", db_url, "--split", "0.9"])
     assert bad.exit_code == 1 and "add up to 1" in bad.output
+
+
+def test_full_disk_while_exporting_leaves_nothing_behind(reviewed_db, tmp_path):
+    """A real full disk: a 32 KiB tmpfs (needs root and mount; else skipped)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with pytest.raises(ExportError, match="No space left on device"):
+            E.export(reviewed_db, small / "out", "imagefolder")
+        assert list(small.iterdir()) == []  # no OUT, no temp folder
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -108,3 +108,69 @@ def test_label_studio_killed_mid_push_then_restarted(tmp_path, db_url, db, tiny_
         assert count(db, LSTask) == 150 and count(db, LSPushJournal) == 0
     finally:
         studio.stop()
+
+
+def test_label_studio_stopped_mid_pull_then_back(tmp_path, db, tiny_model):
+    from labelassist.labelstudio import choice_result, pull
+    from labelassist.errors import LabelStudioError
+
+    port, root, data = free_port(), tmp_path / "root", tmp_path / "ls-data"
+    write_shape_images(root / "photos", 20)
+    ingest(db, [root / "photos"])
+    predict(db, tiny_model, parse_label_text(LABELS))
+    studio = start_studio(port, root, data)
+    try:
+        client = LabelStudioClient(Connection(studio.url, studio.token), retries=1)
+        summary = push(db, client, resolve_version(db), ImageSource("local", root),
+                       title="pull-outage")
+        for task in list_remote_tasks(client, summary.project_id):
+            client.sdk.annotations.create(id=task["id"], result=choice_result("warm"))
+        os.killpg(studio.process.pid, signal.SIGKILL)
+        studio.process.wait()
+        with pytest.raises(LabelStudioError, match="cannot reach Label Studio"):
+            pull(db, client)
+        from labelassist.db.models import Annotation
+
+        assert count(db, Annotation) == 0  # nothing half-stored
+        studio = start_studio(port, root, data)
+        client = LabelStudioClient(Connection(studio.url, studio.token), retries=1)
+        assert pull(db, client).new == 20 and count(db, Annotation) == 20
+    finally:
+        studio.stop()
+
+
+def test_token_never_reaches_database_logs_report_or_export(tmp_path, db_url, tiny_clip_dir,
+                                                           label_studio):
+    from typer.testing import CliRunner
+
+    from labelassist.cli import app
+
+    photos = label_studio.root / "secrets"
+    write_shape_images(photos, 6)
+    labels = tmp_path / "labels.toml"
+    labels.write_text(LABELS)
+    runner = CliRunner()
+    env = {"LABELASSIST_DB": db_url, "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.root)}
+    token = ["--ls-token", label_studio.token]
+    outputs = [runner.invoke(app, ["run", str(photos), "--labels", str(labels), "--model",
+                                   str(tiny_clip_dir)], env=env).output,
+               runner.invoke(app, ["push", "--project", "secrets"] + token, env=env).output]
+    client = LabelStudioClient(Connection(label_studio.url, label_studio.token))
+    project = next(p for p in client.sdk.projects.list() if p.title == "secrets")
+    from labelassist.labelstudio import choice_result
+
+    for task in list_remote_tasks(client, project.id):
+        client.sdk.annotations.create(id=task["id"], result=choice_result("warm"))
+    outputs.append(runner.invoke(app, ["pull"] + token, env=env).output)
+    outputs.append(runner.invoke(app, ["report", "--json", str(tmp_path / "r.json"), "--html",
+                                       str(tmp_path / "r.html")], env=env).output)
+    outputs.append(runner.invoke(app, ["export", str(tmp_path / "out")], env=env).output)
+    secret = label_studio.token.encode()
+    assert all(label_studio.token not in out for out in outputs)
+    assert secret not in repr(client.conn).encode()
+    db_file = db_url.removeprefix("sqlite:///")
+    for path in [db_file, db_file + "-wal", tmp_path / "r.json", tmp_path / "r.html",
+                 *(tmp_path / "out").rglob("*")]:
+        if os.path.isfile(path):
+            assert secret not in open(path, "rb").read(), path

@@ -149,3 +149,41 @@ def insert_ignoring_duplicates(session: Session, model, rows: list[dict]) -> Non
     else:
         from sqlalchemy.dialects.sqlite import insert
     session.execute(insert(model).on_conflict_do_nothing(), rows)
+
+
+_TRANSIENT = ("server closed the connection", "terminating connection", "connection refused",
+              "could not connect", "connection reset", "database is locked",
+              "connection is closed", "the database system is", "consuming input failed")
+
+
+def is_transient(exc: Exception) -> bool:
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(marker in text for marker in _TRANSIENT)
+
+
+def retrying(db: Database, fn, *args, attempts: int = 6, **kwargs):
+    """Run a transaction function, retrying when the database went away (PostgreSQL
+    restarted, connection cut) or stayed locked. The function must be idempotent, as every
+    worker transaction is (insert-ignore, claims)."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError
+
+    delay = 0.5
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == attempts - 1:
+                first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                raise DatabaseError(f"lost the database ({first}) and could not reconnect; "
+                                    "run the same command again to resume") from None
+            db.engine.dispose()  # drop pooled connections to the dead server
+            time.sleep(delay)
+            delay = min(delay * 2, 8)

@@ -1,0 +1,213 @@
+"""Throughput of labelassist predict against the blog loop, the transformers pipeline and
+the image tower alone, on the full ViT-B/32 architecture (CLIPConfig() defaults, random
+weights: the same compute as the real model), in one process on the same images.
+
+    python benchmarks/throughput.py                # ~15 min on 2 cores
+    python benchmarks/throughput.py --quick        # smaller, for a smoke test
+
+Prints images/s, ratios to the blog loop and to the ceiling, re-scoring time, and peak
+RSS of `labelassist predict` at 1k and 10k images (each in its own child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+
+LABELS = '[classes]\ncat = ["cat"]\ndog = ["dog"]\nwild = ["lion", "tiger", "wolf", "fox"]\n'
+PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a lion.", "a photo of a tiger.",
+           "a photo of a wolf.", "a photo of a fox."]
+
+
+def synthetic_jpegs(root: Path, count: int, size: int = 512, seed: int = 0) -> list[Path]:
+    """Photo-like JPEGs: blurred noise fields with shapes, so decoding costs what a
+    photo costs (flat colours would decode unrealistically fast)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    base = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (size // 4, size // 4, 3),
+                                                              dtype=np.uint8))
+            .resize((size, size), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+            for i in range(8)]
+    paths = []
+    for n in range(count):
+        img = base[n % len(base)].copy()
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y = rng.randrange(size), rng.randrange(size)
+            r = rng.randrange(20, 120)
+            draw.ellipse((x - r, y - r, x + r, y + r),
+                         fill=tuple(rng.randrange(256) for _ in range(3)))
+        path = root / f"img_{n:05d}.jpg"
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds else float("nan")
+
+
+def blog_loop(model_dir: Path, paths: list[Path]) -> float:
+    """What a blog post does: per image, processor(text + image), model(...)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    start = time.perf_counter()
+    for path in paths:
+        inputs = processor(text=PROMPTS, images=Image.open(path), return_tensors="pt",
+                           padding=True)
+        with torch.no_grad():
+            model(**inputs).logits_per_image.softmax(dim=1)
+    return rate(len(paths), time.perf_counter() - start)
+
+
+def pipeline_rate(model_dir: Path, paths: list[Path]) -> float:
+    from transformers import pipeline
+
+    pipe = pipeline("zero-shot-image-classification", model=str(model_dir), device="cpu")
+    labels = ["cat", "dog", "lion", "tiger", "wolf", "fox"]
+    start = time.perf_counter()
+    pipe([str(p) for p in paths], candidate_labels=labels, batch_size=32,
+         hypothesis_template="a photo of a {}.")
+    return rate(len(paths), time.perf_counter() - start)
+
+
+def ceiling(model, dtype: torch.dtype, batch: int = 32, seconds: float = 20) -> float:
+    """The image tower alone on ready tensors: what the CPU can do at this precision."""
+    x = torch.randn(batch, 3, 224, 224).to(dtype)
+    tower = model.model
+    with torch.inference_mode():
+        tower.get_image_features(pixel_values=x)
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            tower.get_image_features(pixel_values=x)
+            n += batch
+    return rate(n, time.perf_counter() - start)
+
+
+def predict_rate(model, paths_dir: Path, workdir: Path, tag: str, exact: bool,
+                 batch: int = 32) -> tuple[float, str]:
+    from labelassist.config import parse_label_text
+    from labelassist.db import open_database
+    from labelassist.ingest import ingest
+    from labelassist.predict import PredictOptions, predict
+
+    db = open_database(f"sqlite:///{workdir / f'{tag}.db'}")
+    ingest(db, [paths_dir])
+    summary = predict(db, model, parse_label_text(LABELS),
+                      PredictOptions(batch_size=batch, exact=exact))
+    return summary.images_per_second, str(workdir / f"{tag}.db")
+
+
+def rescore_seconds(model, db_path: str) -> tuple[float, int]:
+    from labelassist.config import parse_label_text
+    from labelassist.db import open_database
+    from labelassist.predict import predict
+
+    db = open_database(f"sqlite:///{db_path}")
+    new = parse_label_text(LABELS.replace('"dog"]', '"dog", "puppy"]'))
+    start = time.perf_counter()
+    summary = predict(db, model, new)
+    return time.perf_counter() - start, summary.rescored
+
+
+def child_predict(model_dir: Path, paths_dir: Path, db_path: Path, dtype: str) -> dict:
+    """`labelassist ingest` + `predict` in a child process; its own peak RSS."""
+    env = {**os.environ, "LABELASSIST_DB": f"sqlite:///{db_path}"}
+    cli = [sys.executable, "-m", "labelassist.cli"]
+    subprocess.run(cli + ["ingest", str(paths_dir)], env=env, check=True, capture_output=True)
+    labels = db_path.with_suffix(".toml")
+    labels.write_text(LABELS)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cli + ["predict", "--labels", str(labels), "--model",
+                                   str(model_dir), "--dtype", dtype], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    assert status == 0, proc.stderr.read()
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--blog-images", type=int, default=48)
+    parser.add_argument("--scale", default="1000,10000")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.blog_images, args.scale = 64, 8, "200,400"
+
+    from transformers import CLIPConfig
+
+    from labelassist.model import cpu_has_fast_bf16, load_model
+    from labelassist.tinymodels import save_random_clip
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="labelassist-bench-"))
+    model_dir = work / "vit-b-32"
+    if not (model_dir / "model.safetensors").exists():
+        save_random_clip(model_dir, CLIPConfig())
+    photos = work / "photos"
+    paths = sorted(photos.glob("*.jpg"))[:args.images] if photos.exists() else []
+    if len(paths) < args.images:
+        paths = synthetic_jpegs(photos, args.images)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast bf16 on this CPU: "
+          f"{cpu_has_fast_bf16()}; {len(paths)} JPEGs 512x512; ViT-B/32 random weights\n")
+
+    results = {}
+    results["blog loop"] = blog_loop(model_dir, paths[:args.blog_images])
+    results["pipeline, batch 32"] = pipeline_rate(model_dir, paths)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        model = load_model(str(model_dir), device="cpu", dtype=precision)
+        top = ceiling(model, model.dtype)
+        e2e, db_path = predict_rate(model, photos, work, f"e2e-{precision}",
+                                    exact=precision == "fp32")
+        rows.append((precision, e2e, top))
+        if precision == "bf16":
+            seconds, n = rescore_seconds(model, db_path)
+        del model
+    blog, pipe = results["blog loop"], results["pipeline, batch 32"]
+    print(f"{'way':42s} {'images/s':>9s} {'x blog':>7s} {'x pipeline':>10s} {'of ceiling':>10s}")
+    for name, value in results.items():
+        print(f"{name:42s} {value:9.1f} {value / blog:7.2f} {value / pipe:10.2f}")
+    for precision, e2e, top in rows:
+        print(f"{'labelassist predict, ' + precision:42s} {e2e:9.1f} {e2e / blog:7.2f} "
+              f"{e2e / pipe:10.2f} {e2e / top:10.1%}")
+        print(f"{'image tower alone (ceiling), ' + precision:42s} {top:9.1f} {top / blog:7.2f} "
+              f"{top / pipe:10.2f}")
+    print(f"\nre-scoring {n} stored embeddings with a new prompt set: {seconds:.2f} s")
+
+    print("\nscale (labelassist predict --dtype auto, child processes):")
+    for count in (int(c) for c in args.scale.split(",")):
+        folder = work / f"scale-{count}"
+        have = sorted(folder.glob("*.jpg")) if folder.exists() else []
+        if len(have) < count:
+            synthetic_jpegs(folder, count, seed=count)
+        db_path = work / f"scale-{count}.db"
+        db_path.unlink(missing_ok=True)
+        got = child_predict(model_dir, folder, db_path, "auto")
+        print(f"  {count:6d} images: {count / got['seconds']:6.1f} images/s (with model load), "
+              f"peak RSS {got['peak_rss_mb']:7.1f} MB")
+    print(f"\nthis process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
+          " MB")
+
+
+if __name__ == "__main__":
+    main()
