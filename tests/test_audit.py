@@ -9,18 +9,12 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
-from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labelassist import audit as A
 from labelassist.cli import app
-from labelassist.config import parse_label_text
-from labelassist.db.models import Annotation, LSProject, Prediction, utcnow
 from labelassist.errors import ConfigError
-from labelassist.ingest import ingest
-from labelassist.predict import predict
 
-from .imagegen import shape_image
 
 LABELS = ["cat", "dog", "wild", "bird"]
 
