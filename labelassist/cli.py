@@ -183,8 +183,10 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
     "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware runs it fast), "
-                                       "fp32 or bf16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware runs it fast: "
+                                       "AMX or AVX512-BF16, else fp32), fp32, bf16, or int8 "
+                                       "(CPU, dynamic quantisation; fastest without AMX).")]
+    = "auto",
     exact: Annotated[bool, typer.Option("--exact", help="The reference path: fp32 and full "
                                         "decoding of every JPEG (slower).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")]
@@ -424,15 +426,19 @@ def report(
     from .audit import audit
     from .report import write_html, write_json
 
-    audits = audit(open_db(db), version, target_precision=target_precision,
+    from .report import learning_sections
+
+    database = open_db(db)
+    audits = audit(database, version, target_precision=target_precision,
                    min_support=min_support, policy=resolve)
+    learning = learning_sections(database)
     out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
     for a in audits:
         print_audit(out, a)
     if json_out:
-        write_json(audits, json_out)
+        write_json(audits, json_out, learning)
     if html:
-        write_html(audits, html)
+        write_html(audits, html, learning)
         err.print(f"wrote {html}", markup=False)
 
 
@@ -607,6 +613,84 @@ def migrate_to(
         copied = copy_database(open_db(db), url, on_progress=on_progress)
     err.print("copied " + ", ".join(f"{n:,} {t}" for t, n in copied.items() if n)
               + f". Now use --db {url}", markup=False)
+
+
+@command()
+def learn(
+    db: DbOpt = DEFAULT_DB,
+    version: Annotated[Optional[str], typer.Option(
+        help="Zero-shot model_version to improve (default: the newest with predictions).")]
+    = None,
+    model: ModelOpt = None,
+    resolve: Annotated[str, typer.Option(help="majority or latest (see report).")] =
+    "majority",
+    store: Annotated[bool, typer.Option(help="Store the probe's predictions when it beats "
+                                        "zero-shot.")] = True,
+) -> None:
+    """Fit a linear probe on the stored embeddings of reviewed images, anchored to the
+    zero-shot classifier so it is never worse with few reviews. Its accuracy is estimated
+    by cross-validation next to zero-shot's on the same reviews; when it wins, its
+    predictions for every unreviewed image are stored as a new model_version
+    (probe@<hash>), ready to push. Runs in seconds: nothing is decoded or encoded.
+
+    Example: labelassist learn && labelassist push --version probe@1a2b3c4d
+    """
+    from .learn import learn as run_learn
+    from .model import load_model
+    from .queries import resolve_version
+
+    database = open_db(db)
+    base = resolve_version(database, version)
+    if base.kind != "zeroshot":
+        from .errors import ConfigError
+
+        raise ConfigError(f"{base.name} is a {base.kind}; pass --version with a zero-shot one")
+    loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
+    s = run_learn(database, loaded, base, policy=resolve, store=store)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"{s.base_version}: {s.reviews:,} reviews; cross-validated accuracy: zero-shot "
+              f"{s.zero_shot_accuracy:.1%}, probe {s.probe_accuracy:.1%} (lambda "
+              f"{s.chosen_lambda}); temperature {s.temperature:.2f}, ECE {s.ece_before:.3f} -> "
+              f"{s.ece_after:.3f}", markup=False)
+    if s.stored_version:
+        out.print(f"stored {s.stored_predictions:,} predictions as {s.stored_version}: "
+                  f"labelassist push --version {s.stored_version}", markup=False)
+    else:
+        out.print("the probe does not beat zero-shot on held-out reviews: nothing stored",
+                  markup=False)
+    if s.label_issues:
+        out.print(f"{len(s.label_issues)} human labels worth a second look (see report)",
+                  markup=False)
+
+
+@command()
+def accept(
+    db: DbOpt = DEFAULT_DB,
+    target_precision: Annotated[float, typer.Option(help="Precision each class's threshold "
+                                                    "must reach on the reviews.")] = 0.99,
+    version: VersionOpt = None,
+    min_support: Annotated[int, typer.Option(min=1)] = 30,
+    resolve: str = "majority",
+) -> None:
+    """Mark unreviewed predictions as auto-accepted where their class's audited threshold
+    says they can be trusted. They are recorded with provenance (source 'auto' in the
+    export) and Label Studio is never told: nothing is passed off as human work.
+
+    Example: labelassist accept --target-precision 0.99 && labelassist export out/ --include-auto
+    """
+    from .accept import accept_trusted
+
+    s = accept_trusted(open_db(db), version, target_precision=target_precision,
+                       min_support=min_support, policy=resolve)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"{s.model_version}: {sum(s.accepted.values()):,} predictions auto-accepted at "
+              f"{target_precision:.1%} target precision", markup=False)
+    for cls, threshold in s.thresholds.items():
+        if threshold is None:
+            out.print(f"  {cls}: none ({s.reasons[cls]})", markup=False)
+        else:
+            out.print(f"  {cls}: {s.accepted[cls]:,} at confidence >= {threshold:.3f}",
+                      markup=False)
 
 
 @command(name="run")

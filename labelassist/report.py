@@ -21,17 +21,39 @@ THUMBNAILS = 60
 THUMB_SIZE = 112
 
 
-def report_json(audits: list[VersionAudit]) -> dict:
+def learning_sections(db) -> list[dict]:
+    """What `labelassist learn` found, per stored probe: cross-validated accuracies, the
+    learning curve and the human labels worth a second look (with their paths)."""
+    from sqlalchemy import select
+
+    from .db.models import ModelVersion
+    from .queries import first_paths
+
+    with db.read() as s:
+        probes = s.scalars(select(ModelVersion).where(ModelVersion.kind == "probe")
+                           .order_by(ModelVersion.id)).all()
+        sections = []
+        for probe in probes:
+            info = dict(probe.label_set.get("probe", {}))
+            issues = info.get("label_issues", [])
+            paths = first_paths(s, [i["image_id"] for i in issues])
+            info["label_issues"] = [{**i, "path": paths.get(i["image_id"])} for i in issues]
+            sections.append({"model_version": probe.name, **info})
+    return sections
+
+
+def report_json(audits: list[VersionAudit], learning: list[dict] | None = None) -> dict:
     """The first audit's fields at the top level (the contract), every version in
-    `versions` for comparison."""
+    `versions` for comparison, and what `learn` found in `learning`."""
     primary = audits[0].to_json()
-    return {**primary, "versions": [a.to_json() for a in audits],
+    return {**primary, "versions": [a.to_json() for a in audits], "learning": learning or [],
             "generated_at": datetime.now(timezone.utc).isoformat(),
             "labelassist": __version__}
 
 
-def write_json(audits: list[VersionAudit], path: str | Path) -> None:
-    text = json.dumps(_finite(report_json(audits)), indent=2, ensure_ascii=False)
+def write_json(audits: list[VersionAudit], path: str | Path,
+               learning: list[dict] | None = None) -> None:
+    text = json.dumps(_finite(report_json(audits, learning)), indent=2, ensure_ascii=False)
     if str(path) == "-":
         print(text)
     else:
@@ -49,7 +71,7 @@ def _finite(value):
     return value
 
 
-def render_html(audits: list[VersionAudit]) -> str:
+def render_html(audits: list[VersionAudit], learning: list[dict] | None = None) -> str:
     env = Environment(loader=FileSystemLoader(str(resources.files("labelassist._templates"))),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
                       lstrip_blocks=True)
@@ -60,13 +82,17 @@ def render_html(audits: list[VersionAudit]) -> str:
     template = env.get_template("report.html.j2")
     thumbs = {d["path"]: thumbnail(d["path"]) for a in audits
               for d in a.disagreements[:THUMBNAILS] if d["path"]}
+    thumbs.update({i["path"]: thumbnail(i["path"]) for section in learning or []
+                   for i in section.get("label_issues", [])[:THUMBNAILS] if i.get("path")})
     return template.render(audits=[_finite(a.to_json()) for a in audits], thumbs=thumbs,
+                           learning=_finite(learning or []),
                            heat=heat_colour, generated=datetime.now(timezone.utc),
                            version=__version__, max_rows=THUMBNAILS)
 
 
-def write_html(audits: list[VersionAudit], path: str | Path) -> None:
-    Path(path).write_text(render_html(audits), encoding="utf-8")
+def write_html(audits: list[VersionAudit], path: str | Path,
+               learning: list[dict] | None = None) -> None:
+    Path(path).write_text(render_html(audits, learning), encoding="utf-8")
 
 
 def heat_colour(value: int, row_total: int) -> str:

@@ -237,3 +237,18 @@ def test_image_mode_auto_picks_local_only_for_a_local_server_with_a_root():
     assert resolve_image_source("auto", None, "http://127.0.0.1:8080").mode in ("upload",
                                                                                 "local")
     assert resolve_image_source("auto", "/srv", "https://ls.example.org").mode == "upload"
+
+
+def test_push_order_uncertain_sends_the_least_certain_first(db, tiny_model, ls_photos, client,
+                                                           label_studio, request):
+    from labelassist.db.models import Prediction
+
+    summary = push(db, client, predicted(db, tiny_model, ls_photos),
+                   ImageSource("local", label_studio.root), title=request.node.name,
+                   order="uncertain", batch_size=4)
+    with db.read() as s:
+        margin = dict(s.execute(select(LSTask.ls_task_id, Prediction.margin).join(
+            Prediction, Prediction.image_id == LSTask.image_id)).all())
+    in_task_order = [margin[t["id"]] for t in sorted(remote_tasks(client, summary),
+                                                     key=lambda t: t["id"])]
+    assert in_task_order == sorted(in_task_order)

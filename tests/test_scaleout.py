@@ -47,6 +47,17 @@ def cli_env(url, **extra):
 CLI = [sys.executable, "-m", "labelassist.cli"]
 
 
+def ingested_workspace(url, tmp_path, model_dir, n):
+    """n images ingested into `url`, and the `labelassist predict` command line for them."""
+    write_shape_images(tmp_path / "photos", n)
+    labels = tmp_path / "labels.toml"
+    labels.write_text(LABELS)
+    db = open_database(url)
+    ingest(db, [tmp_path / "photos"])
+    return db, CLI + ["predict", "--labels", str(labels), "--model", str(model_dir),
+                      "--batch-size", "3", "--device", "cpu"]
+
+
 def test_four_workers_on_postgres_encode_each_image_exactly_once(pg_url, tmp_path,
                                                                  tiny_clip_dir):
     write_shape_images(tmp_path / "photos", 160)
@@ -69,13 +80,7 @@ def test_four_workers_on_postgres_encode_each_image_exactly_once(pg_url, tmp_pat
 
 
 def test_sigkill_at_random_points_on_postgres(pg_url, tmp_path, tiny_clip_dir):
-    write_shape_images(tmp_path / "photos", 300)
-    labels = tmp_path / "labels.toml"
-    labels.write_text(LABELS)
-    db = open_database(pg_url)
-    ingest(db, [tmp_path / "photos"])
-    cmd = CLI + ["predict", "--labels", str(labels), "--model", str(tiny_clip_dir),
-                 "--batch-size", "3", "--device", "cpu"]
+    db, cmd = ingested_workspace(pg_url, tmp_path, tiny_clip_dir, 300)
     rng = random.Random(11)
     for _ in range(5):
         before = count(db)
@@ -93,13 +98,7 @@ def test_sigkill_at_random_points_on_postgres(pg_url, tmp_path, tiny_clip_dir):
 
 
 def test_connection_cut_mid_run_is_survived_or_resumed(pg_url, tmp_path, tiny_clip_dir):
-    write_shape_images(tmp_path / "photos", 300)
-    labels = tmp_path / "labels.toml"
-    labels.write_text(LABELS)
-    db = open_database(pg_url)
-    ingest(db, [tmp_path / "photos"])
-    cmd = CLI + ["predict", "--labels", str(labels), "--model", str(tiny_clip_dir),
-                 "--batch-size", "3", "--device", "cpu"]
+    db, cmd = ingested_workspace(pg_url, tmp_path, tiny_clip_dir, 300)
     proc = subprocess.Popen(cmd, env=cli_env(pg_url), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

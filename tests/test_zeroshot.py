@@ -89,3 +89,19 @@ def test_bad_device_and_dtype_are_refused(tiny_clip_dir):
         load_model(str(tiny_clip_dir), device="tpu")
     with pytest.raises(ModelLoadError, match="--dtype"):
         load_model(str(tiny_clip_dir), device="cpu", dtype="fp8")
+
+
+def test_int8_and_bf16_paths_stay_close_to_fp32(tiny_clip_dir, tiny_model):
+    labels = LabelSet(classes={"warm": ("red", "orange"), "cool": ("blue",)},
+                      templates=("a photo of a {}.",))
+    ref = ZeroShotClassifier(tiny_model, labels).classify(IMAGES)
+    for dtype in ("int8", "bf16"):
+        fast = load_model(str(tiny_clip_dir), device="cpu", dtype=dtype)
+        got = ZeroShotClassifier(fast, labels).classify(IMAGES)
+        assert fast.model_key == tiny_model.model_key  # same weights, same stored embeddings
+        worst = max(abs(g.scores[c] - r.scores[c]) for g, r in zip(got, ref) for c in g.scores)
+        assert worst < 0.05, (dtype, worst)  # a broken path is off by far more
+    with pytest.raises(ModelLoadError, match="CPU path"):
+        from labelassist.model import resolve_dtype
+
+        resolve_dtype("int8", torch.device("cuda"))

@@ -1,0 +1,186 @@
+"""Learning from reviews, on the toy-world CLIP (real zero-shot behaviour)."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from labelassist import learn as L
+from labelassist import toyworld
+from labelassist.cli import app
+from labelassist.config import load_label_file
+from labelassist.db.models import AutoAccept, ModelVersion, Prediction
+from labelassist.ingest import ingest
+from labelassist.model import load_model
+from labelassist.predict import predict
+from labelassist.queries import resolve_version
+
+from .conftest import add_annotation
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "toyworld"
+
+
+def truth_of(path):
+    return "warm" if Path(path).name.split("_")[0] in toyworld.WARM else "cool"
+
+
+@pytest.fixture
+def toy_workspace(db, toy_model_dir, tmp_path):
+    """150 toy pictures predicted with the *vague* prompt set (zero-shot is weak)."""
+    toyworld.write_images(tmp_path / "photos", 150, seed=21)
+    ingest(db, [tmp_path / "photos"])
+    model = load_model(str(toy_model_dir), device="cpu", dtype="fp32")
+    predict(db, model, load_label_file(EXAMPLES / "labels-vague.toml"))
+    return db, model, tmp_path / "photos"
+
+
+def review(db, count, wrong=()):
+    """Reviewers give the true colour temperature of `count` images, a shuffled sample
+    (files are ingested in name order, i.e. sorted by colour)."""
+    from labelassist.queries import first_paths
+
+    with db.read() as s:
+        ids = s.scalars(select(Prediction.image_id).order_by(Prediction.image_id)).all()
+        paths = first_paths(s, ids)
+    ids = list(ids)
+    random.Random(0).shuffle(ids)
+    for n, image_id in enumerate(ids[:count]):
+        label = truth_of(paths[image_id])
+        if n in wrong:
+            label = "cool" if label == "warm" else "warm"
+        add_annotation(db, image_id, label, n=n)
+    return ids, paths
+
+
+def test_probe_beats_weak_zero_shot_and_stores_a_new_version(toy_workspace, capsys):
+    db, model, _ = toy_workspace
+    ids, paths = review(db, 100)
+    summary = L.learn(db, model, resolve_version(db))
+    with capsys.disabled():
+        print(f"\nvague prompts, 100 reviews: zero-shot {summary.zero_shot_accuracy:.1%}, "
+              f"probe {summary.probe_accuracy:.1%} (cross-validated), ECE "
+              f"{summary.ece_before:.3f} -> {summary.ece_after:.3f}")
+    assert summary.zero_shot_accuracy < 0.8
+    assert summary.probe_accuracy >= summary.zero_shot_accuracy + 0.15
+    assert summary.stored_version.startswith("probe@") and summary.stored_predictions == 50
+    with db.read() as s:
+        probe = s.scalars(select(ModelVersion).where(ModelVersion.kind == "probe")).one()
+        stored = s.scalars(select(Prediction).where(
+            Prediction.model_version_id == probe.id)).all()
+    assert {p.image_id for p in stored} == set(ids)  # out-of-fold for the reviewed
+    unreviewed = [p for p in stored if p.image_id in set(ids[100:])]
+    right = sum(p.label == truth_of(paths[p.image_id]) for p in unreviewed) / len(unreviewed)
+    assert len(unreviewed) == 50 and right >= 0.9
+    assert summary.learning_curve and summary.learning_curve[-1]["probe"] >= \
+        summary.learning_curve[-1]["zero_shot"]
+
+
+COLOURS = ('templates = ["a photo of a {} thing."]\n[classes]\n'
+           + "".join(f'{c} = ["{c}"]\n' for c in toyworld.COLOURS))
+
+
+@pytest.mark.parametrize("labels", ["labels.toml", "labels-vague.toml", "colours"])
+def test_with_0_to_5_reviews_per_class_the_probe_is_never_worse(db, toy_model_dir, tmp_path,
+                                                                labels):
+    toyworld.write_images(tmp_path / "photos", 180, seed=33)
+    ingest(db, [tmp_path / "photos"])
+    model = load_model(str(toy_model_dir), device="cpu", dtype="fp32")
+    if labels == "colours":  # 6 classes: 5 reviews each is enough for the probe to be tried
+        from labelassist.config import parse_label_text
+
+        predict(db, model, parse_label_text(COLOURS))
+        truth = lambda path: Path(path).name.split("_")[0]  # noqa: E731
+    else:
+        predict(db, model, load_label_file(EXAMPLES / labels))
+        truth = truth_of
+    version = resolve_version(db)
+    for n, p in enumerate(_all_predictions(db)):
+        add_annotation(db, p.image_id, truth(_path(db, p.image_id)), n=n)
+    ids, keys, x, y, classes = L.load_training_set(db, version, "majority")
+    from labelassist.config import LabelSet
+    from labelassist.zeroshot import build_text_classifier
+
+    offset = L.zero_shot_log_probs(build_text_classifier(
+        model, LabelSet.from_json(version.label_set)), x)
+    rng = random.Random(5)
+    for per_class in range(0, 6):
+        for _ in range(4):
+            train = [i for c in range(len(classes))
+                     for i in rng.sample(list(np.flatnonzero(y == c)), per_class)]
+            test = np.array(sorted(set(range(len(y))) - set(train)), dtype=int)
+            train = np.array(train, dtype=int)
+            lam, _, _ = L.choose_lambda(x[train], offset[train], y[train],
+                                        [keys[i] for i in train], len(classes))
+            w, b = L.fit_probe(x[train], offset[train], y[train], lam, len(classes))
+            probe = ((offset[test] + x[test] @ w + b).argmax(1) == y[test]).mean()
+            zero = (offset[test].argmax(1) == y[test]).mean()
+            assert probe >= zero, (labels, per_class, probe, zero)
+
+
+def _all_predictions(db):
+    with db.read() as s:
+        return s.scalars(select(Prediction).order_by(Prediction.image_id)).all()
+
+
+def _path(db, image_id):
+    from labelassist.queries import first_paths
+
+    with db.read() as s:
+        return first_paths(s, [image_id])[image_id]
+
+
+def test_label_issues_come_from_out_of_fold_probabilities(toy_workspace):
+    db, model, _ = toy_workspace
+    wrong = {3, 17, 42}
+    ids, _ = review(db, 100, wrong=wrong)
+    summary = L.learn(db, model, resolve_version(db), store=False)
+    flagged = {issue["image_id"] for issue in summary.label_issues}
+    caught = {ids[n] for n in wrong} & flagged
+    assert len(caught) >= 2  # planted mistakes are found ...
+    assert len(flagged - caught) <= 3  # ... without burying them in false alarms
+
+
+def test_temperature_scaling_does_not_hurt_calibration(toy_workspace):
+    db, model, _ = toy_workspace
+    review(db, 100)
+    summary = L.learn(db, model, resolve_version(db), store=False)
+    assert summary.ece_after <= summary.ece_before + 1e-6
+
+
+def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url, tmp_path,
+                                                           toy_model_dir):
+    db, _, _ = toy_workspace
+    review(db, 100)
+    runner = CliRunner()
+    learned = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir)])
+    assert learned.exit_code == 0, learned.output
+    assert "stored 50 predictions as probe@" in learned.output
+    accepted = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.5",
+                                   "--min-support", "5"])
+    assert accepted.exit_code == 0, accepted.output
+    with db.read() as s:
+        n_auto = s.scalar(select(func.count()).select_from(AutoAccept))
+    assert n_auto > 0 and f"{n_auto} predictions auto-accepted" in accepted.output
+    again = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.5",
+                                "--min-support", "5"])
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(AutoAccept)) == n_auto  # idempotent
+    assert again.exit_code == 0
+    js = tmp_path / "r.json"
+    report = runner.invoke(app, ["report", "--db", db_url, "--json", str(js), "--html",
+                                 str(tmp_path / "r.html")])
+    assert report.exit_code == 0, report.output
+    learning = json.loads(js.read_text())["learning"]
+    assert learning and learning[0]["learning_curve"]
+    assert 'class="chart learning-curve"' in (tmp_path / "r.html").read_text()
+    exported = runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
+                                   "--include-auto", "--target-precision", "0.5",
+                                   "--min-support", "5"])
+    assert exported.exit_code == 0, exported.output
+    rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().split("\n")
+            if x]
+    assert sum(r["source"] == "auto" for r in rows) >= n_auto
