@@ -87,24 +87,50 @@ def pending_images_query(model_version_id: int, model_key: str, *, stored: bool,
 def claim_pending_images(db: Database, worker_id: int, model_version_id: int, model_key: str,
                          limit: int, *, stored: bool,
                          lease: timedelta = DEFAULT_LEASE) -> list[int]:
-    """Atomically claim up to `limit` pending images; [] when nothing is left."""
-    now = utcnow()
-    with db.write() as session:
-        query = pending_images_query(model_version_id, model_key, stored=stored,
-                                     now=now).limit(limit)
-        if session.bind.dialect.name == "postgresql":
-            query = query.with_for_update(of=Image, skip_locked=True)
-        ids = list(session.scalars(query))
-        if not ids:
-            return []
-        # Expired claims by dead workers are replaced; live ones were filtered out above.
-        session.execute(delete(Claim).where(Claim.model_version_id == model_version_id,
-                                            Claim.image_id.in_(ids)))
-        session.execute(Claim.__table__.insert(),
-                        [{"model_version_id": model_version_id, "image_id": i,
-                          "worker_id": worker_id, "expires_at": now + lease} for i in ids])
-        heartbeat(session, worker_id, lease)
-        return ids
+    """Atomically claim up to `limit` pending images; [] when nothing is left.
+
+    The candidate query may be stale under PostgreSQL's READ COMMITTED (another worker's
+    claim can commit after our snapshot), so the claims table's primary key decides: an
+    upsert that only takes over *expired* claims returns the images we really won, and a
+    fresh look drops any whose prediction was committed meanwhile."""
+    for _ in range(20):  # lost every candidate to other workers: look again
+        now = utcnow()
+        with db.write() as session:
+            query = pending_images_query(model_version_id, model_key, stored=stored,
+                                         now=now).limit(limit)
+            if session.bind.dialect.name == "postgresql":
+                query = query.with_for_update(of=Image, skip_locked=True)
+            candidates = list(session.scalars(query))
+            if not candidates:
+                return []
+            won = _upsert_claims(session, worker_id, model_version_id, candidates,
+                                 now + lease, now)
+            finished = set(session.scalars(select(Prediction.image_id).where(
+                Prediction.model_version_id == model_version_id,
+                Prediction.image_id.in_(won)))) if won else set()
+            if finished:
+                release_claims(session, worker_id, model_version_id, sorted(finished))
+            heartbeat(session, worker_id, lease)
+            claimed = sorted(won - finished)
+        if claimed:
+            return claimed
+    return []
+
+
+def _upsert_claims(session, worker_id: int, model_version_id: int, image_ids: list[int],
+                   expires_at: datetime, now: datetime) -> set[int]:
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(Claim).values([{"model_version_id": model_version_id, "image_id": i,
+                                  "worker_id": worker_id, "expires_at": expires_at}
+                                 for i in image_ids])
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Claim.model_version_id, Claim.image_id],
+        set_={"worker_id": stmt.excluded.worker_id, "expires_at": stmt.excluded.expires_at},
+        where=Claim.expires_at <= now).returning(Claim.image_id)
+    return set(session.scalars(stmt))
 
 
 def release_claims(session, worker_id: int, model_version_id: int, image_ids: list[int]) -> None:
