@@ -106,3 +106,26 @@ def serve(db: Database, model: LoadedModel, label_sets: list[LabelSet], stop: th
         if not done:
             stop.wait(poll_seconds)
     return stats
+
+
+def push_after_rounds(db: Database, client, source,
+                      log: Callable[[str], None] = lambda line: None
+                      ) -> Callable[[WorkerStats], None]:
+    """`worker --push`: after a round that predicted something, push those versions."""
+    from .labelstudio import push
+    from .queries import resolve_version
+
+    seen = {"predicted": 0}
+
+    def after_round(stats: WorkerStats) -> None:
+        if stats.predicted == seen["predicted"]:
+            return
+        seen["predicted"] = stats.predicted
+        for name in stats.per_version:
+            summary = push(db, client, resolve_version(db, name), source)
+            stats.pushed_tasks += summary.tasks_created
+            if summary.tasks_created or summary.predictions_added:
+                log(f"pushed {summary.tasks_created:,} tasks, "
+                    f"{summary.predictions_added:,} predictions ({name})")
+
+    return after_round

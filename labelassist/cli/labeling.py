@@ -1,0 +1,285 @@
+"""Verbs that turn folders into predictions: ingest, predict, run, worker, status."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import DEFAULT_DB, LABEL_FILE_HELP, load_label_file
+from . import (DbOpt, LabelsOpt, LsTokenOpt, LsUrlOpt, ModelOpt, command, err,
+               ls_client, open_db, progress_bar, resolve_model_id)
+
+
+@command()
+def ingest(
+    dirs: Annotated[list[Path], typer.Argument(help="Folders (or files) to register.")],
+    db: DbOpt = DEFAULT_DB,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this "
+                                            "(decompression bombs).")] = 178_956_970,
+) -> None:
+    """Register the images under DIRS: path, content hash, size, dimensions, mtime.
+
+    Re-running does nothing for unchanged files and re-registers changed ones. The
+    same content under two paths is one image (predicted and reviewed once).
+    Unreadable files are recorded with their reason and never stop the run.
+
+    Example: labelassist ingest photos/ more_photos/
+    """
+    from ..ingest import ingest as run_ingest
+
+    database = open_db(db)
+    with progress_bar("ingest", unit="files") as on_progress:
+        summary = run_ingest(database, dirs, max_pixels=max_pixels, on_progress=on_progress)
+    print_ingest_summary(summary)
+
+
+def print_ingest_summary(summary) -> None:
+    err.print(f"{summary.seen:,} files: {summary.added:,} added, {summary.duplicates:,} "
+              f"duplicates of known content, {summary.unchanged:,} unchanged, "
+              f"{summary.changed:,} changed, {summary.error_count:,} errors", markup=False)
+    for reason, count in summary.errors.most_common():
+        example = summary.error_examples.get(reason)
+        err.print(f"  {reason}: {count:,}" + (f" (e.g. {example})" if example else ""),
+                  markup=False)
+
+
+@command()
+def status(db: DbOpt = DEFAULT_DB) -> None:
+    """Counts per state: files, images, errors, predictions per model_version, workers.
+
+    Example: labelassist status --db sqlite:///labelassist.db
+    """
+    from ..status import workspace_status
+
+    s = workspace_status(open_db(db))
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"files: {s.files:,}   images: {s.images:,}", markup=False)
+    for title, errors in (("file errors", s.file_errors), ("image errors", s.image_errors)):
+        if errors:
+            out.print(f"{title}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(errors.items())),
+                      markup=False)
+    if s.versions:
+        table = Table("model_version", "predicted", "pending", "auto-accepted")
+        for v in s.versions:
+            table.add_row(v.name, f"{v.predicted:,}", f"{v.pending:,}", f"{v.auto_accepted:,}")
+        out.print(table)
+    if s.versions or s.workers:
+        out.print(f"pushed to Label Studio: {s.versions[0].pushed if s.versions else 0:,}   "
+                  f"reviewed: {s.versions[0].reviewed if s.versions else 0:,}", markup=False)
+    out.print(f"active workers: {len(s.workers)}", markup=False)
+    for w in s.workers:
+        out.print(f"  worker {w['id']} on {w['host']} pid {w['pid']}: {w['claims']} claimed, "
+                  f"heartbeat {w['heartbeat_at']:%H:%M:%S}", markup=False)
+
+
+PREDICT_HELP = """Classify every ingested image that has no prediction for this model_version.
+
+A model_version is the model plus the prompt set: change the label file and you
+get a new version; old predictions stay. Images whose embedding is already stored
+are re-scored without being decoded again. Ctrl-C or a crash loses at most the
+batch in flight: run the command again to continue.
+
+""" + LABEL_FILE_HELP + """
+Example: labelassist predict --labels examples/animals/labels.toml --batch-size 64
+"""
+
+
+@command(help=PREDICT_HELP)
+def predict(
+    labels: LabelsOpt,
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
+    "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware runs it fast: "
+                                       "AMX or AVX512-BF16, else fp32), fp32, bf16, or int8 "
+                                       "(CPU, dynamic quantisation; fastest without AMX).")]
+    = "auto",
+    exact: Annotated[bool, typer.Option("--exact", help="The reference path: fp32 and full "
+                                        "decoding of every JPEG (slower).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")]
+    = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine; they "
+                                         "split the cores. Workers on other machines can "
+                                         "point at the same --db (PostgreSQL).")] = 1,
+) -> None:
+    if workers > 1:
+        summary = run_predict_processes(db, labels, model, batch_size, device, dtype, exact,
+                                        workers)
+    else:
+        summary = run_predict(db, labels, model, batch_size, device, dtype, exact, threads)
+    print_predict_summary(summary)
+
+
+def run_predict_processes(db, labels, model, batch_size, device, dtype, exact, workers):
+    from ..predict import PredictOptions
+    from ..status import workspace_status
+    from ..worker import predict_in_processes
+
+    label_set = load_label_file(labels)
+    database = open_db(db)  # creates or upgrades the schema once, before the workers start
+    err.print(f"starting {workers} worker processes ...", markup=False)
+
+    def tick():
+        s = workspace_status(database)
+        if s.workers:
+            err.print(f"  {len(s.workers)} workers, {sum(w['claims'] for w in s.workers)} "
+                      "images claimed", markup=False)
+
+    return predict_in_processes(db, resolve_model_id(model, label_set), label_set, workers,
+                                device=device, dtype="fp32" if exact else dtype,
+                                options=PredictOptions(batch_size=batch_size, exact=exact),
+                                on_tick=tick)
+
+
+def run_predict(db, labels, model, batch_size, device, dtype, exact, threads):
+    from ..model import load_model
+    from ..predict import PredictOptions
+    from ..predict import predict as run
+
+    label_set = load_label_file(labels)
+    database = open_db(db)
+    model_id = resolve_model_id(model, label_set)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    loaded = load_model(model_id, device=device, dtype="fp32" if exact else dtype)
+    options = PredictOptions(batch_size=batch_size, exact=exact)
+    with progress_bar("predict") as on_progress:
+        return run(database, loaded, label_set, options, on_progress=on_progress)
+
+
+def print_predict_summary(summary) -> None:
+    err.print(f"{summary.model_version}: {summary.predicted:,} predicted ({summary.encoded:,} "
+              f"encoded, {summary.rescored:,} re-scored from stored embeddings), "
+              f"{sum(summary.failed.values()):,} failed, {summary.images_per_second:,.1f} "
+              "images/s", markup=False)
+    for reason, count in summary.failed.most_common():
+        err.print(f"  skipped {count:,} ({reason}), e.g. {summary.failed_examples[reason]}",
+                  markup=False)
+
+
+@command()
+def predictions(
+    db: DbOpt = DEFAULT_DB,
+    version: Annotated[Optional[str], typer.Option(help="model_version (default: the newest "
+                                                   "with predictions).")] = None,
+    format: Annotated[str, typer.Option(help="jsonl or csv.")] = "jsonl",
+) -> None:
+    """Print one record per image to stdout: path, sha256, label, confidence, scores,
+    model_version.
+
+    Example: labelassist predictions --format csv > predictions.csv
+    """
+    from ..errors import ConfigError
+    from ..queries import prediction_records, resolve_version
+
+    if format not in ("jsonl", "csv"):
+        raise ConfigError(f"--format {format!r}: use jsonl or csv")
+    database = open_db(db)
+    records = prediction_records(database, resolve_version(database, version))
+    if format == "jsonl":
+        for record in records:
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
+    fields = ["path", "sha256", "label", "confidence", "margin", "scores", "model_version"]
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+    writer.writeheader()
+    for record in records:
+        writer.writerow({**record, "scores": json.dumps(record["scores"], ensure_ascii=False)})
+
+
+@command()
+def worker(
+    labels: Annotated[Optional[list[Path]], typer.Option(
+        "--labels", "-l", help="Label files to serve (repeatable). Prompt sets that others "
+        "store for the same model are served too.")] = None,
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    poll: Annotated[float, typer.Option(help="Seconds to wait when there is no work.")] = 5.0,
+    push: Annotated[bool, typer.Option("--push", help="Push new predictions to Label Studio "
+                                       "after each round (--ls-url/--ls-token or env).")] = False,
+    ls_url: LsUrlOpt = None,
+    ls_token: LsTokenOpt = None,
+    ls_root: Annotated[Optional[str], typer.Option(help="See push --ls-root.")] = None,
+) -> None:
+    """Run until SIGTERM or Ctrl-C, predicting whatever is pending: images that anyone
+    ingests, and any new prompt set for this model. On SIGTERM it finishes the batch in
+    flight and exits cleanly. Start as many as you like, on as many machines, against one
+    PostgreSQL --db.
+
+    Example: labelassist worker --db postgresql+psycopg://host/labels -l labels.toml --push
+    """
+    import signal
+    import threading
+
+    from ..model import load_model
+    from ..predict import PredictOptions
+    from ..worker import serve
+
+    label_sets = [load_label_file(p) for p in labels or []]
+    model_id = resolve_model_id(model, label_sets[0] if label_sets else None)
+    database = open_db(db)
+    loaded = load_model(model_id, device=device, dtype=dtype)
+    stop = threading.Event()
+
+    def request_stop(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now
+        err.print("stopping after the batch in flight ...", markup=False)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    after_round = None
+    if push:
+        from ..labelstudio import resolve_image_source
+        from ..worker import push_after_rounds
+
+        client = ls_client(ls_url, ls_token)
+        after_round = push_after_rounds(
+            database, client, resolve_image_source("auto", ls_root, client.conn.url),
+            log=lambda line: err.print(line, markup=False))
+    err.print(f"worker on {loaded.model_key}: waiting for work (Ctrl-C to stop)", markup=False)
+    stats = serve(database, loaded, label_sets, stop,
+                  options=PredictOptions(batch_size=batch_size), poll_seconds=poll,
+                  after_round=after_round)
+    err.print(f"worker stopped: {stats.predicted:,} predicted in {stats.rounds} rounds"
+              + "".join(f"; {v}: {n:,}" for v, n in stats.per_version.items()), markup=False)
+
+
+@command(name="run")
+def run_all(
+    dirs: Annotated[list[Path], typer.Argument(help="Folders of images.")],
+    labels: LabelsOpt,
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    exact: bool = False,
+) -> None:
+    """Ingest DIRS, then predict every new image.
+
+    Example: labelassist run photos/ --labels labels.toml
+    """
+    from ..ingest import ingest as run_ingest
+
+    database = open_db(db)
+    with progress_bar("ingest", unit="files") as on_progress:
+        print_ingest_summary(run_ingest(database, dirs, on_progress=on_progress))
+    print_predict_summary(run_predict(db, labels, model, batch_size, device, dtype, exact, None))
+
+

@@ -1,0 +1,128 @@
+"""Verbs that produce the results: report and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import DEFAULT_DB
+from . import (DbOpt, VersionOpt, command, err,
+               open_db, progress_bar)
+
+
+@command()
+def report(
+    db: DbOpt = DEFAULT_DB,
+    html: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report "
+                                                 "(charts and thumbnails embedded).")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report "
+                                                    "to FILE ('-' for stdout).")] = None,
+    version: Annotated[Optional[str], typer.Option(help="Audit only this model_version "
+                                                   "(default: every reviewed one).")] = None,
+    target_precision: Annotated[float, typer.Option(help="Precision a class must reach for "
+                                                    "its trust threshold.")] = 0.99,
+    min_support: Annotated[int, typer.Option(min=1, help="Reviews a threshold needs before "
+                                             "it is trusted.")] = 30,
+    resolve: Annotated[str, typer.Option(help="When annotators disagree: majority (ties "
+                                         "go to the latest) or latest.")] = "majority",
+) -> None:
+    """Audit model-human agreement per model_version: accuracy, Cohen's kappa, per-class
+    precision/recall/F1, confusion matrix, calibration (ECE), the confidence above which
+    each class reaches --target-precision, review effort and the disagreements.
+
+    Example: labelassist report --html audit.html --json audit.json
+    """
+    from ..audit import audit
+    from ..report import write_html, write_json
+
+    from ..report import learning_sections
+
+    database = open_db(db)
+    audits = audit(database, version, target_precision=target_precision,
+                   min_support=min_support, policy=resolve)
+    learning = learning_sections(database)
+    out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
+    for a in audits:
+        print_audit(out, a)
+    if json_out:
+        write_json(audits, json_out, learning)
+    if html:
+        write_html(audits, html, learning)
+        err.print(f"wrote {html}", markup=False)
+
+
+def print_audit(out: Console, a) -> None:
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    out.print(f"{a.model_version}: {a.reviewed:,} reviewed, accuracy {pct(a.accuracy)}, "
+              f"accepted unchanged {pct(a.agreement)}, kappa {a.cohen_kappa:.3f}, ECE "
+              f"{a.calibration['ece']:.3f}, {len(a.disagreements):,} disagreements",
+              markup=False)
+    table = Table("class", "precision", "recall", "F1", "support", "threshold", "coverage")
+    per_class = a.thresholds["per_class"]
+    for name, m in a.per_class.items():
+        t = per_class.get(name, {})
+        table.add_row(name, pct(m["precision"]), pct(m["recall"]), pct(m["f1"]),
+                      str(m["support"]), "-" if t.get("threshold") is None else
+                      f"{t['threshold']:.3f}", pct(t.get("coverage")))
+    out.print(table)
+
+
+@command()
+def export(
+    out: Annotated[Path, typer.Argument(help="Folder to create (it must not exist, unless "
+                                        "--overwrite).")],
+    format: Annotated[str, typer.Option(help="imagefolder (OUT/<split>/<class>/<file>), csv "
+                                        "or jsonl (manifests only), hf (loads with "
+                                        "datasets.load_dataset('imagefolder', data_dir=OUT)).")]
+    = "imagefolder",
+    db: DbOpt = DEFAULT_DB,
+    include_auto: Annotated[bool, typer.Option(help="Also export unreviewed predictions whose "
+                                               "confidence clears their class's trust "
+                                               "threshold (see report).")] = False,
+    split: Annotated[str, typer.Option(help="train[,validation],test fractions.")] =
+    "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Split seed: same seed, same split for the same "
+                                      "content, whatever else is added.")] = 0,
+    link: Annotated[str, typer.Option(help="copy, hardlink or symlink the images.")] = "copy",
+    resolve: Annotated[str, typer.Option(help="When annotators disagree: majority (ties go "
+                                         "to the latest) or latest.")] = "majority",
+    version: VersionOpt = None,
+    target_precision: Annotated[float, typer.Option(help="With --include-auto: precision a "
+                                                    "class threshold must reach.")] = 0.99,
+    min_support: Annotated[int, typer.Option(min=1)] = 30,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT (atomically).")] = False,
+) -> None:
+    """Export the labeled dataset: human-reviewed labels, plus trusted predictions with
+    --include-auto. Every row records its provenance (human or auto, annotators,
+    model_version, confidence) in OUT/manifest.jsonl; copied images are listed in
+    OUT/SHA256SUMS (check with: cd OUT && sha256sum -c SHA256SUMS).
+
+    Example: labelassist export dataset/ --format hf --split 0.8,0.1,0.1 --seed 0
+    """
+    from ..export import export as run_export
+
+    with progress_bar("export", unit="files") as on_progress:
+        summary = run_export(open_db(db), out, format, include_auto=include_auto, split=split,
+                             seed=seed, link=link, policy=resolve, version=version,
+                             target_precision=target_precision, min_support=min_support,
+                             overwrite=overwrite, on_progress=on_progress)
+    splits = sorted({s for c in summary.per_class_split.values() for s in c},
+                    key=["train", "validation", "test"].index)
+    table = Table("class", *splits, "total")
+    for label, counts in sorted(summary.per_class_split.items()):
+        table.add_row(label, *(f"{counts[s]:,}" for s in splits), f"{sum(counts.values()):,}")
+    out_console = Console(highlight=False, soft_wrap=True)
+    out_console.print(table)
+    out_console.print(f"{summary.rows:,} images to {summary.out} ({summary.format}): "
+                      + ", ".join(f"{n:,} {k}" for k, n in summary.per_source.items()),
+                      markup=False)
+    for reason, n in summary.excluded.most_common():
+        out_console.print(f"  left out: {n:,} {reason}", markup=False)
+
+

@@ -1,0 +1,193 @@
+"""Verbs of the review loop: push, pull, studio, learn, accept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..config import DEFAULT_DB
+from . import (DbOpt, LsTokenOpt, LsUrlOpt, ModelOpt, VersionOpt, command, err,
+               ls_client, open_db, progress_bar)
+
+
+@command()
+def push(
+    db: DbOpt = DEFAULT_DB,
+    ls_url: LsUrlOpt = None,
+    ls_token: LsTokenOpt = None,
+    project: Annotated[Optional[str], typer.Option(
+        help="Project title (default: 'labelassist: <classes>'); found or created.")] = None,
+    version: VersionOpt = None,
+    image_mode: Annotated[str, typer.Option(
+        help="local: Label Studio serves files from its LOCAL_FILES_DOCUMENT_ROOT (same "
+             "disk); upload: send the image bytes; auto: local for a Label Studio on this "
+             "machine with a known root, else upload.")] = "auto",
+    ls_root: Annotated[Optional[str], typer.Option(
+        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for --image-mode local "
+             "(env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT).")] = None,
+    order: Annotated[str, typer.Option(
+        help="Which images become tasks first: ingest, uncertain (lowest margin first: "
+             "reviewers start where the model is weakest) or confident.")] = "ingest",
+    batch_size: Annotated[int, typer.Option(min=1, max=5000, help="Tasks per import request "
+                                            "(Label Studio handles ~1,000 in 1.5 s).")] = 500,
+) -> None:
+    """Push predictions to Label Studio as pre-annotations: one task per image with the
+    prediction preselected (model_version and score set, so reviewers can sort by score).
+
+    Pushing again adds nothing twice; a new model_version adds its predictions to the
+    existing tasks; an interrupted push resumes where it stopped.
+
+    Example: labelassist push --ls-url http://127.0.0.1:8080 --ls-root /data/images
+    """
+    from ..labelstudio import push as run_push
+    from ..labelstudio import resolve_image_source
+    from ..queries import resolve_version
+
+    database = open_db(db)
+    client = ls_client(ls_url, ls_token)
+    source = resolve_image_source(image_mode, ls_root, client.conn.url)
+    with progress_bar("push", unit="tasks") as on_progress:
+        summary = run_push(database, client, resolve_version(database, version), source,
+                           title=project, order=order, batch_size=batch_size,
+                           on_progress=on_progress)
+    err.print(f"{summary.model_version} -> {summary.project_url}: {summary.tasks_created:,} "
+              f"tasks created, {summary.predictions_added:,} predictions added to existing "
+              f"tasks, {summary.recovered:,} recovered from an interrupted push", markup=False)
+
+
+@command()
+def pull(
+    db: DbOpt = DEFAULT_DB,
+    ls_url: LsUrlOpt = None,
+    ls_token: LsTokenOpt = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-read every task, not only those "
+                                       "changed since the last pull.")] = False,
+) -> None:
+    """Fetch reviewers' annotations that are new or changed since the last pull: the human
+    label, whether the prediction was accepted unchanged, annotator, lead time. Updated,
+    deleted and skipped annotations are tracked too.
+
+    Example: labelassist pull --ls-url http://127.0.0.1:8080
+    """
+    from ..labelstudio import pull as run_pull
+
+    summary = run_pull(open_db(db), ls_client(ls_url, ls_token), full=full)
+    err.print(f"{summary.tasks_seen:,} tasks read: {summary.new:,} new annotations, "
+              f"{summary.updated:,} updated, {summary.deleted:,} deleted, {summary.unchanged:,} "
+              f"unchanged ({summary.cancelled:,} skipped by reviewers)", markup=False)
+
+
+@command()
+def studio(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    root: Annotated[Path, typer.Option(help="Folder whose subfolders Label Studio may serve "
+                                       "as local files (your image folders live below it).")]
+    = Path("."),
+    data_dir: Annotated[Path, typer.Option(help="Label Studio's data (its own database).")] =
+    Path.home() / ".local" / "share" / "labelassist" / "label-studio",
+) -> None:
+    """Start a local Label Studio wired for local files and an API token, print the URL,
+    login and token, and keep it running until Ctrl-C. Needs labelassist[studio].
+
+    Example: labelassist studio --root ~/datasets   (then: labelassist push --ls-root ~/datasets)
+    """
+    import signal
+
+    from ..studio import start_studio
+
+    err.print("starting Label Studio (the first start takes about 40 s) ...", markup=False)
+    s = start_studio(port, root.resolve(), data_dir)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"Label Studio is up at {s.url}  (login {s.username} / {s.password})\n"
+              f"export LABEL_STUDIO_URL={s.url}\nexport LABEL_STUDIO_API_KEY={s.token}\n"
+              f"export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={s.root}", markup=False)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
+    try:
+        s.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        s.stop()
+
+
+@command()
+def learn(
+    db: DbOpt = DEFAULT_DB,
+    version: Annotated[Optional[str], typer.Option(
+        help="Zero-shot model_version to improve (default: the newest with predictions).")]
+    = None,
+    model: ModelOpt = None,
+    resolve: Annotated[str, typer.Option(help="majority or latest (see report).")] =
+    "majority",
+    store: Annotated[bool, typer.Option(help="Store the probe's predictions when it beats "
+                                        "zero-shot.")] = True,
+) -> None:
+    """Fit a linear probe on the stored embeddings of reviewed images, anchored to the
+    zero-shot classifier so it is never worse with few reviews. Its accuracy is estimated
+    by cross-validation next to zero-shot's on the same reviews; when it wins, its
+    predictions for every unreviewed image are stored as a new model_version
+    (probe@<hash>), ready to push. Runs in seconds: nothing is decoded or encoded.
+
+    Example: labelassist learn && labelassist push --version probe@1a2b3c4d
+    """
+    from ..learn import learn as run_learn
+    from ..model import load_model
+    from ..queries import resolve_version
+
+    database = open_db(db)
+    base = resolve_version(database, version)
+    if base.kind != "zeroshot":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{base.name} is a {base.kind}; pass --version with a zero-shot one")
+    loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
+    s = run_learn(database, loaded, base, policy=resolve, store=store)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"{s.base_version}: {s.reviews:,} reviews; cross-validated accuracy: zero-shot "
+              f"{s.zero_shot_accuracy:.1%}, probe {s.probe_accuracy:.1%} (lambda "
+              f"{s.chosen_lambda}); temperature {s.temperature:.2f}, ECE {s.ece_before:.3f} -> "
+              f"{s.ece_after:.3f}", markup=False)
+    if s.stored_version:
+        out.print(f"stored {s.stored_predictions:,} predictions as {s.stored_version}: "
+                  f"labelassist push --version {s.stored_version}", markup=False)
+    else:
+        out.print("the probe does not beat zero-shot on held-out reviews: nothing stored",
+                  markup=False)
+    if s.label_issues:
+        out.print(f"{len(s.label_issues)} human labels worth a second look (see report)",
+                  markup=False)
+
+
+@command()
+def accept(
+    db: DbOpt = DEFAULT_DB,
+    target_precision: Annotated[float, typer.Option(help="Precision each class's threshold "
+                                                    "must reach on the reviews.")] = 0.99,
+    version: VersionOpt = None,
+    min_support: Annotated[int, typer.Option(min=1)] = 30,
+    resolve: str = "majority",
+) -> None:
+    """Mark unreviewed predictions as auto-accepted where their class's audited threshold
+    says they can be trusted. They are recorded with provenance (source 'auto' in the
+    export) and Label Studio is never told: nothing is passed off as human work.
+
+    Example: labelassist accept --target-precision 0.99 && labelassist export out/ --include-auto
+    """
+    from ..accept import accept_trusted
+
+    s = accept_trusted(open_db(db), version, target_precision=target_precision,
+                       min_support=min_support, policy=resolve)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"{s.model_version}: {sum(s.accepted.values()):,} predictions auto-accepted at "
+              f"{target_precision:.1%} target precision", markup=False)
+    for cls, threshold in s.thresholds.items():
+        if threshold is None:
+            out.print(f"  {cls}: none ({s.reasons[cls]})", markup=False)
+        else:
+            out.print(f"  {cls}: {s.accepted[cls]:,} at confidence >= {threshold:.3f}",
+                      markup=False)
+
+
