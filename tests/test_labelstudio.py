@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
@@ -252,3 +252,36 @@ def test_push_order_uncertain_sends_the_least_certain_first(db, tiny_model, ls_p
     in_task_order = [margin[t["id"]] for t in sorted(remote_tasks(client, summary),
                                                      key=lambda t: t["id"])]
     assert in_task_order == sorted(in_task_order)
+
+
+def test_worker_push_sends_new_predictions_as_it_goes(db_url, db, tiny_clip_dir, ls_env,
+                                                     ls_photos, tmp_path, request):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    labels = tmp_path / "labels.toml"
+    labels.write_text('[classes]\nworker_warm = ["red"]\nworker_cool = ["blue"]\n')
+    env = {**os.environ, "LABELASSIST_DB": db_url, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "labelassist.cli", "worker", "--labels",
+                             str(labels), "--model", str(tiny_clip_dir), "--poll", "0.3",
+                             "--push", "--device", "cpu"], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        ingest(db, [ls_photos])  # someone ingests while the worker waits
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with db.read() as s:
+                if s.scalar(select(func.count()).select_from(LSTask)) == 12:
+                    break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "pushed 12 tasks" in stderr and ls_env.token not in stderr
+    client = LabelStudioClient(Connection(ls_env.url, ls_env.token))
+    project = next(p for p in client.sdk.projects.list()
+                   if p.title == "labelassist: worker_warm / worker_cool")
+    assert len(list_remote_tasks(client, project.id)) == 12
