@@ -51,17 +51,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def read_or_make_token(data_dir: Path) -> str:
-    """One token per data dir, kept in a 0600 file beside Label Studio's own data."""
-    path = data_dir / "labelassist-token"
-    if path.is_file():
-        return path.read_text().strip()
-    token = secrets.token_hex(20)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token)
-    return token
+def read_or_make_secret(path: Path, make) -> str:
+    """A secret kept in a 0600 file beside Label Studio's own data, made on first use."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make())
+    return path.read_text().strip()
 
 
 def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admin@localhost",
@@ -75,8 +72,9 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
         # Label Studio would silently move to the next port; we refuse instead.
         raise LabelStudioError(f"port {port} is busy: pass another --port")
     data_dir.mkdir(parents=True, exist_ok=True)
-    token = read_or_make_token(data_dir)
-    password = password or read_or_make_password(data_dir)
+    token = read_or_make_secret(data_dir / "labelassist-token", lambda: secrets.token_hex(20))
+    password = password or read_or_make_secret(data_dir / "labelassist-password",
+                                                lambda: secrets.token_urlsafe(12))
     env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
     env.update({
         "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "DJANGO_DB": "sqlite",
@@ -95,15 +93,6 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
                     process)
     wait_until_healthy(studio, timeout)
     return studio
-
-
-def read_or_make_password(data_dir: Path) -> str:
-    path = data_dir / "labelassist-password"
-    if not path.is_file():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(12))
-    return path.read_text().strip()
 
 
 def wait_until_healthy(studio: Studio, timeout: float) -> None:

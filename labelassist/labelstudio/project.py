@@ -49,7 +49,7 @@ class ImageSource:
     mode: str
     root: Path | None = None
 
-    def check(self, conn_url: str) -> None:
+    def check(self) -> None:
         if self.mode == "local" and self.root is None:
             raise LabelStudioError("local files need Label Studio's LOCAL_FILES_DOCUMENT_ROOT: "
                                    "pass --ls-root DIR (or --image-mode upload)")

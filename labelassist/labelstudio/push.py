@@ -40,7 +40,7 @@ def push(db: Database, client: LabelStudioClient, version: ModelVersion, source:
          on_progress: Progress | None = None) -> PushSummary:
     """Create a task per predicted image (with its prediction), and add this version's
     predictions to tasks that exist already. Safe to rerun and to interrupt."""
-    source.check(client.conn.url)
+    source.check()
     client.check_server()
     project = ensure_project(db, client, version, title, source.mode)
     summary = PushSummary(project.ls_project_id, f"{client.conn.url}/projects/"
