@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from .db import Database
 from .db.models import Annotation, ModelVersion, Prediction
 from .errors import ConfigError
-from .queries import first_paths
+from .queries import first_paths, rows_in_chunks
 from .reviews import load_reviews
 
 N_BINS = 10
@@ -164,9 +164,9 @@ def audit(db: Database, version: str | None = None, *, target_precision: float =
 def audit_version(db: Database, version: ModelVersion, reviews, target: float,
                   min_support: int) -> VersionAudit | None:
     with db.read() as s:
-        preds = {p.image_id: p for p in s.scalars(select(Prediction).where(
-            Prediction.model_version_id == version.id,
-            Prediction.image_id.in_(list(reviews.labels))))}
+        preds = {p.image_id: p for p in rows_in_chunks(s, lambda chunk: select(Prediction).where(
+            Prediction.model_version_id == version.id, Prediction.image_id.in_(chunk)),
+            reviews.labels, scalars=True)}
         if not preds:
             return None
         all_preds = s.execute(select(Prediction.label, Prediction.confidence).where(

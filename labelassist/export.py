@@ -31,7 +31,7 @@ from .claims import pid_alive
 from .db import Database
 from .db.models import AutoAccept, Image, ModelVersion, Prediction
 from .errors import ConfigError, ExportError
-from .queries import first_paths
+from .queries import first_paths, rows_in_chunks
 from .reviews import load_reviews
 
 FORMATS = ("imagefolder", "csv", "jsonl", "hf")
@@ -119,11 +119,14 @@ def collect_rows(db: Database, *, include_auto: bool, version: str | None, polic
     chosen = resolve_version(db, version)
     with db.read() as s:
         errors = set(s.scalars(select(Image.id).where(Image.error.is_not(None))))
-        shas = dict(s.execute(select(Image.id, Image.sha256)).all())
         preds = {p.image_id: p for p in s.scalars(select(Prediction).where(
             Prediction.model_version_id == chosen.id))}
-        paths = first_paths(s, list(shas))
         accepted = {a.image_id: a for a in s.scalars(select(AutoAccept))}
+        # Paths and hashes only for what can be exported, not for the whole workspace.
+        wanted = set(reviews.labels) | (set(preds) | set(accepted) if include_auto else set())
+        shas = dict(rows_in_chunks(s, lambda chunk: select(Image.id, Image.sha256).where(
+            Image.id.in_(chunk)), wanted))
+        paths = first_paths(s, wanted)
         names = dict(s.execute(select(ModelVersion.id, ModelVersion.name)).all())
     rows = []
     for image_id, human in reviews.labels.items():

@@ -22,6 +22,7 @@ from .config import LabelSet
 from .db import Database, insert_ignoring_duplicates
 from .db.models import Embedding, Image, ModelVersion, Prediction, utcnow
 from .errors import ConfigError
+from .queries import rows_in_chunks
 from .reviews import load_reviews
 from .zeroshot import TextClassifier, to_predictions
 
@@ -133,11 +134,11 @@ def load_training_set(db: Database, version: ModelVersion, policy: str):
     reviews = load_reviews(db, policy)
     classes = list(version.label_set["classes"])
     with db.read() as s:
-        rows = s.execute(select(Embedding.image_id, Embedding.vector).where(
-            Embedding.model_key == version.model_key,
-            Embedding.image_id.in_(list(reviews.labels)))).all()
-        shas = dict(s.execute(select(Image.id, Image.sha256).where(
-            Image.id.in_([i for i, _ in rows]))).all())
+        rows = rows_in_chunks(s, lambda chunk: select(Embedding.image_id, Embedding.vector)
+                              .where(Embedding.model_key == version.model_key,
+                                     Embedding.image_id.in_(chunk)), reviews.labels)
+        shas = dict(rows_in_chunks(s, lambda chunk: select(Image.id, Image.sha256).where(
+            Image.id.in_(chunk)), [i for i, _ in rows]))
     rows = sorted((i, v) for i, v in rows if reviews.labels[i].label in classes)
     ids = [i for i, _ in rows]
     x = np.stack([np.frombuffer(v, np.float32) for _, v in rows]) if rows else \

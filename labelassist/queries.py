@@ -30,12 +30,24 @@ def resolve_version(db: Database, name: str | None = None) -> ModelVersion:
         return version
 
 
-def first_paths(session, image_ids: list[int]) -> dict[int, str]:
+# PostgreSQL takes at most 65,535 bind parameters per statement; reviews, tasks and
+# exports easily hold more ids than that, so every id list is sent in chunks.
+IN_CHUNK = 10_000
+
+
+def rows_in_chunks(session, make_query, ids, *, scalars: bool = False) -> list:
+    """Run make_query(chunk) for each chunk of `ids` (an IN list) and gather the rows."""
+    ids = list(ids)
+    run = session.scalars if scalars else session.execute
+    return [row for start in range(0, len(ids), IN_CHUNK)
+            for row in run(make_query(ids[start:start + IN_CHUNK])).all()]
+
+
+def first_paths(session, image_ids) -> dict[int, str]:
     """One readable path per image (the first registered) for display and export."""
-    rows = session.execute(select(File.image_id, func.min(File.path))
-                           .where(File.image_id.in_(image_ids), File.error.is_(None))
-                           .group_by(File.image_id)).all()
-    return dict(rows)
+    return dict(rows_in_chunks(session, lambda chunk: select(
+        File.image_id, func.min(File.path)).where(
+        File.image_id.in_(chunk), File.error.is_(None)).group_by(File.image_id), image_ids))
 
 
 def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:

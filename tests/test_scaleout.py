@@ -203,3 +203,16 @@ def test_migrate_a_sqlite_workspace_to_postgres(db, db_url, pg_url, photo_dir, t
     assert summary.encoded == 4 and summary.rescored == 0
     again = CliRunner().invoke(app, ["db", "migrate-to", pg_url, "--db", db_url])
     assert again.exit_code == 1 and "already holds images" in again.output
+
+
+def test_id_lists_beyond_postgres_parameter_limit(pg_url, tmp_path, tiny_model):
+    """PostgreSQL takes at most 65,535 parameters per statement: id lists are chunked."""
+    from labelassist.queries import first_paths
+
+    write_shape_images(tmp_path / "photos", 3)
+    db = open_database(pg_url)
+    ingest(db, [tmp_path / "photos"])
+    with db.read() as s:
+        real = s.scalars(select(Image.id)).all()
+        paths = first_paths(s, list(range(-70_000, 0)) + list(real))
+    assert sorted(paths) == sorted(real)

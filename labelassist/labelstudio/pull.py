@@ -11,6 +11,7 @@ from ..db import Database
 from ..db.models import (Annotation, LSProject, LSTask,
                          ModelVersion, utcnow)
 from ..errors import LabelStudioError
+from ..queries import rows_in_chunks
 from .client import LabelStudioClient
 from .project import FROM_NAME, Progress, list_remote_tasks
 
@@ -71,9 +72,9 @@ def _store_annotations(db: Database, project: LSProject, tasks: list[dict], user
                        summary: PullSummary) -> None:
     versions_by_name = {}
     with db.write() as s:
-        local_tasks = {t.ls_task_id: t for t in s.scalars(select(LSTask).where(
-            LSTask.project_id == project.id,
-            LSTask.ls_task_id.in_([t["id"] for t in tasks])))}
+        local_tasks = {t.ls_task_id: t for t in rows_in_chunks(s, lambda chunk: select(LSTask)
+                       .where(LSTask.project_id == project.id, LSTask.ls_task_id.in_(chunk)),
+                       [t["id"] for t in tasks], scalars=True)}
         for name, vid in s.execute(select(ModelVersion.name, ModelVersion.id)):
             versions_by_name[name] = vid
         for task in tasks:
