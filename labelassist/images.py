@@ -93,7 +93,7 @@ def decode(img: Image.Image, draft_size: int | None = None) -> Image.Image:
         raise BadImage("corrupt", text) from None
     except Image.DecompressionBombError as exc:
         raise BadImage("decompression_bomb", str(exc)) from None
-    except (ValueError, MemoryError, Image.DecompressionBombError) as exc:
+    except (ValueError, MemoryError) as exc:
         kind = "decompression_bomb" if "too large" in str(exc).lower() else "corrupt"
         raise BadImage(kind, f"{type(exc).__name__}: {exc}") from None
 

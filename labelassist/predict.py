@@ -22,8 +22,13 @@ import numpy as np
 import torch
 from sqlalchemy import func, select, update
 
-from .claims import (claim_pending_images, pending_images_query, register_worker,
-                     release_claims, stop_worker)
+from .claims import (
+    claim_pending_images,
+    pending_images_query,
+    register_worker,
+    release_claims,
+    stop_worker,
+)
 from .config import LabelSet
 from .db import Database, insert_ignoring_duplicates, retrying
 from .db.models import Embedding, File, Image, ModelVersion, Prediction, utcnow

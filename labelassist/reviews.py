@@ -31,10 +31,6 @@ class HumanLabel:
     annotations: int    # all label-giving annotations of the image
     lead_time: float | None
 
-    @property
-    def unanimous(self) -> bool:
-        return self.votes == self.annotations
-
 
 @dataclass(frozen=True)
 class Reviews:

@@ -9,12 +9,13 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labelassist import audit as A
 from labelassist.cli import app
+from labelassist.db.models import Annotation
 from labelassist.errors import ConfigError
-
 
 LABELS = ["cat", "dog", "wild", "bird"]
 
@@ -96,8 +97,11 @@ def test_audit_of_a_reviewed_workspace(reviewed_db):
     assert len(result.disagreements) == 24 - np.trace(matrix)
     confidences = [d["confidence"] for d in result.disagreements]
     assert confidences == sorted(confidences, reverse=True)
+    # preds[0]'s image was labelled by two annotators; the second said "dog"
+    with reviewed_db.read() as s:
+        first = s.scalars(select(Annotation.label).where(Annotation.ls_annotation_id == 0)).one()
     assert result.annotators == {"images": 1, "pairs": 1,
-                                 "agreement": result.annotators["agreement"]}
+                                 "agreement": 1.0 if first == "dog" else 0.0}
     assert result.effort["skipped"] == 1
 
 

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 import labelassist.export as E
 from labelassist.cli import app
+from labelassist.config import parse_label_text
 from labelassist.db.models import Image, Prediction
 from labelassist.errors import ExportError
 from labelassist.ingest import ingest
 from labelassist.predict import predict
-from labelassist.config import parse_label_text
 
 from .conftest import add_annotation
 from .imagegen import shape_image

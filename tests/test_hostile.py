@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from labelassist.config import parse_label_text
 from labelassist.db import open_database
-from labelassist.db.models import File, Image as ImageRow, Prediction
+from labelassist.db.models import File, Prediction
+from labelassist.db.models import Image as ImageRow
 from labelassist.images import decode, open_image, read_bytes
 from labelassist.ingest import ingest
 from labelassist.predict import predict

@@ -14,8 +14,14 @@ from labelassist.config import parse_label_text
 from labelassist.db.models import Annotation, LSTask
 from labelassist.errors import LabelStudioError
 from labelassist.ingest import ingest
-from labelassist.labelstudio import (ImageSource, choice_result, list_remote_tasks, pull, push,
-                                     resolve_image_source)
+from labelassist.labelstudio import (
+    ImageSource,
+    choice_result,
+    list_remote_tasks,
+    pull,
+    push,
+    resolve_image_source,
+)
 from labelassist.labelstudio.client import Connection, LabelStudioClient, resolve_connection
 from labelassist.predict import predict
 from labelassist.queries import resolve_version
@@ -232,10 +238,13 @@ def test_cli_push_and_pull_with_env_connection(db_url, tiny_clip_dir, ls_env, ls
                                                              "token (401)")
 
 
-def test_image_mode_auto_picks_local_only_for_a_local_server_with_a_root():
+def test_image_mode_auto_picks_local_only_for_a_local_server_with_a_root(monkeypatch):
+    for name in ("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"):
+        monkeypatch.delenv(name, raising=False)
     assert resolve_image_source("auto", "/srv", "http://127.0.0.1:8080").mode == "local"
-    assert resolve_image_source("auto", None, "http://127.0.0.1:8080").mode in ("upload",
-                                                                                "local")
+    assert resolve_image_source("auto", None, "http://127.0.0.1:8080").mode == "upload"
+    monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "/srv")
+    assert resolve_image_source("auto", None, "http://localhost:8080").mode == "local"
     assert resolve_image_source("auto", "/srv", "https://ls.example.org").mode == "upload"
 
 

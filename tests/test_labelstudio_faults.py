@@ -1,5 +1,6 @@
 """Interrupted pushes against a real Label Studio: nothing lost, nothing duplicated."""
 
+import importlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,6 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-import importlib
 from labelassist.config import parse_label_text
 from labelassist.db.models import LSPushJournal, LSTask
 from labelassist.ingest import ingest
@@ -111,8 +111,8 @@ def test_label_studio_killed_mid_push_then_restarted(tmp_path, db_url, db, tiny_
 
 
 def test_label_studio_stopped_mid_pull_then_back(tmp_path, db, tiny_model):
-    from labelassist.labelstudio import choice_result, pull
     from labelassist.errors import LabelStudioError
+    from labelassist.labelstudio import choice_result, pull
 
     port, root, data = free_port(), tmp_path / "root", tmp_path / "ls-data"
     write_shape_images(root / "photos", 20)

@@ -14,8 +14,14 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from ..config import DEFAULT_MODEL
 from ..errors import LabelAssistError
@@ -123,4 +129,4 @@ def resolve_model_id(model, label_set=None) -> str:
 
 
 # Register the verbs (in --help order).
-from . import labeling, review, outputs, db  # noqa: E402,F401
+from . import db, labeling, outputs, review  # noqa: E402,F401

@@ -7,9 +7,7 @@ from typing import Annotated
 import typer
 
 from ..config import DEFAULT_DB
-from . import (DbOpt, app, err,
-               handles_errors, open_db, progress_bar)
-
+from . import DbOpt, app, err, handles_errors, open_db, progress_bar
 
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

@@ -13,8 +13,19 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import DEFAULT_DB, LABEL_FILE_HELP, load_label_file
-from . import (DbOpt, LabelsOpt, LsTokenOpt, LsUrlOpt, ModelOpt, command, err,
-               ls_client, open_db, progress_bar, resolve_model_id)
+from . import (
+    DbOpt,
+    LabelsOpt,
+    LsTokenOpt,
+    LsUrlOpt,
+    ModelOpt,
+    command,
+    err,
+    ls_client,
+    open_db,
+    progress_bar,
+    resolve_model_id,
+)
 
 
 @command()

@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import DEFAULT_DB
-from . import (DbOpt, VersionOpt, command, err,
-               open_db, progress_bar)
+from . import DbOpt, VersionOpt, command, err, open_db, progress_bar
 
 
 @command()
@@ -37,9 +36,7 @@ def report(
     Example: labelassist report --html audit.html --json audit.json
     """
     from ..audit import audit
-    from ..report import write_html, write_json
-
-    from ..report import learning_sections
+    from ..report import learning_sections, write_html, write_json
 
     database = open_db(db)
     audits = audit(database, version, target_precision=target_precision,

@@ -9,8 +9,18 @@ import typer
 from rich.console import Console
 
 from ..config import DEFAULT_DB
-from . import (DbOpt, LsTokenOpt, LsUrlOpt, ModelOpt, VersionOpt, command, err,
-               ls_client, open_db, progress_bar)
+from . import (
+    DbOpt,
+    LsTokenOpt,
+    LsUrlOpt,
+    ModelOpt,
+    VersionOpt,
+    command,
+    err,
+    ls_client,
+    open_db,
+    progress_bar,
+)
 
 
 @command()

@@ -1,7 +1,13 @@
 """Label Studio sync: push predictions as pre-annotations, pull the reviews back."""
 
 from .client import Connection, LabelStudioClient, resolve_connection
-from .project import ImageSource, choice_result, label_config, list_remote_tasks, resolve_image_source
+from .project import (
+           ImageSource,
+           choice_result,
+           label_config,
+           list_remote_tasks,
+           resolve_image_source,
+)
 from .pull import PullSummary, pull
 from .push import PushSummary, push, record_tasks
 

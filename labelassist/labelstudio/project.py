@@ -15,7 +15,7 @@ from xml.sax.saxutils import quoteattr
 from sqlalchemy import select
 
 from ..db import Database
-from ..db.models import (LSProject, ModelVersion)
+from ..db.models import LSProject, ModelVersion
 from ..errors import LabelStudioError
 from .client import LabelStudioClient
 

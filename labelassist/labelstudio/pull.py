@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import select
 
 from ..db import Database
-from ..db.models import (Annotation, LSProject, LSTask,
-                         ModelVersion, utcnow)
+from ..db.models import Annotation, LSProject, LSTask, ModelVersion, utcnow
 from ..errors import LabelStudioError
 from ..queries import rows_in_chunks
 from .client import LabelStudioClient
 from .project import FROM_NAME, Progress, list_remote_tasks
+
 
 @dataclass
 class PullSummary:

@@ -16,12 +16,29 @@ from urllib.parse import quote
 from sqlalchemy import delete, select
 
 from ..db import Database
-from ..db.models import (File, Image, LSPrediction, LSProject, LSPushJournal, LSTask,
-                         ModelVersion, Prediction)
+from ..db.models import (
+    File,
+    Image,
+    LSPrediction,
+    LSProject,
+    LSPushJournal,
+    LSTask,
+    ModelVersion,
+    Prediction,
+)
 from ..errors import LabelStudioError
 from .client import LabelStudioClient
-from .project import (BATCH, NO_SDK_RETRIES, UPLOAD_BATCH, ImageSource, Progress, choice_result,
-                      ensure_project, list_remote_tasks)
+from .project import (
+    BATCH,
+    NO_SDK_RETRIES,
+    UPLOAD_BATCH,
+    ImageSource,
+    Progress,
+    choice_result,
+    ensure_project,
+    list_remote_tasks,
+)
+
 
 @dataclass
 class PushSummary:
