@@ -186,7 +186,11 @@ class Preprocess:
         )
 
     def __call__(self, img: Image.Image) -> np.ndarray:
-        """RGB PIL image -> float32 array (3, H, W)."""
+        """RGB PIL image -> normalised float32 array (3, H, W), as the image processor gives."""
+        return self.normalise(self.crop_uint8(img))
+
+    def crop_uint8(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> resized and cropped uint8 array (3, H, W): what the feed ships."""
         if self.shortest_edge:
             w, h = img.size
             short, long = (w, h) if w <= h else (h, w)
@@ -198,10 +202,17 @@ class Preprocess:
             img = img.resize((self.size[1], self.size[0]), resample=self.resample)
         if self.crop:
             img = _center_crop(img, self.crop)
-        arr = np.asarray(img, dtype=np.float32)
-        scale = np.float32(self.rescale) / np.asarray(self.std, dtype=np.float32)
-        shift = np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray((arr * scale - shift).transpose(2, 0, 1))
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+    def scale_and_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel (3, 1, 1): normalised = pixel * scale - shift."""
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        scale = np.float32(self.rescale) / std
+        return scale, np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) / std
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        scale, shift = self.scale_and_shift()
+        return np.ascontiguousarray(pixels.astype(np.float32) * scale - shift)
 
 
 def _center_crop(img: Image.Image, crop: tuple[int, int]) -> Image.Image:

@@ -1,11 +1,19 @@
-"""Load CLIP-family models (CLIP, SigLIP) through one factory: a hub id or a local dir."""
+"""Load CLIP-family models (CLIP, SigLIP) through one factory: a hub id or a local dir.
+
+The device boundary. The model, its inputs and the text classifier's weights live on the
+model's device (cpu, cuda or mps). What leaves this module and zeroshot.py is float32 on
+the CPU: embeddings from `encode_images` / `encode_texts`, probabilities from
+`TextClassifier.probabilities`. Inputs may come from anywhere: uint8 or float pixels from
+the CPU feed (pinned for CUDA), stored embeddings read from the database. So no caller ever
+needs to know where the model runs, and numpy never meets a device tensor.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +36,7 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    _normaliser_on: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def model_key(self) -> str:
@@ -44,10 +53,23 @@ class LoadedModel:
         return None if bias is None else float(bias.detach().float())
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> L2-normalised float32 embeddings (B, D)."""
-        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        return _normalise(_features(self.model.get_image_features(pixel_values=pixel_values)))
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 crops (normalised here, on the device) or float pixel values
+        already normalised -> L2-normalised float32 embeddings (B, D) on the CPU."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            scale, shift = self._normaliser()
+            pixels = pixels.float() * scale - shift
+        features = self.model.get_image_features(pixel_values=pixels.to(self.dtype))
+        return _normalise(_features(features)).cpu()
+
+    def _normaliser(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preprocessing's scale and shift, as (3, 1, 1) tensors on the device."""
+        if self._normaliser_on is None or self._normaliser_on[0] != self.device:
+            scale, shift = self.preprocess.scale_and_shift()
+            self._normaliser_on = (self.device, torch.from_numpy(scale).to(self.device),
+                                   torch.from_numpy(shift).to(self.device))
+        return self._normaliser_on[1], self._normaliser_on[2]
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -59,7 +81,7 @@ class LoadedModel:
                   if k in ("input_ids", "attention_mask")}
         if siglip:
             tokens.pop("attention_mask", None)  # SigLIP is trained without one
-        return _normalise(_features(self.model.get_text_features(**tokens)))
+        return _normalise(_features(self.model.get_text_features(**tokens))).cpu()
 
 
 def _features(out) -> torch.Tensor:

@@ -3,18 +3,19 @@
 Two phases per run:
 1. re-score: images whose embedding for this model is stored get predictions from
    a matrix product, with no decoding and no image encoder call;
-2. encode: the rest are decoded in a thread pool one batch ahead of inference.
-Each batch's embeddings, predictions and decode failures land in one transaction,
-so a crash loses at most the batches in flight and a rerun duplicates nothing.
+2. encode: the rest flow through the feed (feed.py: decoding in threads or processes,
+   batches ahead of the tower) into the image tower.
+Each batch's embeddings, predictions and decode failures land in one transaction, written
+by a background thread while the next batch is encoded, so a crash loses at most the
+batches in flight and a rerun duplicates nothing.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,7 +33,8 @@ from .claims import (
 from .config import LabelSet
 from .db import Database, insert_ignoring_duplicates, retrying
 from .db.models import Embedding, File, Image, ModelVersion, Prediction, utcnow
-from .images import DEFAULT_MAX_PIXELS, BadImage, Preprocess, decode, open_image
+from .feed import Batch, Job, decoded_batches, plan_feed
+from .images import DEFAULT_MAX_PIXELS
 from .model import LoadedModel
 from .zeroshot import build_text_classifier, to_predictions
 
@@ -48,7 +50,9 @@ class PredictSummary:
     failed: Counter = field(default_factory=Counter)
     failed_examples: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    write_seconds: float = 0.0  # inside database writes (overlapped with encoding)
     image_encoder_calls: int = 0
+    feed: str = ""
 
     @property
     def predicted(self) -> int:
@@ -61,11 +65,17 @@ class PredictSummary:
 
 @dataclass(frozen=True)
 class PredictOptions:
-    batch_size: int = 32
-    decode_threads: int | None = None
+    batch_size: int | None = None  # None: sized to the device (default_batch_size)
+    decode_workers: int | None = None  # None: sized to the cores (feed.plan_feed)
+    feed: str = "auto"  # threads, processes, or auto (processes on CUDA)
     exact: bool = False  # full decode, no JPEG draft scaling: the reference path
     max_pixels: int = DEFAULT_MAX_PIXELS
-    prefetch_batches: int = 2
+    prefetch_batches: int = 2  # per decode worker
+
+
+def default_batch_size(device) -> int:
+    """Hundreds on a GPU keep the tower busy; tens on a CPU keep memory and latency low."""
+    return {"cuda": 256, "mps": 64}.get(device.type, 32)
 
 
 def version_name(model: LoadedModel, label_set: LabelSet) -> str:
@@ -128,6 +138,7 @@ class _Run:
         self.db, self.model, self.classifier = db, model, classifier
         self.version, self.worker_id, self.options = version, worker_id, options
         self.summary, self.progress, self.stop = summary, progress, stop
+        self.batch_size = options.batch_size or default_batch_size(model.device)
 
     def claim(self, limit: int, stored: bool) -> list[int]:
         if self.stop.is_set():
@@ -136,40 +147,37 @@ class _Run:
                         self.version.id, self.version.model_key, limit, stored=stored)
 
     def rescore_stored(self) -> None:
-        while ids := self.claim(RESCORE_CHUNK, stored=True):
-            with self.db.read() as session:
-                rows = session.execute(select(Embedding.image_id, Embedding.vector).where(
-                    Embedding.model_key == self.version.model_key,
-                    Embedding.image_id.in_(ids))).all()
-            vectors = torch.from_numpy(np.stack([np.frombuffer(v, dtype=np.float32)
-                                                 for _, v in rows]))
-            self.write_batch([i for i, _ in rows], vectors, [], store_embeddings=False)
-            self.summary.rescored += len(rows)
-            self.progress()
+        with _Writer(self) as writer:
+            while ids := self.claim(RESCORE_CHUNK, stored=True):
+                with self.db.read() as session:
+                    rows = session.execute(select(Embedding.image_id, Embedding.vector).where(
+                        Embedding.model_key == self.version.model_key,
+                        Embedding.image_id.in_(ids))).all()
+                vectors = torch.from_numpy(np.stack([np.frombuffer(v, dtype=np.float32)
+                                                     for _, v in rows]))
+                writer.submit(Batch([i for i, _ in rows]), vectors, store_embeddings=False)
 
     def encode_pending(self) -> None:
-        threads = self.options.decode_threads or max(1, min(4, os.cpu_count() or 1))
-        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
-            inflight: deque = deque()
-            for _ in range(self.options.prefetch_batches):
-                if batch := self.start_batch(pool):
-                    inflight.append(batch)
-            while inflight:
-                ids, futures = inflight.popleft()
-                if batch := self.start_batch(pool):
-                    inflight.append(batch)
-                self.finish_batch(ids, [f.result() for f in futures])
+        plan = plan_feed(self.options.feed, self.model.device, self.options.decode_workers)
+        self.summary.feed = f"{plan.workers} decode {plan.kind}"
+        batches = decoded_batches(self.jobs(), self.model.preprocess,
+                                  draft=not self.options.exact,
+                                  max_pixels=self.options.max_pixels, plan=plan,
+                                  pin_memory=self.model.device.type == "cuda",
+                                  prefetch=self.options.prefetch_batches)
+        with _Writer(self) as writer:
+            for batch in batches:
+                vectors = None
+                if batch.ids:
+                    vectors = self.model.encode_images(batch.pixels)
+                    self.summary.image_encoder_calls += 1
+                writer.submit(batch, vectors, store_embeddings=True)
 
-    def start_batch(self, pool) -> tuple[list[int], list[Future]] | None:
-        ids = self.claim(self.options.batch_size, stored=False)
-        if not ids:
-            return None
-        paths = self.paths_for(ids)
-        preprocess = self.model.preprocess
-        draft = not self.options.exact
-        futures = [pool.submit(load_pixels, paths.get(i, []), preprocess, draft,
-                               self.options.max_pixels) for i in ids]
-        return ids, futures
+    def jobs(self) -> Iterator[list[Job]]:
+        """Claimed images with their paths, one batch at a time, as the feed asks."""
+        while ids := self.claim(self.batch_size, stored=False):
+            paths = self.paths_for(ids)
+            yield [(i, paths.get(i, [])) for i in ids]
 
     def paths_for(self, ids: list[int]) -> dict[int, list[tuple]]:
         return retrying(self.db, self._paths_for_once, ids)
@@ -184,37 +192,32 @@ class _Run:
             paths.setdefault(image_id, []).append((raw or path, size, mtime))
         return paths
 
-    def finish_batch(self, ids: list[int], results: list) -> None:
-        good = [(i, r) for i, r in zip(ids, results) if not isinstance(r, BadImage)]
-        bad = [(i, r) for i, r in zip(ids, results) if isinstance(r, BadImage)]
-        vectors = None
-        if good:
-            pixels = torch.from_numpy(np.stack([r for _, r in good]))
-            vectors = self.model.encode_images(pixels)
-            self.summary.image_encoder_calls += 1
-        self.write_batch([i for i, _ in good], vectors, bad, store_embeddings=True)
-        self.summary.encoded += len(good)
-        for _, error in bad:
-            self.summary.failed[error.reason] += 1
-            self.summary.failed_examples.setdefault(error.reason, error.detail)
+    def write_batch(self, batch: Batch, vectors: torch.Tensor | None, probs: torch.Tensor | None,
+                    *, store_embeddings: bool) -> None:
+        started = time.perf_counter()
+        retrying(self.db, self._write_batch_once, batch, vectors, probs,
+                 store_embeddings=store_embeddings)
+        summary = self.summary
+        summary.write_seconds += time.perf_counter() - started
+        if store_embeddings:
+            summary.encoded += len(batch.ids)
+        else:
+            summary.rescored += len(batch.ids)
+        for _, error in batch.bad:
+            summary.failed[error.reason] += 1
+            summary.failed_examples.setdefault(error.reason, error.detail)
         self.progress()
 
-    def write_batch(self, ids: list[int], vectors: torch.Tensor | None, bad: list,
-                    *, store_embeddings: bool) -> None:
-        retrying(self.db, self._write_batch_once, ids, vectors, bad,
-                 store_embeddings=store_embeddings)
-
-    def _write_batch_once(self, ids: list[int], vectors: torch.Tensor | None, bad: list,
-                          *, store_embeddings: bool) -> None:
+    def _write_batch_once(self, batch: Batch, vectors: torch.Tensor | None,
+                          probs: torch.Tensor | None, *, store_embeddings: bool) -> None:
         """One transaction: embeddings, predictions, failures, and the claims released."""
-        version = self.version
+        version, ids = self.version, batch.ids
         now = utcnow()
         with self.db.write() as session:
             if ids:
-                preds = to_predictions(self.classifier.probabilities(vectors),
-                                       self.classifier.class_names)
+                preds = to_predictions(probs, self.classifier.class_names)
                 if store_embeddings:
-                    array = vectors.numpy().astype(np.float32)
+                    array = vectors.numpy().astype(np.float32, copy=False)
                     insert_ignoring_duplicates(session, Embedding, [
                         {"image_id": i, "model_key": version.model_key, "dim": array.shape[1],
                          "vector": row.tobytes()} for i, row in zip(ids, array)])
@@ -222,31 +225,39 @@ class _Run:
                     {"image_id": i, "model_version_id": version.id, "label": p.label,
                      "confidence": p.confidence, "margin": p.margin, "scores": p.scores,
                      "created_at": now} for i, p in zip(ids, preds)])
-            for image_id, error in bad:
+            for image_id, error in batch.bad:
                 session.execute(update(Image).where(Image.id == image_id)
                                 .values(error=error.reason, error_detail=error.detail[:1000]))
             release_claims(session, self.worker_id, version.id,
-                           ids + [i for i, _ in bad])
+                           ids + [i for i, _ in batch.bad])
 
 
-def load_pixels(paths: list[tuple], preprocess: Preprocess, draft: bool,
-                max_pixels: int) -> np.ndarray | BadImage:
-    """Decode the first path of an image that still holds the ingested bytes."""
-    first_error = BadImage("missing", "no readable path is left for this image")
-    for fs_path, size, mtime_ns in paths:
+class _Writer:
+    """Writes batches on one background thread, in order, while the caller encodes the
+    next one. Probabilities are computed here, on the caller's thread (torch stays on one
+    thread); at most `depth` writes wait, and a failed write raises in the caller."""
+
+    def __init__(self, run: _Run, depth: int = 2):
+        self.run, self.depth = run, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.pending: deque[Future] = deque()
+
+    def submit(self, batch: Batch, vectors: torch.Tensor | None, *,
+               store_embeddings: bool) -> None:
+        probs = self.run.classifier.probabilities(vectors) if batch.ids else None
+        self.pending.append(self.pool.submit(self.run.write_batch, batch, vectors, probs,
+                                             store_embeddings=store_embeddings))
+        while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
+            self.pending.popleft().result()
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
         try:
-            st = os.stat(fs_path)
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                raise BadImage("changed", f"{os.fsdecode(fs_path)} changed since ingest; "
-                                          "run labelassist ingest again")
-            with open(fs_path, "rb") as fh:
-                img = open_image(fh.read(), max_pixels)
-            rgb = decode(img, draft_size=preprocess.draft_size if draft else None)
-            return preprocess(rgb)
-        except BadImage as error:
-            first_error = error if first_error.reason == "missing" else first_error
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            first_error = BadImage("unreadable", f"{os.fsdecode(fs_path)}: {exc.strerror}")
-    return first_error
+            while self.pending:  # what was encoded is written, even when stopping on an error
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+

@@ -6,6 +6,7 @@ sure no image is encoded twice and a dead worker's batch is taken over.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import threading
@@ -23,8 +24,10 @@ from .predict import PredictOptions, PredictSummary, ensure_model_version, predi
 
 
 def merge(summaries: list[PredictSummary], seconds: float) -> PredictSummary:
-    merged = PredictSummary(model_version=summaries[0].model_version, seconds=seconds)
+    merged = PredictSummary(model_version=summaries[0].model_version, seconds=seconds,
+                            feed=f"{len(summaries)} workers, each with {summaries[0].feed}")
     for s in summaries:
+        merged.write_seconds += s.write_seconds
         merged.rescored += s.rescored
         merged.encoded += s.encoded
         merged.image_encoder_calls += s.image_encoder_calls
@@ -51,6 +54,8 @@ def predict_in_processes(db_url: str, model_id: str, label_set: LabelSet, worker
                          on_tick: Callable[[], None] | None = None) -> PredictSummary:
     """`predict --workers N`: N processes share the cores and claim batches from one DB."""
     threads = max(1, (os.cpu_count() or 1) // workers)
+    if options.decode_workers is None:  # the workers share the cores for decoding too
+        options = dataclasses.replace(options, decode_workers=max(1, threads - 1))
     ctx = multiprocessing.get_context("spawn")  # torch and forked threads do not mix
     started = time.perf_counter()
     args = (db_url, model_id, device, dtype, threads, label_set.to_json(), options)

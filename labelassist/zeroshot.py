@@ -31,20 +31,28 @@ class Prediction:
 
 @dataclass(frozen=True)
 class TextClassifier:
+    """Lives on the model's device (see model.py for the device boundary)."""
+
     class_names: list[str]
     weights: torch.Tensor        # (D, n_descriptions), unit columns
     description_class: torch.Tensor  # (n_descriptions,) class index of each column
     logit_scale: float
     logit_bias: float | None
 
-    def probabilities(self, image_embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, D) unit image embeddings -> (B, n_classes) probabilities."""
-        logits = self.logit_scale * image_embeddings.float() @ self.weights
+    @torch.inference_mode()
+    def probabilities(self, image_embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, D) unit image embeddings, from any device or numpy -> (B, n_classes)
+        float32 probabilities on the CPU."""
+        if isinstance(image_embeddings, np.ndarray):
+            image_embeddings = torch.from_numpy(image_embeddings)
+        x = image_embeddings.to(self.weights.device, torch.float32)
+        logits = self.logit_scale * x @ self.weights
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         per_description = logits.softmax(dim=-1)
-        probs = torch.zeros(per_description.shape[0], len(self.class_names))
-        return probs.index_add_(1, self.description_class, per_description)
+        probs = torch.zeros(per_description.shape[0], len(self.class_names),
+                            device=per_description.device)
+        return probs.index_add_(1, self.description_class, per_description).cpu()
 
 
 def build_text_classifier(model: LoadedModel, label_set: LabelSet) -> TextClassifier:
@@ -55,9 +63,9 @@ def build_text_classifier(model: LoadedModel, label_set: LabelSet) -> TextClassi
                          for i in range(0, len(prompts), TEXT_BATCH)])
     per_template = encoded.view(len(descriptions), len(label_set.templates), -1)
     mean = per_template.mean(dim=1)
-    weights = (mean / mean.norm(dim=-1, keepdim=True)).T.contiguous()
+    weights = (mean / mean.norm(dim=-1, keepdim=True)).T.contiguous().to(model.device)
     names = label_set.class_names
-    index = torch.tensor([names.index(c) for c, _ in descriptions])
+    index = torch.tensor([names.index(c) for c, _ in descriptions], device=model.device)
     return TextClassifier(names, weights, index, model.logit_scale, model.logit_bias)
 
 
@@ -85,7 +93,8 @@ class ZeroShotClassifier:
     def classify(self, images: Sequence[Image.Image]) -> list[Prediction]:
         from .images import to_rgb
 
-        pixels = torch.from_numpy(np.stack([self.model.preprocess(to_rgb(im)) for im in images]))
+        crop = self.model.preprocess.crop_uint8
+        pixels = torch.from_numpy(np.stack([crop(to_rgb(im)) for im in images]))
         return self.classify_embeddings(self.model.encode_images(pixels))
 
     def classify_embeddings(self, embeddings: torch.Tensor) -> list[Prediction]:

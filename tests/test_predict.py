@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -126,8 +127,23 @@ def test_predict_help_teaches_the_label_file():
     assert "templates" in result.output and "Example:" in result.output
 
 
+def leftover_processes(marker: str) -> list[int]:
+    """Live processes whose command line names `marker` (a decode worker is a fork of its
+    parent, with the same command line)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if marker.encode() in fh.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("feed", ["threads", "processes"])
 def test_sigkill_mid_run_then_rerun_gives_exactly_one_prediction_per_image(
-        tmp_path, tiny_clip_dir, labels_file):
+        tmp_path, tiny_clip_dir, labels_file, feed):
     root = tmp_path / "many"
     write_shape_images(root, 400)
     url = f"sqlite:///{tmp_path / 'kill.db'}"
@@ -135,7 +151,8 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_prediction_per_image(
     ingest(db, [root])
     env = {**os.environ, "LABELASSIST_DB": url, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "labelassist.cli", "predict", "--labels", str(labels_file),
-           "--model", str(tiny_clip_dir), "--batch-size", "4", "--device", "cpu"]
+           "--model", str(tiny_clip_dir), "--batch-size", "4", "--device", "cpu",
+           "--feed", feed, "--decode-workers", "2"]
     rng = random.Random(7)
     for attempt in range(3):
         before = count(db)
@@ -148,6 +165,11 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_prediction_per_image(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert before < count(db) < 400, f"attempt {attempt}: the kill came too late"
+        # Decode workers notice that their parent died and exit on their own.
+        deadline = time.time() + 60
+        while leftover_processes(str(labels_file)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert leftover_processes(str(labels_file)) == []
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
