@@ -3,16 +3,24 @@
 Policy: an image is its content. The same bytes under two paths become one
 `images` row and two `files` rows, so duplicates are predicted, pushed and
 reviewed once. A file whose size and mtime are unchanged is not read again.
+
+Speed: each file's header is read first, so a file that is no image is refused without
+being read whole; only then is it hashed and checked. Checks run in worker processes when
+there are many files and cores (threads stall on the GIL near a thousand files/s), and the
+next chunk is checked while the current one is written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
@@ -21,10 +29,11 @@ from .config import IMAGE_EXTENSIONS
 from .db import Database
 from .db.models import File, Image, utcnow
 from .errors import ConfigError
-from .images import DEFAULT_MAX_PIXELS, BadImage, ImageInfo, inspect_image, read_bytes
+from .images import DEFAULT_MAX_PIXELS, BadImage, ImageInfo, inspect_image, open_image
 
 Progress = Callable[[int, int], None]
-CHUNK = 256
+CHUNK = 512
+PROCESSES_FROM = 2_000  # fewer files than this: threads (no worker start-up to pay)
 
 
 @dataclass
@@ -61,8 +70,10 @@ class _Checked:
 
 
 def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           threads: int = 4, on_progress: Progress | None = None) -> IngestSummary:
-    """Register every image under `roots`; return what was added, unchanged and refused."""
+           workers: int | None = None, processes: bool | None = None,
+           on_progress: Progress | None = None) -> IngestSummary:
+    """Register every image under `roots`; return what was added, unchanged and refused.
+    workers: parallel checks (default: the cores); processes: None picks by the count."""
     roots = [Path(r) for r in roots]
     for root in roots:
         if not root.exists():
@@ -70,14 +81,45 @@ def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAU
     found = [s for root in roots for s in walk_images(root)]
     summary = IngestSummary(seen=len(found))
     done = 0
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with _checker(len(found), workers, processes) as pool:
+        check = partial(_check, max_pixels=max_pixels)
+        inflight: deque = deque()
         for start in range(0, len(found), CHUNK):
             chunk = found[start:start + CHUNK]
-            _ingest_chunk(db, chunk, pool, max_pixels, summary)
-            done += len(chunk)
+            inflight.append((len(chunk), pool.map(check, _needs_check(db, chunk, summary),
+                                                  chunksize=16)))
+            if len(inflight) > 1:  # the next chunk is checked while this one is written
+                done += _record_chunk(db, *inflight.popleft(), summary)
+                if on_progress:
+                    on_progress(done, len(found))
+        while inflight:
+            done += _record_chunk(db, *inflight.popleft(), summary)
             if on_progress:
                 on_progress(done, len(found))
     return summary
+
+
+def _checker(count: int, workers: int | None, processes: bool | None) -> Executor:
+    cores = os.cpu_count() or 1
+    if processes is None:
+        processes = cores > 1 and count >= PROCESSES_FROM
+    if processes:
+        # fork starts at once and needs no __main__ guard in a user's script; with other
+        # threads running, a fork could copy a held lock, so then spawn.
+        method = "fork" if threading.active_count() == 1 and \
+            "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        return ProcessPoolExecutor(workers or cores,
+                                   mp_context=multiprocessing.get_context(method))
+    return ThreadPoolExecutor(workers or min(8, cores * 2), thread_name_prefix="ingest")
+
+
+def _record_chunk(db: Database, size: int, results: Iterable[_Checked],
+                  summary: IngestSummary) -> int:
+    checked = list(results)
+    if checked:
+        with db.write() as session:
+            _record(session, checked, summary)
+    return size
 
 
 def walk_images(root: Path) -> Iterator[_Seen]:
@@ -110,21 +152,32 @@ def _stat(path_b: bytes) -> _Seen:
 
 
 def _check(seen: _Seen, max_pixels: int) -> _Checked:
+    """Header first (a file that is no image is never read whole), then hash and decode."""
     if seen.error:
         return _Checked(seen, None, None, seen.error)
+    sha = None
     try:
-        data = read_bytes(seen.fs_path)
-    except BadImage as bad:
-        return _Checked(seen, None, None, (bad.reason, bad.detail))
-    sha = hashlib.sha256(data).hexdigest()
-    try:
+        with open(seen.fs_path, "rb") as fh:
+            if seen.size:
+                try:
+                    open_image(fh, max_pixels)  # reads only as far as the header
+                except BadImage as bad:
+                    if bad.reason in ("not_an_image", "decompression_bomb"):
+                        raise
+                fh.seek(0)  # other header trouble is judged on the bytes, below
+            data = fh.read()
+        sha = hashlib.sha256(data).hexdigest()
         return _Checked(seen, sha, inspect_image(data, max_pixels), None)
     except BadImage as bad:
         return _Checked(seen, sha, None, (bad.reason, bad.detail))
+    except FileNotFoundError:
+        return _Checked(seen, None, None, ("missing", os.fsdecode(seen.fs_path)))
+    except OSError as exc:
+        return _Checked(seen, None, None, ("unreadable", exc.strerror or str(exc)))
 
 
-def _ingest_chunk(db: Database, chunk: list[_Seen], pool: ThreadPoolExecutor, max_pixels: int,
-                  summary: IngestSummary) -> None:
+def _needs_check(db: Database, chunk: list[_Seen], summary: IngestSummary) -> list[_Seen]:
+    """The files of a chunk that are new or changed; the rest are counted as unchanged."""
     with db.read() as session:
         known = {f.path: f for f in session.scalars(
             select(File).where(File.path.in_([s.path for s in chunk])))}
@@ -138,11 +191,7 @@ def _ingest_chunk(db: Database, chunk: list[_Seen], pool: ThreadPoolExecutor, ma
                 summary.errors[old.error] += 1
         else:
             to_check.append(seen)
-    if not to_check:
-        return
-    checked = list(pool.map(lambda s: _check(s, max_pixels), to_check))
-    with db.write() as session:
-        _record(session, checked, summary)
+    return to_check
 
 
 def _record(session, checked: list[_Checked], summary: IngestSummary) -> None:

@@ -79,6 +79,18 @@ def tiny_clip_config(width: int = 64, layers: int = 2, projection: int = 32,
                       projection_dim=projection)
 
 
+def vit_l14_config():
+    """OpenAI's ViT-L/14 (224 px) shape: for speed work with random weights."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=224, patch_size=14),
+        projection_dim=768)
+
+
 def save_random_clip(out_dir: str | Path, config=None, seed: int = 0) -> Path:
     """A CLIPModel with random weights (ViT-B/32 when config is None), its tokenizer and
     its image processor, in a directory that load_model accepts."""

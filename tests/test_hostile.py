@@ -125,7 +125,7 @@ def test_unreadable_permissions(tmp_path):
             if os.getuid() == 0:
                 os.setgid(65534)
                 os.setuid(65534)
-            ingest(open_database(url), [root], threads=1)
+            ingest(open_database(url), [root], workers=1)
             code = 0
         except BaseException:
             traceback.print_exc()

@@ -93,3 +93,38 @@ def test_progress_reports_every_file(db, photo_dir):
     calls = []
     ingest(db, [photo_dir], on_progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (24, 24)
+
+
+def test_a_huge_file_that_is_no_image_is_refused_from_its_header(db, tmp_path):
+    import resource
+
+    root = tmp_path / "big"
+    root.mkdir()
+    with open(root / "video-renamed.jpg", "wb") as fh:  # 2 GiB, sparse: no disk used
+        fh.truncate(2 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, high-water mark
+
+    summary = ingest(db, [root])
+
+    assert dict(summary.errors) == {"not_an_image": 1}
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 256, f"ingest read the whole file ({grown_mib:.0f} MiB more memory)"
+
+
+def test_many_files_are_checked_in_worker_processes_with_the_same_result(db, tmp_path):
+    from labelassist.db import open_database
+
+    root = tmp_path / "many"
+    write_shape_images(root, 40)
+    truncated_copy(next(root.rglob("img_0004.jpg")), root / "cut.jpg", keep=0.5)
+    (root / "text.png").write_text("not an image")
+    threads = ingest(db, [root], processes=False)
+    other = open_database(f"sqlite:///{tmp_path / 'processes.db'}")
+    in_processes = ingest(other, [root], processes=True, workers=2)
+    for summary in (threads, in_processes):
+        assert (summary.added, summary.error_count) == (40, 2)
+        assert dict(summary.errors) == {"truncated": 1, "not_an_image": 1}
+    with db.read() as s, other.read() as t:
+        mine = s.execute(select(File.path, File.sha256, File.error).order_by(File.path)).all()
+        theirs = t.execute(select(File.path, File.sha256, File.error).order_by(File.path)).all()
+    assert mine == theirs and len(mine) == 42

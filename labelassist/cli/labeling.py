@@ -27,6 +27,24 @@ from . import (
     resolve_model_id,
 )
 
+BatchSizeOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Images per forward pass (default: 256 on CUDA, 64 on MPS, 32 on a CPU).")]
+FeedOpt = Annotated[str, typer.Option(
+    help="How images are decoded: threads, processes (DataLoader workers, shared memory), "
+    "or auto (processes on CUDA, threads on a CPU, where torch needs the cores).")]
+DecodeWorkersOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Decode threads or processes (default: all cores but one for processes, "
+    "up to 4 threads).")]
+
+
+def predict_options(batch_size, feed, decode_workers, exact):
+    from ..feed import check_feed
+    from ..predict import PredictOptions
+
+    check_feed(feed)  # before the model loads
+    return PredictOptions(batch_size=batch_size, feed=feed, decode_workers=decode_workers,
+                          exact=exact)
+
 
 @command()
 def ingest(
@@ -34,6 +52,9 @@ def ingest(
     db: DbOpt = DEFAULT_DB,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this "
                                             "(decompression bombs).")] = 178_956_970,
+    workers: Annotated[Optional[int], typer.Option(
+        min=1, help="Files checked in parallel (default: the cores; worker processes from "
+        "2,000 files on).")] = None,
 ) -> None:
     """Register the images under DIRS: path, content hash, size, dimensions, mtime.
 
@@ -47,7 +68,8 @@ def ingest(
 
     database = open_db(db)
     with progress_bar("ingest", unit="files") as on_progress:
-        summary = run_ingest(database, dirs, max_pixels=max_pixels, on_progress=on_progress)
+        summary = run_ingest(database, dirs, max_pixels=max_pixels, workers=workers,
+                             on_progress=on_progress)
     print_ingest_summary(summary)
 
 
@@ -107,7 +129,7 @@ def predict(
     labels: LabelsOpt,
     db: DbOpt = DEFAULT_DB,
     model: ModelOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    batch_size: BatchSizeOpt = None,
     device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
     "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 where the hardware runs it fast: "
@@ -121,17 +143,18 @@ def predict(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes on this machine; they "
                                          "split the cores. Workers on other machines can "
                                          "point at the same --db (PostgreSQL).")] = 1,
+    feed: FeedOpt = "auto",
+    decode_workers: DecodeWorkersOpt = None,
 ) -> None:
+    options = predict_options(batch_size, feed, decode_workers, exact)
     if workers > 1:
-        summary = run_predict_processes(db, labels, model, batch_size, device, dtype, exact,
-                                        workers)
+        summary = run_predict_processes(db, labels, model, options, device, dtype, workers)
     else:
-        summary = run_predict(db, labels, model, batch_size, device, dtype, exact, threads)
+        summary = run_predict(db, labels, model, options, device, dtype, threads)
     print_predict_summary(summary)
 
 
-def run_predict_processes(db, labels, model, batch_size, device, dtype, exact, workers):
-    from ..predict import PredictOptions
+def run_predict_processes(db, labels, model, options, device, dtype, workers):
     from ..status import workspace_status
     from ..worker import predict_in_processes
 
@@ -146,14 +169,12 @@ def run_predict_processes(db, labels, model, batch_size, device, dtype, exact, w
                       "images claimed", markup=False)
 
     return predict_in_processes(db, resolve_model_id(model, label_set), label_set, workers,
-                                device=device, dtype="fp32" if exact else dtype,
-                                options=PredictOptions(batch_size=batch_size, exact=exact),
-                                on_tick=tick)
+                                device=device, dtype="fp32" if options.exact else dtype,
+                                options=options, on_tick=tick)
 
 
-def run_predict(db, labels, model, batch_size, device, dtype, exact, threads):
+def run_predict(db, labels, model, options, device, dtype, threads):
     from ..model import load_model
-    from ..predict import PredictOptions
     from ..predict import predict as run
 
     label_set = load_label_file(labels)
@@ -163,8 +184,7 @@ def run_predict(db, labels, model, batch_size, device, dtype, exact, threads):
         import torch
 
         torch.set_num_threads(threads)
-    loaded = load_model(model_id, device=device, dtype="fp32" if exact else dtype)
-    options = PredictOptions(batch_size=batch_size, exact=exact)
+    loaded = load_model(model_id, device=device, dtype="fp32" if options.exact else dtype)
     with progress_bar("predict") as on_progress:
         return run(database, loaded, label_set, options, on_progress=on_progress)
 
@@ -173,7 +193,7 @@ def print_predict_summary(summary) -> None:
     err.print(f"{summary.model_version}: {summary.predicted:,} predicted ({summary.encoded:,} "
               f"encoded, {summary.rescored:,} re-scored from stored embeddings), "
               f"{sum(summary.failed.values()):,} failed, {summary.images_per_second:,.1f} "
-              "images/s", markup=False)
+              f"images/s" + (f" ({summary.feed})" if summary.feed else ""), markup=False)
     for reason, count in summary.failed.most_common():
         err.print(f"  skipped {count:,} ({reason}), e.g. {summary.failed_examples[reason]}",
                   markup=False)
@@ -216,9 +236,13 @@ def worker(
         "store for the same model are served too.")] = None,
     db: DbOpt = DEFAULT_DB,
     model: ModelOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: str = "auto",
-    dtype: str = "auto",
+    batch_size: BatchSizeOpt = None,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
+    "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or int8 (see predict).")] =
+    "auto",
+    feed: FeedOpt = "auto",
+    decode_workers: DecodeWorkersOpt = None,
     poll: Annotated[float, typer.Option(help="Seconds to wait when there is no work.")] = 5.0,
     push: Annotated[bool, typer.Option("--push", help="Push new predictions to Label Studio "
                                        "after each round (--ls-url/--ls-token or env).")] = False,
@@ -237,9 +261,9 @@ def worker(
     import threading
 
     from ..model import load_model
-    from ..predict import PredictOptions
     from ..worker import serve
 
+    options = predict_options(batch_size, feed, decode_workers, exact=False)
     label_sets = [load_label_file(p) for p in labels or []]
     model_id = resolve_model_id(model, label_sets[0] if label_sets else None)
     database = open_db(db)
@@ -265,7 +289,7 @@ def worker(
             log=lambda line: err.print(line, markup=False))
     err.print(f"worker on {loaded.model_key}: waiting for work (Ctrl-C to stop)", markup=False)
     stats = serve(database, loaded, label_sets, stop,
-                  options=PredictOptions(batch_size=batch_size), poll_seconds=poll,
+                  options=options, poll_seconds=poll,
                   after_round=after_round)
     err.print(f"worker stopped: {stats.predicted:,} predicted in {stats.rounds} rounds"
               + "".join(f"; {v}: {n:,}" for v, n in stats.per_version.items()), markup=False)
@@ -277,10 +301,15 @@ def run_all(
     labels: LabelsOpt,
     db: DbOpt = DEFAULT_DB,
     model: ModelOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: str = "auto",
-    dtype: str = "auto",
-    exact: bool = False,
+    batch_size: BatchSizeOpt = None,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
+    "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16 or int8 (see predict).")] =
+    "auto",
+    exact: Annotated[bool, typer.Option("--exact", help="fp32 and full JPEG decoding.")] =
+    False,
+    feed: FeedOpt = "auto",
+    decode_workers: DecodeWorkersOpt = None,
 ) -> None:
     """Ingest DIRS, then predict every new image.
 
@@ -288,9 +317,10 @@ def run_all(
     """
     from ..ingest import ingest as run_ingest
 
+    options = predict_options(batch_size, feed, decode_workers, exact)
     database = open_db(db)
     with progress_bar("ingest", unit="files") as on_progress:
         print_ingest_summary(run_ingest(database, dirs, on_progress=on_progress))
-    print_predict_summary(run_predict(db, labels, model, batch_size, device, dtype, exact, None))
+    print_predict_summary(run_predict(db, labels, model, options, device, dtype, None))
 
 
