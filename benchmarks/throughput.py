@@ -2,11 +2,14 @@
 the image tower alone, on the full ViT-B/32 architecture (CLIPConfig() defaults, random
 weights: the same compute as the real model), in one process on the same images.
 
-    python benchmarks/throughput.py                # ~15 min on 2 cores
+    python benchmarks/throughput.py                # CPU: ~15 min on 2 cores
     python benchmarks/throughput.py --quick        # smaller, for a smoke test
+    python benchmarks/throughput.py --device cuda  # GPU: B/32 and L/14, ~4 min on an H200
 
 Prints images/s, ratios to the blog loop and to the ceiling, re-scoring time, and peak
-RSS of `labelassist predict` at 1k and 10k images (each in its own child process).
+RSS of `labelassist predict` at 1k and 10k images (each in its own child process). On a
+GPU it also prints the decode ceilings (threads and processes), ingest files/s, and the
+share of predict time spent in database writes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
+from labelassist.model import load_model  # noqa: E402
+
 LABELS = '[classes]\ncat = ["cat"]\ndog = ["dog"]\nwild = ["lion", "tiger", "wolf", "fox"]\n'
 PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a lion.", "a photo of a tiger.",
            "a photo of a wolf.", "a photo of a fox."]
@@ -34,15 +39,27 @@ PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a lion.", "a ph
 
 def synthetic_jpegs(root: Path, count: int, size: int = 512, seed: int = 0) -> list[Path]:
     """Photo-like JPEGs: blurred noise fields with shapes, so decoding costs what a
-    photo costs (flat colours would decode unrealistically fast)."""
+    photo costs (flat colours would decode unrealistically fast). Written by one process
+    per core; the same files whatever the core count."""
+    from concurrent.futures import ProcessPoolExecutor
+
     root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
+    step = 500
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        parts = pool.map(_write_jpegs, [(root, n, min(n + step, count), size, seed)
+                                        for n in range(0, count, step)])
+        return [p for part in parts for p in part]
+
+
+def _write_jpegs(job) -> list[Path]:
+    root, first, last, size, seed = job
+    rng = random.Random(seed * 1_000_003 + first)
     base = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (size // 4, size // 4, 3),
                                                               dtype=np.uint8))
             .resize((size, size), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2))
             for i in range(8)]
     paths = []
-    for n in range(count):
+    for n in range(first, last):
         img = base[n % len(base)].copy()
         draw = ImageDraw.Draw(img)
         for _ in range(6):
@@ -60,57 +77,103 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds else float("nan")
 
 
-def blog_loop(model_dir: Path, paths: list[Path]) -> float:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def blog_loop(model_dir: Path, paths: list[Path], device: str = "cpu") -> float:
     """What a blog post does: per image, processor(text + image), model(...)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(model_dir).eval()
+    model = CLIPModel.from_pretrained(model_dir).eval().to(device)
     processor = CLIPProcessor.from_pretrained(model_dir)
     start = time.perf_counter()
     for path in paths:
         inputs = processor(text=PROMPTS, images=Image.open(path), return_tensors="pt",
-                           padding=True)
+                           padding=True).to(device)
         with torch.no_grad():
-            model(**inputs).logits_per_image.softmax(dim=1)
+            model(**inputs).logits_per_image.softmax(dim=1).cpu()
     return rate(len(paths), time.perf_counter() - start)
 
 
-def pipeline_rate(model_dir: Path, paths: list[Path]) -> float:
+def pipeline_rate(model_dir: Path, paths: list[Path], device: str = "cpu",
+                  batch: int = 32) -> float:
     from transformers import pipeline
 
-    pipe = pipeline("zero-shot-image-classification", model=str(model_dir), device="cpu")
+    pipe = pipeline("zero-shot-image-classification", model=str(model_dir), device=device)
     labels = ["cat", "dog", "lion", "tiger", "wolf", "fox"]
     start = time.perf_counter()
-    pipe([str(p) for p in paths], candidate_labels=labels, batch_size=32,
+    pipe([str(p) for p in paths], candidate_labels=labels, batch_size=batch,
          hypothesis_template="a photo of a {}.")
     return rate(len(paths), time.perf_counter() - start)
 
 
 def ceiling(model, dtype: torch.dtype, batch: int = 32, seconds: float = 20) -> float:
-    """The image tower alone on ready tensors: what the CPU can do at this precision."""
-    x = torch.randn(batch, 3, 224, 224).to(dtype)
+    """The image tower alone on ready tensors on the device: what it can do at this
+    precision."""
+    device = str(model.device)
+    size = model.preprocess.output_size
+    x = torch.randn(batch, 3, *size).to(model.device, dtype)
     tower = model.model
     with torch.inference_mode():
         tower.get_image_features(pixel_values=x)
+        sync(device)
         start, n = time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             tower.get_image_features(pixel_values=x)
             n += batch
+            if n % (batch * 8) == 0:
+                sync(device)
+        sync(device)
     return rate(n, time.perf_counter() - start)
 
 
 def predict_rate(model, paths_dir: Path, workdir: Path, tag: str, exact: bool,
-                 batch: int = 32) -> tuple[float, str]:
+                 batch: int | None = 32, feed: str = "auto"):
+    """End to end through the ledger: ingest (not timed), then predict. Returns the
+    summary (images/s, seconds in writes, the feed used)."""
     from labelassist.config import parse_label_text
     from labelassist.db import open_database
     from labelassist.ingest import ingest
     from labelassist.predict import PredictOptions, predict
 
-    db = open_database(f"sqlite:///{workdir / f'{tag}.db'}")
+    path = workdir / f"{tag}.db"
+    path.unlink(missing_ok=True)
+    db = open_database(f"sqlite:///{path}")
     ingest(db, [paths_dir])
-    summary = predict(db, model, parse_label_text(LABELS),
-                      PredictOptions(batch_size=batch, exact=exact))
-    return summary.images_per_second, str(workdir / f"{tag}.db")
+    return predict(db, model, parse_label_text(LABELS),
+                   PredictOptions(batch_size=batch, exact=exact, feed=feed))
+
+
+def decode_rate(preprocess, paths: list[Path], kind: str, workers: int,
+                batch: int = 256) -> float:
+    """The feed alone (decode + preprocess to uint8 crops, JPEG draft), no model, no
+    ledger: the ceiling that decoding puts on predict."""
+    from labelassist.feed import FeedPlan, decoded_batches
+
+    jobs = [(i, [(str(p), p.stat().st_size, p.stat().st_mtime_ns)]) for i, p in
+            enumerate(paths)]
+    chunks = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
+    start, n = time.perf_counter(), 0
+    for got in decoded_batches(chunks, preprocess, draft=True, max_pixels=1 << 30,
+                               plan=FeedPlan(kind, workers)):
+        n += len(got.ids)
+    assert n == len(paths)
+    return rate(n, time.perf_counter() - start)
+
+
+def ingest_rate(folder: Path, workdir: Path) -> float:
+    from labelassist.db import open_database
+    from labelassist.ingest import ingest
+
+    path = workdir / "ingest-rate.db"
+    path.unlink(missing_ok=True)
+    db = open_database(f"sqlite:///{path}")
+    start = time.perf_counter()
+    summary = ingest(db, [folder])
+    assert summary.added + summary.duplicates == summary.seen
+    return rate(summary.seen, time.perf_counter() - start)
 
 
 def rescore_seconds(model, db_path: str) -> tuple[float, int]:
@@ -125,13 +188,17 @@ def rescore_seconds(model, db_path: str) -> tuple[float, int]:
     return time.perf_counter() - start, summary.rescored
 
 
-def photo_crops(count: int = 200, seed: int = 0) -> list[bytes]:
-    """JPEG crops of the real photos that scikit-learn ships (china.jpg, flower.jpg)."""
+def photo_crops(count: int = 200, seed: int = 0, folder: str | None = None) -> list[bytes]:
+    """JPEG crops of real photos: scikit-learn's china.jpg and flower.jpg, from `folder`
+    (where scikit-learn is not installed, as on a GPU machine) or from scikit-learn."""
     import io
 
-    from sklearn.datasets import load_sample_images
+    if folder:
+        photos = [Image.open(p).convert("RGB") for p in sorted(Path(folder).glob("*.jpg"))]
+    else:
+        from sklearn.datasets import load_sample_images
 
-    photos = [Image.fromarray(a) for a in load_sample_images().images]
+        photos = [Image.fromarray(a) for a in load_sample_images().images]
     rng, crops = random.Random(seed), []
     for i in range(count):
         photo = photos[i % len(photos)]
@@ -146,32 +213,34 @@ def photo_crops(count: int = 200, seed: int = 0) -> list[bytes]:
     return crops
 
 
-def agreement_report(model_dir: Path) -> list[str]:
+def agreement_report(model_dir: Path, device: str = "cpu",
+                     photos: str | None = None) -> list[str]:
     from labelassist.config import parse_label_text
     from labelassist.images import decode, open_image
-    from labelassist.model import load_model
     from labelassist.zeroshot import build_text_classifier
 
-    crops = photo_crops()
+    crops = photo_crops(folder=photos)
     labels = parse_label_text(LABELS + 'flower = ["flower"]\nbuilding = ["building"]\n')
 
     def probs(model, text, draft):
-        pre = model.preprocess
-        arr = np.stack([pre(decode(open_image(b), draft_size=pre.draft_size if draft else None))
-                        for b in crops])
+        pre = model.preprocess  # uint8 crops, normalised on the device, as predict does
+        arr = np.stack([pre.crop_uint8(decode(open_image(b), draft_size=pre.draft_size
+                                              if draft else None)) for b in crops])
         emb = torch.cat([model.encode_images(torch.from_numpy(arr[i:i + 32]))
                          for i in range(0, len(arr), 32)])
         return text.probabilities(emb)
 
-    exact_model = load_model(str(model_dir), device="cpu", dtype="fp32")
+    exact_model = load_model(str(model_dir), device=device, dtype="fp32")
     text = build_text_classifier(exact_model, labels)
     ref = probs(exact_model, text, draft=False)
     top2 = ref.sort(dim=1).values
     lines = [f"{len(crops)} crops, 5 classes; median top-1 margin of the exact path "
              f"{(top2[:, -1] - top2[:, -2]).median():.3f} (random weights)"]
-    for name, dtype in (("fp32 + JPEG draft", "fp32"), ("bf16 + JPEG draft", "bf16"),
-                        ("int8 + JPEG draft", "int8")):
-        got = probs(load_model(str(model_dir), device="cpu", dtype=dtype), text, draft=True)
+    fast = (("fp32 + JPEG draft", "fp32"), ("bf16 + JPEG draft", "bf16"))
+    if device == "cpu":
+        fast += (("int8 + JPEG draft", "int8"),)
+    for name, dtype in fast:
+        got = probs(load_model(str(model_dir), device=device, dtype=dtype), text, draft=True)
         agree = (got.argmax(1) == ref.argmax(1)).float().mean().item()
         lines.append(f"{name:20s} top-1 agreement {agree:7.2%}, largest probability "
                      f"difference {(got - ref).abs().max().item():.4f}")
@@ -212,20 +281,27 @@ def _vm_hwm_kb(pid: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=None,
+                        help="JPEGs for the predict rows (default: 400 on a CPU, 8000 on a GPU)")
     parser.add_argument("--blog-images", type=int, default=48)
     parser.add_argument("--scale", default="1000,10000")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--photos", default=None,
+                        help="folder with china.jpg and flower.jpg (default: scikit-learn's)")
     parser.add_argument("--only-scale", action="store_true",
                         help="only the 1k/10k memory and re-scoring part")
     args = parser.parse_args()
+    gpu = args.device.startswith("cuda")
+    if args.images is None:
+        args.images = 8000 if gpu else 400
     if args.quick:
         args.images, args.blog_images, args.scale = 64, 8, "200,400"
 
     from transformers import CLIPConfig
 
-    from labelassist.model import cpu_has_fast_bf16, load_model
+    from labelassist.model import cpu_has_fast_bf16
     from labelassist.tinymodels import save_random_clip
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="labelassist-bench-"))
@@ -236,11 +312,15 @@ def main() -> None:
     paths = sorted(photos.glob("*.jpg"))[:args.images] if photos.exists() else []
     if len(paths) < args.images:
         paths = synthetic_jpegs(photos, args.images)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast bf16 on this CPU: "
-          f"{cpu_has_fast_bf16()}; {len(paths)} JPEGs 512x512; ViT-B/32 random weights\n")
+    where = (torch.cuda.get_device_name() if gpu else
+             f"{torch.get_num_threads()} threads, fast bf16 on this CPU: {cpu_has_fast_bf16()}")
+    print(f"torch {torch.__version__}, {where}, {os.cpu_count()} cores; {len(paths)} JPEGs "
+          f"512x512; ViT-B/32 random weights\n")
 
     if args.only_scale:
         return scale_section(args, work, model_dir)
+    if gpu:
+        return gpu_section(args, work, model_dir, photos, paths)
     results = {}
     results["blog loop"] = blog_loop(model_dir, paths[:args.blog_images])
     results["pipeline, batch 32"] = pipeline_rate(model_dir, paths)
@@ -248,28 +328,82 @@ def main() -> None:
     for precision in ("fp32", "bf16", "int8"):
         model = load_model(str(model_dir), device="cpu", dtype=precision)
         top = ceiling(model, model.dtype)
-        e2e, _ = predict_rate(model, photos, work, f"e2e-{precision}",
-                              exact=precision == "fp32")
-        rows.append((precision, e2e, top))
+        e2e = predict_rate(model, photos, work, f"e2e-{precision}",
+                           exact=precision == "fp32").images_per_second
+        rows.append((f"labelassist predict, {precision}", e2e, top))
         del model
-    blog, pipe = results["blog loop"], results["pipeline, batch 32"]
-    print(f"{'way':42s} {'images/s':>9s} {'x blog':>7s} {'x pipeline':>10s} {'of ceiling':>10s}")
-    for name, value in results.items():
-        print(f"{name:42s} {value:9.1f} {value / blog:7.2f} {value / pipe:10.2f}")
-    for precision, e2e, top in rows:
-        print(f"{'labelassist predict, ' + precision:42s} {e2e:9.1f} {e2e / blog:7.2f} "
-              f"{e2e / pipe:10.2f} {e2e / top:10.1%}")
-        print(f"{'image tower alone (ceiling), ' + precision:42s} {top:9.1f} {top / blog:7.2f} "
-              f"{top / pipe:10.2f}")
-    print("\nfast paths against the exact path (fp32, full decode) on crops of real photos:")
-    for line in agreement_report(model_dir):
-        print("  " + line)
-
+    print_table(results, rows)
+    print_agreement(model_dir, "cpu", args.photos)
     scale_section(args, work, model_dir)
 
 
+def print_table(results: dict, rows: list[tuple]) -> None:
+    first, *_ = results
+    blog, pipe = results[first], list(results.values())[1]
+    print(f"{'way':46s} {'images/s':>9s} {'x blog':>7s} {'x pipeline':>10s} {'of ceiling':>10s}")
+    for name, value in results.items():
+        print(f"{name:46s} {value:9.1f} {value / blog:7.2f} {value / pipe:10.2f}")
+    for name, e2e, top in rows:
+        print(f"{name:46s} {e2e:9.1f} {e2e / blog:7.2f} {e2e / pipe:10.2f} {e2e / top:10.1%}")
+    print()
+
+
+def print_agreement(model_dir: Path, device: str, photos: str | None = None) -> None:
+    print("fast paths against the exact path (fp32, full decode) on crops of real photos:")
+    for line in agreement_report(model_dir, device, photos):
+        print("  " + line)
+
+
+def gpu_section(args, work: Path, model_dir: Path, photos: Path, paths: list[Path]) -> None:
+    """One run, one table: the ways people run CLIP on a GPU, our predict (B/32 and L/14),
+    and the ceilings that bound it (tower alone, decoding alone, ingest)."""
+    from labelassist.feed import plan_feed
+    from labelassist.tinymodels import save_random_clip, vit_l14_config
+
+    device = args.device
+    cores = os.cpu_count() or 1
+    results = {"blog loop (fp32, batch 1)": blog_loop(model_dir, paths[:args.blog_images],
+                                                      device)}
+    results["pipeline, batch 64, fp32"] = pipeline_rate(model_dir, paths[:2000], device, 64)
+    model = load_model(str(model_dir), device=device, dtype="auto")
+    b32_top = ceiling(model, model.dtype, batch=256, seconds=10)
+    decode = {kind: decode_rate(model.preprocess, paths, kind, plan_feed(kind, model.device)
+                                .workers) for kind in ("threads", "processes")}
+    rows, notes = [], []
+    for feed in ("processes", "threads"):
+        got = predict_rate(model, photos, work, f"gpu-b32-{feed}", exact=False, batch=None,
+                           feed=feed)
+        rows.append((f"predict B/32 {model.dtype}, {got.feed}", got.images_per_second,
+                     min(b32_top, decode[feed])))
+        notes.append(f"B/32 via {feed}: {got.write_seconds / got.seconds:.1%} of predict "
+                     f"time in database writes (overlapped), {got.seconds:.1f} s")
+    for kind, value in decode.items():
+        results[f"decode + preprocess alone, {kind}"] = value
+    results[f"image tower alone, B/32 {model.dtype}, batch 256"] = b32_top
+    del model
+    large_dir = work / "vit-l-14"
+    if not (large_dir / "model.safetensors").exists():
+        save_random_clip(large_dir, vit_l14_config())
+    large = load_model(str(large_dir), device=device, dtype="auto")
+    l14_top = ceiling(large, large.dtype, batch=256, seconds=10)
+    results[f"image tower alone, L/14 {large.dtype}, batch 256"] = l14_top
+    got = predict_rate(large, photos, work, "gpu-l14", exact=False, batch=None)
+    rows.append((f"predict L/14 {large.dtype}, {got.feed}", got.images_per_second,
+                 min(l14_top, decode["processes"])))
+    del large
+    results[f"ingest (hash + header + check), {cores} cores, files/s"] = \
+        ingest_rate(photos, work)
+    print_table(results, rows)
+    for line in notes:
+        print(line)
+    print(f"targets: B/32 >= 80% of min(decode, tower) = "
+          f"{0.8 * min(decode['processes'], b32_top):,.0f} images/s; "
+          f"L/14 >= 80% of its tower = {0.8 * l14_top:,.0f}; >= 10x the pipeline = "
+          f"{10 * results['pipeline, batch 64, fp32']:,.0f}\n")
+    print_agreement(model_dir, device, args.photos)
+
+
 def scale_section(args, work: Path, model_dir: Path) -> None:
-    from labelassist.model import load_model
 
     print("\nscale (labelassist predict --dtype auto, child processes):")
     for count in (int(c) for c in args.scale.split(",")):

@@ -29,9 +29,9 @@ from sqlalchemy import select
 
 from .claims import pid_alive
 from .db import Database
-from .db.models import AutoAccept, Image, ModelVersion, Prediction
+from .db.models import AutoAccept, File, Image, ModelVersion, Prediction
 from .errors import ConfigError, ExportError
-from .queries import first_paths, rows_in_chunks
+from .queries import first_files, rows_in_chunks
 from .reviews import load_reviews
 
 FORMATS = ("imagefolder", "csv", "jsonl", "hf")
@@ -52,6 +52,7 @@ class Row:
     annotators: tuple[str, ...]
     model_version: str | None
     confidence: float | None
+    fs_path: str | bytes = ""  # what to open: raw bytes for a name that is not UTF-8
     split: str = ""
     file: str = ""
 
@@ -64,6 +65,7 @@ class ExportSummary:
     per_class_split: dict[str, Counter] = field(default_factory=dict)
     per_source: Counter = field(default_factory=Counter)
     excluded: Counter = field(default_factory=Counter)
+    excluded_examples: dict[str, str] = field(default_factory=dict)
 
 
 def parse_split(text: str) -> tuple[float, ...]:
@@ -126,28 +128,30 @@ def collect_rows(db: Database, *, include_auto: bool, version: str | None, polic
         wanted = set(reviews.labels) | (set(preds) | set(accepted) if include_auto else set())
         shas = dict(rows_in_chunks(s, lambda chunk: select(Image.id, Image.sha256).where(
             Image.id.in_(chunk)), wanted))
-        paths = first_paths(s, wanted)
+        files = first_files(s, wanted)
         names = dict(s.execute(select(ModelVersion.id, ModelVersion.name)).all())
     rows = []
     for image_id, human in reviews.labels.items():
-        if image_id in errors or image_id not in paths:
+        if image_id in errors or image_id not in files:
             summary.excluded["decode error or file gone"] += 1
             continue
         pred = preds.get(image_id)
-        rows.append(Row(image_id, shas[image_id], paths[image_id], human.label, "human",
+        path, fs_path = files[image_id]
+        rows.append(Row(image_id, shas[image_id], path, human.label, "human",
                         human.annotators, chosen.name if pred else None,
-                        pred.confidence if pred else None))
+                        pred.confidence if pred else None, fs_path))
     summary.excluded["skipped by reviewers"] += len(reviews.skipped - set(reviews.labels))
     if include_auto:
         trusted = auto_rows(db, chosen, preds, accepted, names, target_precision, min_support)
         for image_id, (label, confidence, version_name) in trusted.items():
             if image_id in reviews.labels or image_id in reviews.skipped:
                 continue
-            if image_id in errors or image_id not in paths:
+            if image_id in errors or image_id not in files:
                 summary.excluded["decode error or file gone"] += 1
                 continue
-            rows.append(Row(image_id, shas[image_id], paths[image_id], label, "auto", (),
-                            version_name, confidence))
+            path, fs_path = files[image_id]
+            rows.append(Row(image_id, shas[image_id], path, label, "auto", (),
+                            version_name, confidence, fs_path))
     reviewed = set(reviews.labels) | reviews.skipped
     left_out = sum(1 for i in preds if i not in reviewed) - sum(r.source == "auto" for r in rows)
     reason = "unreviewed, below the trust threshold" if include_auto \
@@ -186,8 +190,7 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
     if link not in LINKS:
         raise ConfigError(f"--link {link!r}: use {', '.join(LINKS)}")
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists: pick a new folder or pass --overwrite")
+    refuse_unsafe_target(db, out, overwrite)
     fractions = parse_split(split)
     summary = ExportSummary(out, fmt)
     rows = collect_rows(db, include_auto=include_auto, version=version, policy=policy,
@@ -213,6 +216,34 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
         summary.per_source[r.source] += 1
     summary.rows = len(rows)
     return summary
+
+
+def refuse_unsafe_target(db: Database, out: Path, overwrite: bool) -> None:
+    """OUT never holds or sits among the images it is made from, and --overwrite replaces
+    only a previous export (one with its manifest), never an arbitrary folder."""
+    real = Path(os.path.realpath(out))
+    with db.read() as s:
+        for folder in {out, real}:
+            if s.scalar(select(File.id).where(File.path.startswith(f"{folder}/",
+                                                                   autoescape=True)).limit(1)):
+                raise ExportError(f"{out} holds ingested images: export to a new folder "
+                                  "outside your image folders")
+        for folder in [real, *real.parents][:-1]:
+            if _holds_files_directly(s, folder):
+                raise ExportError(f"{out} is inside {folder}, which holds ingested images: "
+                                  "export to a folder outside your image folders")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists: pick a new folder or pass --overwrite")
+    if out.exists() and not (out / "manifest.jsonl").is_file():
+        raise ExportError(f"{out} is not a labelassist export (it has no manifest.jsonl): "
+                          "--overwrite replaces only a previous export; pick a new folder")
+
+
+def _holds_files_directly(session, folder: Path) -> bool:
+    prefix = f"{folder}/" if str(folder) != "/" else "/"
+    paths = session.scalars(select(File.path).where(
+        File.path.startswith(prefix, autoescape=True)).limit(2000))
+    return any("/" not in p[len(prefix):] for p in paths)
 
 
 def place(rows: list[Row], fractions: tuple[float, ...], seed: int) -> list[Row]:
@@ -244,26 +275,34 @@ def write_dataset(root: Path, rows: list[Row], fmt: str, link: str, summary: Exp
         if root.resolve() not in target.parents:  # never, but never is the point
             raise ExportError(f"refusing to write {target} outside the export folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if _transfer(Path(r.source_path), target, r.sha256, link):
-            kept.append(r)
+        problem = _transfer(r.fs_path or r.source_path, target, r.sha256, link)
+        if problem:
+            summary.excluded[problem] += 1
+            summary.excluded_examples.setdefault(problem, r.source_path)
         else:
-            summary.excluded["file changed since ingest"] += 1
+            kept.append(r)
         if on_progress:
             on_progress(n, len(rows))
     return kept
 
 
-def _transfer(source: Path, target: Path, sha256: str, link: str) -> bool:
-    data = source.read_bytes()
+def _transfer(source: str | bytes, target: Path, sha256: str, link: str) -> str | None:
+    """Copy or link one image; returns why it was left out, or None. A source that cannot
+    be read skips that image; a target that cannot be written (a full disk) stops all."""
+    try:
+        with open(source, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return "source file gone or unreadable"
     if hashlib.sha256(data).hexdigest() != sha256:
-        return False
+        return "file changed since ingest"
     if link == "copy":
         target.write_bytes(data)
     elif link == "hardlink":
         os.link(source, target)
     else:
-        os.symlink(source.resolve(), target)
-    return True
+        os.symlink(os.path.realpath(source), target)
+    return None
 
 
 def write_manifests(root: Path, rows: list[Row], fmt: str) -> None:
@@ -278,12 +317,23 @@ def write_manifests(root: Path, rows: list[Row], fmt: str) -> None:
         with open(root / "labels.csv", "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(records[0]))
             writer.writeheader()
-            writer.writerows({**r, "annotators": ";".join(r["annotators"])} for r in records)
+            writer.writerows(spreadsheet_safe({**r, "annotators": ";".join(r["annotators"])})
+                             for r in records)
     elif fmt == "jsonl":
         shutil.copyfile(root / "manifest.jsonl", root / "labels.jsonl")
     else:  # verify with: cd OUT && sha256sum -c SHA256SUMS
         with open(root / "SHA256SUMS", "w", encoding="utf-8") as fh:
             fh.writelines(f"{r.sha256}  {r.file}\n" for r in rows)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(record: dict) -> dict:
+    """OWASP's rule against CSV injection: a text cell that a spreadsheet would run as a
+    formula gets a leading apostrophe. Labels and annotator names come from reviewers."""
+    return {k: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_START) else v
+            for k, v in record.items()}
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

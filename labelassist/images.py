@@ -29,11 +29,20 @@ REASONS = {
 }
 
 
+# Reasons about the file, not the bytes: the next ingest or predict tries again.
+TRANSIENT = frozenset({"missing", "unreadable", "changed"})
+
+
 class BadImage(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{REASONS.get(reason, reason)}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    @property
+    def final(self) -> bool:
+        """The bytes themselves are bad (corrupt, truncated, a bomb): no retry will help."""
+        return self.reason not in TRANSIENT
 
 
 @dataclass(frozen=True)

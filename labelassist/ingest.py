@@ -23,13 +23,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from .config import IMAGE_EXTENSIONS
 from .db import Database
 from .db.models import File, Image, utcnow
 from .errors import ConfigError
-from .images import DEFAULT_MAX_PIXELS, BadImage, ImageInfo, inspect_image, open_image
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    TRANSIENT,
+    BadImage,
+    ImageInfo,
+    inspect_image,
+    open_image,
+)
 
 Progress = Callable[[int, int], None]
 CHUNK = 512
@@ -96,7 +103,16 @@ def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAU
             done += _record_chunk(db, *inflight.popleft(), summary)
             if on_progress:
                 on_progress(done, len(found))
+    retry_transient_failures(db)
     return summary
+
+
+def retry_transient_failures(db: Database) -> None:
+    """Images that an older predict marked gone or unreadable become pending again: only
+    content reasons (corrupt, truncated, not_an_image, a bomb) are final."""
+    with db.write() as session:
+        session.execute(update(Image).where(Image.error.in_(TRANSIENT))
+                        .values(error=None, error_detail=None))
 
 
 def _checker(count: int, workers: int | None, processes: bool | None) -> Executor:
@@ -123,10 +139,11 @@ def _record_chunk(db: Database, size: int, results: Iterable[_Checked],
 
 
 def walk_images(root: Path) -> Iterator[_Seen]:
-    """Files with an image extension under root (or root itself), never following
-    directory symlinks, so a symlink loop cannot trap the walk."""
+    """Files with an image extension under root (or root itself). A root that is a
+    symlink to a folder is walked (the user named it); symlinks to folders met inside the
+    walk are not followed, so a symlink loop cannot trap it."""
     root_b = os.fsencode(os.path.abspath(root))
-    if os.path.isfile(root_b) or os.path.islink(root_b):
+    if not os.path.isdir(root_b):
         yield _stat(root_b)
         return
     for dirpath, dirnames, filenames in os.walk(root_b, followlinks=False):
@@ -185,7 +202,7 @@ def _needs_check(db: Database, chunk: list[_Seen], summary: IngestSummary) -> li
     for seen in chunk:
         old = known.get(seen.path)
         if (old is not None and seen.error is None and old.size_bytes == seen.size
-                and old.mtime_ns == seen.mtime_ns):
+                and old.mtime_ns == seen.mtime_ns and old.error not in TRANSIENT):
             summary.unchanged += 1
             if old.error:
                 summary.errors[old.error] += 1

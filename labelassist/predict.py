@@ -225,11 +225,13 @@ class _Run:
                     {"image_id": i, "model_version_id": version.id, "label": p.label,
                      "confidence": p.confidence, "margin": p.margin, "scores": p.scores,
                      "created_at": now} for i, p in zip(ids, preds)])
-            for image_id, error in batch.bad:
+            final = [(i, e) for i, e in batch.bad if e.final]
+            for image_id, error in final:
                 session.execute(update(Image).where(Image.id == image_id)
                                 .values(error=error.reason, error_detail=error.detail[:1000]))
-            release_claims(session, self.worker_id, version.id,
-                           ids + [i for i, _ in batch.bad])
+            # A file that is gone or unreadable for now keeps its claim until this run ends,
+            # so this run does not loop on it; the next predict (or ingest) tries again.
+            release_claims(session, self.worker_id, version.id, ids + [i for i, _ in final])
 
 
 class _Writer:

@@ -43,6 +43,17 @@ def rows_in_chunks(session, make_query, ids, *, scalars: bool = False) -> list:
             for row in run(make_query(ids[start:start + IN_CHUNK])).all()]
 
 
+def first_files(session, image_ids) -> dict[int, tuple[str, str | bytes]]:
+    """Per image, its first readable file: (path for people, path for the filesystem).
+    The second is the raw bytes of a name that is not UTF-8."""
+    rows = rows_in_chunks(session, lambda chunk: select(File.image_id, File.path, File.raw_path)
+                          .where(File.image_id.in_(chunk), File.error.is_(None)), image_ids)
+    files: dict[int, tuple[str, str | bytes]] = {}
+    for image_id, path, raw in sorted(rows, key=lambda r: (r[0], r[1])):
+        files.setdefault(image_id, (path, raw or path))
+    return files
+
+
 def first_paths(session, image_ids) -> dict[int, str]:
     """One readable path per image (the first registered) for display and export."""
     return dict(rows_in_chunks(session, lambda chunk: select(

@@ -110,7 +110,8 @@ def open_db(url: str):
 LsUrlOpt = Annotated[Optional[str], typer.Option(
     "--ls-url", help="Label Studio URL (env LABEL_STUDIO_URL).")]
 LsTokenOpt = Annotated[Optional[str], typer.Option(
-    "--ls-token", help="Label Studio API token (env LABEL_STUDIO_API_KEY). Never stored.")]
+    "--ls-token", help="Label Studio API token. Prefer the env var LABEL_STUDIO_API_KEY: a "
+    "token on the command line is visible in ps to every user of the machine. Never stored.")]
 VersionOpt = Annotated[Optional[str], typer.Option(
     "--version", help="model_version (default: the newest with predictions).")]
 

@@ -212,6 +212,7 @@ def predictions(
     Example: labelassist predictions --format csv > predictions.csv
     """
     from ..errors import ConfigError
+    from ..export import spreadsheet_safe
     from ..queries import prediction_records, resolve_version
 
     if format not in ("jsonl", "csv"):
@@ -226,7 +227,8 @@ def predictions(
     writer = csv.DictWriter(sys.stdout, fieldnames=fields)
     writer.writeheader()
     for record in records:
-        writer.writerow({**record, "scores": json.dumps(record["scores"], ensure_ascii=False)})
+        writer.writerow(spreadsheet_safe({**record, "scores": json.dumps(record["scores"],
+                                                                           ensure_ascii=False)}))
 
 
 @command()

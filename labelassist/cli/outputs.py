@@ -120,6 +120,8 @@ def export(
                       + ", ".join(f"{n:,} {k}" for k, n in summary.per_source.items()),
                       markup=False)
     for reason, n in summary.excluded.most_common():
-        out_console.print(f"  left out: {n:,} {reason}", markup=False)
+        example = summary.excluded_examples.get(reason)
+        out_console.print(f"  left out: {n:,} {reason}" + (f" (e.g. {example})" if example
+                                                            else ""), markup=False)
 
 
