@@ -290,6 +290,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--photos", default=None,
                         help="folder with china.jpg and flower.jpg (default: scikit-learn's)")
+    parser.add_argument("--precisions", default="fp32,bf16,int8",
+                        help="CPU rows to measure (bf16 is slow without AVX512-BF16 or AMX)")
     parser.add_argument("--only-scale", action="store_true",
                         help="only the 1k/10k memory and re-scoring part")
     args = parser.parse_args()
@@ -325,7 +327,7 @@ def main() -> None:
     results["blog loop"] = blog_loop(model_dir, paths[:args.blog_images])
     results["pipeline, batch 32"] = pipeline_rate(model_dir, paths)
     rows = []
-    for precision in ("fp32", "bf16", "int8"):
+    for precision in args.precisions.split(","):
         model = load_model(str(model_dir), device="cpu", dtype=precision)
         top = ceiling(model, model.dtype)
         e2e = predict_rate(model, photos, work, f"e2e-{precision}",

@@ -15,6 +15,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from . import __version__
 from .audit import VersionAudit
+from .errors import ConfigError
 from .images import BadImage, decode, open_image, read_bytes
 
 THUMBNAILS = 60
@@ -57,7 +58,7 @@ def write_json(audits: list[VersionAudit], path: str | Path,
     if str(path) == "-":
         print(text)
     else:
-        Path(path).write_text(text + "\n", encoding="utf-8")
+        _write(path, text + "\n", "--json")
 
 
 def _finite(value):
@@ -92,7 +93,14 @@ def render_html(audits: list[VersionAudit], learning: list[dict] | None = None) 
 
 def write_html(audits: list[VersionAudit], path: str | Path,
                learning: list[dict] | None = None) -> None:
-    Path(path).write_text(render_html(audits, learning), encoding="utf-8")
+    _write(path, render_html(audits, learning), "--html")
+
+
+def _write(path: str | Path, text: str, flag: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path} ({exc.strerror or exc}): check {flag}") from None
 
 
 def heat_colour(value: int, row_total: int) -> str:

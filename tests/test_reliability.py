@@ -167,3 +167,13 @@ def test_a_symlinked_folder_named_by_the_user_is_walked(db, tmp_path):
 def test_ls_token_help_prefers_the_environment_variable():
     result = CliRunner().invoke(app, ["push", "--help"], terminal_width=200)
     assert "LABEL_STUDIO_API_KEY" in result.output and "visible in ps" in result.output
+
+
+# 11. report --html into a folder that does not exist: one line, exit code 1.
+def test_report_into_a_missing_folder_is_a_one_line_error(reviewed_db, tmp_path):
+    result = CliRunner().invoke(app, ["report", "--db", str(reviewed_db.engine.url), "--html",
+                                      str(tmp_path / "nowhere" / "x.html")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()[-1:]
+    assert line.startswith("error: cannot write") and "nowhere" in line

@@ -62,10 +62,14 @@ def push(
     with progress_bar("push", unit="tasks") as on_progress:
         summary = run_push(database, client, resolve_version(database, version), source,
                            title=project, order=order, batch_size=batch_size,
-                           on_progress=on_progress)
+                           on_progress=on_progress,
+                           on_wait=lambda line: err.print(line, markup=False))
     err.print(f"{summary.model_version} -> {summary.project_url}: {summary.tasks_created:,} "
               f"tasks created, {summary.predictions_added:,} predictions added to existing "
               f"tasks, {summary.recovered:,} recovered from an interrupted push", markup=False)
+    if summary.skipped_no_file:
+        err.print(f"  skipped {summary.skipped_no_file:,} predictions of images with no file "
+                  "left (edited or deleted since; their new content has its own)", markup=False)
 
 
 @command()
@@ -84,10 +88,15 @@ def pull(
     """
     from ..labelstudio import pull as run_pull
 
-    summary = run_pull(open_db(db), ls_client(ls_url, ls_token), full=full)
+    database, client = open_db(db), ls_client(ls_url, ls_token)
+    with progress_bar("pull", unit="tasks") as on_progress:
+        summary = run_pull(database, client, full=full, on_progress=on_progress)
     err.print(f"{summary.tasks_seen:,} tasks read: {summary.new:,} new annotations, "
               f"{summary.updated:,} updated, {summary.deleted:,} deleted, {summary.unchanged:,} "
               f"unchanged ({summary.cancelled:,} skipped by reviewers)", markup=False)
+    if summary.tasks_gone:
+        err.print(f"  {summary.tasks_gone:,} reviewed tasks were deleted in Label Studio: "
+                  "their annotations no longer count", markup=False)
 
 
 @command()

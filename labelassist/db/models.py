@@ -210,3 +210,14 @@ class LSPushJournal(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     image_ids: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Lock(Base):
+    """A named lease: who holds it and until when (locks.py)."""
+
+    __tablename__ = "locks"
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    hostname: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -7,6 +7,8 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import TypeVar
 from urllib.parse import urlparse
 
@@ -20,6 +22,10 @@ TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 
 class TransientError(LabelStudioError):
     """Label Studio did not answer usefully, even after retrying."""
+
+
+class NotJSON(LabelStudioError):
+    """A 2xx answer that is no JSON: a login page, a proxy, not Label Studio at all."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,10 @@ def resolve_connection(url: str | None, token: str | None) -> Connection:
     if not token:
         raise LabelStudioError("no Label Studio token: set LABEL_STUDIO_API_KEY or pass "
                                "--ls-token (Account & Settings > Access Token in Label Studio)")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
+        raise LabelStudioError("the Label Studio token (LABEL_STUDIO_API_KEY or --ls-token) "
+                               "contains a line break or another control character: copy it "
+                               "again without the end of line")
     return Connection(url, token)
 
 
@@ -111,15 +121,35 @@ class LabelStudioClient:
         def get():
             response = self.http.get(path, params=params)
             response.raise_for_status()
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                kind = response.headers.get("content-type", "no content type").split(";")[0]
+                raise NotJSON(f"{self.conn.url}{path} answered {response.status_code} with "
+                              f"{kind}, not JSON, while {what}: is --ls-url Label Studio's "
+                              "address (not a login page or a proxy)?") from None
 
         return self.call(what, get)
+
+    def server_time(self) -> datetime:
+        """Label Studio's own clock (its Date header), so that watermarks never depend on
+        this machine's clock."""
+        def get():
+            response = self.http.get("/api/version")
+            response.raise_for_status()
+            return response.headers.get("date")
+
+        stamp = self.call("reading the server's clock", get)
+        try:
+            return parsedate_to_datetime(stamp).astimezone(timezone.utc)
+        except (TypeError, ValueError):
+            return datetime.now(timezone.utc)  # no Date header: our clock, our best guess
 
     def check_server(self) -> str:
         """The server's version; a clear error if it is not Label Studio or the token is bad."""
         try:
             info = self.get_json("/api/version", "checking the server")
-        except ValueError:
+        except NotJSON:
             info = None
         except LabelStudioError as exc:
             if "answered 404" in str(exc):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,13 +66,18 @@ def resolve_image_source(mode: str, root: str | None, ls_url: str) -> ImageSourc
     return ImageSource(mode, Path(root).resolve() if root else None)
 
 
+def project_title(version: ModelVersion, title: str | None) -> str:
+    # Label Studio keeps at most 50 characters of a title; look up what it will store.
+    classes = list(version.label_set["classes"])
+    return (title or f"labelassist: {' / '.join(classes)}")[:MAX_TITLE]
+
+
 def ensure_project(db: Database, client: LabelStudioClient, version: ModelVersion,
                    title: str | None, mode: str) -> LSProject:
     """The project for this label set: ours if we made it, else found by title, else new.
     Classes missing from an existing project's choices are added to its config."""
     classes = list(version.label_set["classes"])
-    # Label Studio keeps at most 50 characters of a title; look up what it will store.
-    title = (title or f"labelassist: {' / '.join(classes)}")[:MAX_TITLE]
+    title = project_title(version, title)
     with db.read() as session:
         known = session.scalars(select(LSProject).where(
             LSProject.url == client.conn.url, LSProject.title == title)).first()
@@ -113,37 +118,84 @@ def _get_or_none(client: LabelStudioClient, project_id: int):
 
 
 def _add_missing_choices(client: LabelStudioClient, remote, classes: list[str]) -> None:
-    import re
-
-    have = re.findall(r'<Choice\s+value="([^"]*)"', remote.label_config or "")
-    from xml.sax.saxutils import unescape
-
-    have = [unescape(h, {"&quot;": '"'}) for h in have]
-    missing = [c for c in classes if c not in have]
-    if missing:
+    """Add the classes the project lacks as Choices of its `label` control, leaving every
+    other control, attribute and choice as it is."""
+    config = remote.label_config or ""
+    updated = config_with_choices(config, classes)
+    if updated is not None:
         client.call("updating the labeling config", client.sdk.projects.update, id=remote.id,
-                    label_config=label_config(have + missing))
+                    label_config=updated)
 
 
+def config_with_choices(config: str, classes: list[str]) -> str | None:
+    """The config with missing classes added, or None when nothing is missing."""
+    import xml.etree.ElementTree as ET
 
-def list_remote_tasks(client: LabelStudioClient, project_id: int, since: datetime | None = None):
-    """Every task of the project (or those updated after `since`), with annotations and
-    predictions, page by page."""
+    try:
+        root = ET.fromstring(config, parser=ET.XMLParser(
+            target=ET.TreeBuilder(insert_comments=True)))
+    except ET.ParseError as exc:
+        raise LabelStudioError(f"the project's labeling config is not valid XML ({exc}); "
+                               "fix it in Label Studio's settings") from None
+    control = next((c for c in root.iter("Choices") if c.get("name") == FROM_NAME), None)
+    if control is None:
+        raise LabelStudioError(f"the project's labeling config has no <Choices name="
+                               f"\"{FROM_NAME}\">: labelassist predictions need one")
+    have = {c.get("value") for c in control.iter("Choice")}
+    missing = [c for c in classes if c not in have]
+    if not missing:
+        return None
+    indent = (list(control)[-1].tail if len(control) else None) or "\n    "
+    for name in missing:
+        if len(control):
+            control[-1].tail = indent
+        element = ET.SubElement(control, "Choice", {"value": name})
+        element.tail = "\n  "
+    return ET.tostring(root, encoding="unicode")
+
+
+def iter_remote_pages(client: LabelStudioClient, project_id: int,
+                      since: datetime | None = None, *, page_size: int = BATCH,
+                      include: str | None = None) -> Iterator[tuple[list[dict], int]]:
+    """The project's tasks (or those updated after `since`), a page at a time, with the
+    total the server reports. Stops at the first short or empty page, or one that brings
+    no task not seen before: a server whose `total` is wrong cannot make this loop."""
     query = None
     if since is not None:
         value = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         query = json.dumps({"filters": {"conjunction": "and", "items": [
             {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
              "value": value}]}})
-    tasks, page = [], 1
+    params = {"project": project_id, "page_size": page_size,
+              **({"include": include} if include else {"fields": "all"}),
+              **({"query": query} if query else {})}
+    seen: set = set()
+    page = 1
     while True:
-        body = client.get_json("/api/tasks", "listing tasks", project=project_id, page=page,
-                               page_size=500, fields="all", **({"query": query} if query else {}))
+        body = client.get_json("/api/tasks", "listing tasks", page=page, **params)
         batch = body.get("tasks", []) if isinstance(body, dict) else body
-        tasks += batch
-        total = body.get("total", len(tasks)) if isinstance(body, dict) else len(tasks)
-        if not batch or len(tasks) >= total:  # a page past the end would be a 404
-            return tasks
+        if not isinstance(batch, list):
+            raise LabelStudioError("Label Studio sent a task list that is not a list: check "
+                                   "--ls-url")
+        total = body.get("total", 0) if isinstance(body, dict) else len(batch)
+        fresh = [t for t in batch if isinstance(t, dict) and t.get("id") not in seen]
+        seen.update(t.get("id") for t in fresh)
+        if fresh:
+            yield fresh, max(total, len(seen)) if isinstance(total, int) else len(seen)
+        if not fresh or len(batch) < page_size or len(seen) >= (total or 0):
+            return  # a page past the end would be a 404
         page += 1
 
 
+def list_remote_tasks(client: LabelStudioClient, project_id: int, since: datetime | None = None,
+                      *, page_size: int = BATCH) -> list[dict]:
+    """Every task of the project (or those updated after `since`), with annotations and
+    predictions. Holds them all: for reconciling one push's journal, and for tests."""
+    return [task for page, _ in iter_remote_pages(client, project_id, since,
+                                                  page_size=page_size) for task in page]
+
+
+def remote_task_ids(client: LabelStudioClient, project_id: int) -> set[int]:
+    """The ids of every task the project still has (ids only: cheap)."""
+    return {t["id"] for page, _ in iter_remote_pages(client, project_id, page_size=1000,
+                                                     include="id") for t in page}

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from ..db import Database
 from ..db.models import Annotation, LSProject, LSTask, ModelVersion, utcnow
 from ..errors import LabelStudioError
 from ..queries import rows_in_chunks
 from .client import LabelStudioClient
-from .project import FROM_NAME, Progress, list_remote_tasks
+from .project import BATCH, FROM_NAME, Progress, iter_remote_pages, remote_task_ids
 
 
 @dataclass
@@ -24,16 +25,20 @@ class PullSummary:
     unchanged: int = 0
     cancelled: int = 0
     unknown_tasks: int = 0
+    tasks_gone: int = 0  # deleted in Label Studio: their annotations no longer count
     projects: list[str] = field(default_factory=list)
 
 
-OVERLAP = timedelta(seconds=1)  # re-read a task saved while the last pull was listing
+# A change whose request began before the pull started may commit a moment later with an
+# older updated_at: the next pull looks back this far before this pull's start.
+MARGIN = timedelta(seconds=2)
 
 
 def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
-         on_progress: Progress | None = None) -> PullSummary:
+         page_size: int = BATCH, on_progress: Progress | None = None) -> PullSummary:
     """Store annotations that are new or changed since the last pull, in every project we
-    pushed to on this server; mark the ones deleted in Label Studio."""
+    pushed to on this server; mark the ones deleted in Label Studio, and the annotations
+    of tasks deleted there. Works a page at a time; progress is (tasks seen, total)."""
     client.check_server()
     with db.read() as s:
         projects = s.scalars(select(LSProject).where(LSProject.url == client.conn.url)).all()
@@ -43,29 +48,63 @@ def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
     summary = PullSummary()
     users = {u["id"]: u.get("email") or u.get("username")
              for u in client.get_json("/api/users", "listing users")}
-    for done, project in enumerate(projects, start=1):
-        since = None if full or project.last_pull_at is None else \
-            _aware(project.last_pull_at) - OVERLAP
-        tasks = list_remote_tasks(client, project.ls_project_id, since)
-        _store_annotations(db, project, tasks, users, summary)
-        # The watermark is the server's own clock (the newest updated_at seen), so clock
-        # skew between this machine and Label Studio cannot hide a change.
-        stamps = [_parse_time(t.get("updated_at")) for t in tasks if t.get("updated_at")]
-        if stamps:
-            with db.write() as s:
-                s.get(LSProject, project.id).last_pull_at = max(stamps)
+    for project in projects:
+        # The watermark is the server's clock when this pull began (minus a margin), not
+        # the newest change seen: a change committed while pages are read has a later
+        # updated_at than the start, so the next pull sees it. Clock skew between this
+        # machine and Label Studio does not matter either.
+        started = client.server_time()
+        since = None if full or project.last_pull_at is None else _aware(project.last_pull_at)
+        for tasks, total in iter_remote_pages(client, project.ls_project_id, since,
+                                              page_size=page_size):
+            _store_annotations(db, project, tasks, users, summary)
+            if on_progress:
+                on_progress(summary.tasks_seen, total)
+        _forget_deleted_tasks(db, client, project, summary)
+        with db.write() as s:
+            s.get(LSProject, project.id).last_pull_at = started - MARGIN
         summary.projects.append(project.title)
-        if on_progress:
-            on_progress(done, len(projects))
     return summary
+
+
+def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSProject,
+                          summary: PullSummary) -> None:
+    """A task deleted in Label Studio is absent from every listing; its annotations here
+    are marked deleted, so audit, learn and export stop counting them."""
+    with db.read() as s:
+        reviewed = dict(s.execute(select(LSTask.ls_task_id, LSTask.image_id).join(
+            Annotation, (Annotation.image_id == LSTask.image_id)
+            & (Annotation.project_id == LSTask.project_id))
+            .where(LSTask.project_id == project.id, Annotation.deleted_at.is_(None))).all())
+    if not reviewed:
+        return
+    gone = set(reviewed) - remote_task_ids(client, project.ls_project_id)
+    if not gone:
+        return
+    now = utcnow()
+    with db.write() as s:
+        for ls_task_id in gone:
+            summary.deleted += s.execute(update(Annotation).where(
+                Annotation.project_id == project.id,
+                Annotation.image_id == reviewed[ls_task_id], Annotation.deleted_at.is_(None))
+                .values(deleted_at=now)).rowcount
+    summary.tasks_gone += len(gone)
 
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+def _parse_time(value, what: str = "a timestamp") -> datetime | None:
+    """An ISO 8601 time from Label Studio, in UTC (SQLite keeps no offset)."""
+    if value is None or value == "":
+        return None
+    try:
+        return _aware(datetime.fromisoformat(str(value).replace("Z", "+00:00"))) \
+            .astimezone(timezone.utc)
+    except ValueError:
+        raise LabelStudioError(f"Label Studio sent an unreadable time {value!r} for {what}; "
+                               "is --ls-url a Label Studio server?") from None
 
 
 def _store_annotations(db: Database, project: LSProject, tasks: list[dict], users: dict,
@@ -125,13 +164,26 @@ def _annotation_values(remote: dict, predictions: dict, versions_by_name: dict,
             "model_version_id": version_id, "accepted_prediction": accepted,
             "annotator": users.get(author, str(author) if author is not None else None),
             "lead_time": remote.get("lead_time"),
-            "ls_created_at": _parse_time(remote.get("created_at")),
-            "ls_updated_at": _parse_time(remote.get("updated_at"))}
+            "ls_created_at": _parse_time(remote.get("created_at"),
+                                         f"annotation {remote.get('id')}"),
+            "ls_updated_at": _parse_time(remote.get("updated_at"),
+                                         f"annotation {remote.get('id')}")}
 
 
 def _choice(result: list[dict]) -> str | None:
-    for item in result:
-        if item.get("from_name") == FROM_NAME and item.get("type") == "choices":
-            choices = item.get("value", {}).get("choices") or []
-            return choices[0] if choices else None
+    for item in result if isinstance(result, list) else []:
+        if isinstance(item, dict) and item.get("from_name") == FROM_NAME \
+                and item.get("type") == "choices":
+            choices = (item.get("value") or {}).get("choices") or []
+            return _as_label(choices[0]) if choices else None
     return None
+
+
+def _as_label(value) -> str | None:
+    """A choice as text: what a reviewer picked is a string, but a hand-made task or an
+    API client can send anything."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, bool)):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)

@@ -9,6 +9,7 @@ or prediction is lost or sent twice.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -27,6 +28,7 @@ from ..db.models import (
     Prediction,
 )
 from ..errors import LabelStudioError
+from ..locks import hold
 from .client import LabelStudioClient
 from .project import (
     BATCH,
@@ -37,6 +39,7 @@ from .project import (
     choice_result,
     ensure_project,
     list_remote_tasks,
+    project_title,
 )
 
 
@@ -49,28 +52,34 @@ class PushSummary:
     predictions_added: int = 0
     recovered: int = 0
     already_there: int = 0
-
+    skipped_no_file: int = 0  # predictions of images whose every file is gone or edited
 
 
 def push(db: Database, client: LabelStudioClient, version: ModelVersion, source: ImageSource,
          *, title: str | None = None, order: str = "ingest", batch_size: int = BATCH,
-         on_progress: Progress | None = None) -> PushSummary:
+         on_progress: Progress | None = None,
+         on_wait: Callable[[str], None] | None = None) -> PushSummary:
     """Create a task per predicted image (with its prediction), and add this version's
-    predictions to tasks that exist already. Safe to rerun and to interrupt."""
+    predictions to tasks that exist already. Safe to rerun, to interrupt, and to run
+    twice at once: pushes to one project take turns (a lock in the database)."""
     source.check()
     client.check_server()
-    project = ensure_project(db, client, version, title, source.mode)
-    summary = PushSummary(project.ls_project_id, f"{client.conn.url}/projects/"
-                          f"{project.ls_project_id}", version.name)
-    _reconcile_journal(db, client, project, summary)
-    pusher = _Pusher(db, client, project, version, source, summary)
-    total = pusher.count_todo()
-    done = 0
-    for kind, batch in pusher.batches(order, batch_size):
-        pusher.send(kind, batch)
-        done += len(batch)
-        if on_progress:
-            on_progress(done, total)
+    title = project_title(version, title)
+    with hold(db, f"push to {client.conn.url} project {title!r}", on_wait=on_wait) as lock:
+        project = ensure_project(db, client, version, title, source.mode)
+        summary = PushSummary(project.ls_project_id, f"{client.conn.url}/projects/"
+                              f"{project.ls_project_id}", version.name)
+        _reconcile_journal(db, client, project, summary)
+        pusher = _Pusher(db, client, project, version, source, summary)
+        total = pusher.count_todo()
+        summary.skipped_no_file = pusher.count_without_file()
+        done = 0
+        for kind, batch in pusher.batches(order, batch_size):
+            pusher.send(kind, batch)
+            lock.refresh()
+            done += len(batch)
+            if on_progress:
+                on_progress(done, total)
     return summary
 
 
@@ -80,11 +89,23 @@ class _Pusher:
         self.version, self.source, self.summary = version, source, summary
         self.storages: set[Path] | None = None
 
-    def new_task_query(self):
+    def new_task_query(self, *, with_file: bool = True):
+        """Predictions of images that have no task yet (and a file to show reviewers)."""
+        has_file = select(File.id).where(File.image_id == Prediction.image_id,
+                                         File.error.is_(None)).exists()
         return (select(Prediction, Image.sha256).join(Image, Image.id == Prediction.image_id)
                 .where(Prediction.model_version_id == self.version.id, Image.error.is_(None),
+                       has_file if with_file else ~has_file,
                        ~select(LSTask.id).where(LSTask.project_id == self.project.id,
                                                 LSTask.image_id == Prediction.image_id).exists()))
+
+    def count_without_file(self) -> int:
+        """An image edited and re-ingested keeps its old predictions, with no file left."""
+        from sqlalchemy import func
+
+        with self.db.read() as s:
+            return s.scalar(select(func.count()).select_from(
+                self.new_task_query(with_file=False).subquery()))
 
     def new_prediction_query(self):
         return (select(Prediction, LSTask).join(LSTask, LSTask.image_id == Prediction.image_id)
