@@ -290,12 +290,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--photos", default=None,
                         help="folder with china.jpg and flower.jpg (default: scikit-learn's)")
+    parser.add_argument("--table", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="which table: auto is gpu for a cuda --device (gpu on a CPU is "
+                        "a dry run of the GPU check)")
     parser.add_argument("--precisions", default="fp32,bf16,int8",
                         help="CPU rows to measure (bf16 is slow without AVX512-BF16 or AMX)")
     parser.add_argument("--only-scale", action="store_true",
                         help="only the 1k/10k memory and re-scoring part")
     args = parser.parse_args()
-    gpu = args.device.startswith("cuda")
+    gpu = args.device.startswith("cuda") if args.table == "auto" else args.table == "gpu"
     if args.images is None:
         args.images = 8000 if gpu else 400
     if args.quick:
@@ -314,7 +317,7 @@ def main() -> None:
     paths = sorted(photos.glob("*.jpg"))[:args.images] if photos.exists() else []
     if len(paths) < args.images:
         paths = synthetic_jpegs(photos, args.images)
-    where = (torch.cuda.get_device_name() if gpu else
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
              f"{torch.get_num_threads()} threads, fast bf16 on this CPU: {cpu_has_fast_bf16()}")
     print(f"torch {torch.__version__}, {where}, {os.cpu_count()} cores; {len(paths)} JPEGs "
           f"512x512; ViT-B/32 random weights\n")
@@ -367,6 +370,7 @@ def gpu_section(args, work: Path, model_dir: Path, photos: Path, paths: list[Pat
     results = {"blog loop (fp32, batch 1)": blog_loop(model_dir, paths[:args.blog_images],
                                                       device)}
     results["pipeline, batch 64, fp32"] = pipeline_rate(model_dir, paths[:2000], device, 64)
+    print(f"blog loop and pipeline done: {results}", flush=True)
     model = load_model(str(model_dir), device=device, dtype="auto")
     b32_top = ceiling(model, model.dtype, batch=256, seconds=10)
     decode = {kind: decode_rate(model.preprocess, paths, kind, plan_feed(kind, model.device)

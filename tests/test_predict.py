@@ -81,9 +81,12 @@ def test_image_deleted_between_ingest_and_predict_is_recorded(db, tiny_model, ph
     summary = predict(db, tiny_model, load_label_file(labels_file))
 
     assert summary.failed == {"missing": 1} and summary.encoded == 23
-    with db.read() as s:
+    assert "no readable path" in summary.failed_examples["missing"]
+    with db.read() as s:  # gone for now is not final: the image stays pending
         errors = s.execute(select(Image.error).where(Image.error.is_not(None))).all()
-    assert errors == [("missing",)]
+    assert errors == []
+    again = predict(db, tiny_model, load_label_file(labels_file))
+    assert again.failed == {"missing": 1} and again.encoded == 0
 
 
 def test_cli_predict_and_predictions_jsonl_and_csv(db_url, tiny_clip_dir, photo_dir,
