@@ -361,44 +361,50 @@ def print_agreement(model_dir: Path, device: str, photos: str | None = None) -> 
 
 def gpu_section(args, work: Path, model_dir: Path, photos: Path, paths: list[Path]) -> None:
     """One run, one table: the ways people run CLIP on a GPU, our predict (B/32 and L/14),
-    and the ceilings that bound it (tower alone, decoding alone, ingest)."""
+    and the ceilings that bound it (tower alone, decoding alone, ingest). Each figure is
+    also printed as soon as it is measured, so a run cut short still reports."""
     from labelassist.feed import plan_feed
     from labelassist.tinymodels import save_random_clip, vit_l14_config
 
     device = args.device
     cores = os.cpu_count() or 1
-    results = {"blog loop (fp32, batch 1)": blog_loop(model_dir, paths[:args.blog_images],
-                                                      device)}
-    results["pipeline, batch 64, fp32"] = pipeline_rate(model_dir, paths[:2000], device, 64)
-    print(f"blog loop and pipeline done: {results}", flush=True)
+    big = 256 if device.startswith("cuda") else 16  # a dry run on a CPU stays short
+    results, rows, notes = {}, [], []
+
+    def measured(name: str, value: float) -> float:
+        results[name] = value
+        print(f"  measured: {name}: {value:,.1f}", flush=True)
+        return value
+
+    measured("blog loop (fp32, batch 1)", blog_loop(model_dir, paths[:args.blog_images], device))
+    measured("pipeline, batch 64, fp32", pipeline_rate(model_dir, paths[:2000], device, 64))
     model = load_model(str(model_dir), device=device, dtype="auto")
-    b32_top = ceiling(model, model.dtype, batch=256, seconds=10)
-    decode = {kind: decode_rate(model.preprocess, paths, kind, plan_feed(kind, model.device)
-                                .workers) for kind in ("threads", "processes")}
-    rows, notes = [], []
+    b32_top = measured(f"image tower alone, B/32 {model.dtype}, batch {big}",
+                       ceiling(model, model.dtype, batch=big, seconds=10))
+    decode = {kind: measured(f"decode + preprocess alone, {kind}", decode_rate(
+        model.preprocess, paths, kind, plan_feed(kind, model.device).workers))
+        for kind in ("threads", "processes")}
     for feed in ("processes", "threads"):
         got = predict_rate(model, photos, work, f"gpu-b32-{feed}", exact=False, batch=None,
                            feed=feed)
+        print(f"  measured: predict B/32 via {feed}: {got.images_per_second:,.1f}", flush=True)
         rows.append((f"predict B/32 {model.dtype}, {got.feed}", got.images_per_second,
                      min(b32_top, decode[feed])))
         notes.append(f"B/32 via {feed}: {got.write_seconds / got.seconds:.1%} of predict "
                      f"time in database writes (overlapped), {got.seconds:.1f} s")
-    for kind, value in decode.items():
-        results[f"decode + preprocess alone, {kind}"] = value
-    results[f"image tower alone, B/32 {model.dtype}, batch 256"] = b32_top
     del model
     large_dir = work / "vit-l-14"
     if not (large_dir / "model.safetensors").exists():
         save_random_clip(large_dir, vit_l14_config())
     large = load_model(str(large_dir), device=device, dtype="auto")
-    l14_top = ceiling(large, large.dtype, batch=256, seconds=10)
-    results[f"image tower alone, L/14 {large.dtype}, batch 256"] = l14_top
+    l14_top = measured(f"image tower alone, L/14 {large.dtype}, batch {big}",
+                       ceiling(large, large.dtype, batch=big, seconds=10))
     got = predict_rate(large, photos, work, "gpu-l14", exact=False, batch=None)
     rows.append((f"predict L/14 {large.dtype}, {got.feed}", got.images_per_second,
                  min(l14_top, decode["processes"])))
     del large
-    results[f"ingest (hash + header + check), {cores} cores, files/s"] = \
-        ingest_rate(photos, work)
+    measured(f"ingest (hash + header + check), {cores} cores, files/s", ingest_rate(photos, work))
+    print()
     print_table(results, rows)
     for line in notes:
         print(line)

@@ -18,6 +18,8 @@ from .db.models import AutoAccept, Prediction, utcnow
 from .queries import resolve_version
 from .reviews import load_reviews
 
+CHUNK = 5000
+
 
 @dataclass
 class AcceptSummary:
@@ -40,18 +42,25 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
             summary.reasons[cls] = t["reason"]
     reviews = load_reviews(db, policy)
     reviewed = set(reviews.labels) | reviews.skipped
-    with db.read() as s:
-        preds = s.scalars(select(Prediction).where(
-            Prediction.model_version_id == version.id)).all()
-    rows = []
-    for p in preds:
-        threshold = summary.thresholds.get(p.label)
-        if p.image_id in reviewed or threshold is None or p.confidence < threshold:
-            continue
-        rows.append({"image_id": p.image_id, "model_version_id": version.id, "label": p.label,
-                     "confidence": p.confidence, "threshold": threshold,
-                     "target_precision": target_precision, "created_at": utcnow()})
-        summary.accepted[p.label] += 1
-    with db.write() as s:
-        insert_ignoring_duplicates(s, AutoAccept, rows)
-    return summary
+    trusted = {c: t for c, t in summary.thresholds.items() if t is not None}
+    if not trusted:
+        return summary
+    last = 0
+    while True:  # in chunks, by id: a million predictions never sit in memory at once
+        with db.read() as s:
+            chunk = s.execute(select(Prediction.id, Prediction.image_id, Prediction.label,
+                                     Prediction.confidence)
+                              .where(Prediction.model_version_id == version.id,
+                                     Prediction.id > last, Prediction.label.in_(trusted))
+                              .order_by(Prediction.id).limit(CHUNK)).all()
+        if not chunk:
+            return summary
+        last = chunk[-1][0]
+        rows = [{"image_id": image_id, "model_version_id": version.id, "label": label,
+                 "confidence": confidence, "threshold": trusted[label],
+                 "target_precision": target_precision, "created_at": utcnow()}
+                for _, image_id, label, confidence in chunk
+                if image_id not in reviewed and confidence >= trusted[label]]
+        with db.write() as s:
+            insert_ignoring_duplicates(s, AutoAccept, rows)
+        summary.accepted.update(r["label"] for r in rows)
