@@ -12,6 +12,7 @@ batches in flight and a rerun duplicates nothing.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter, deque
@@ -158,9 +159,13 @@ class _Run:
                 writer.submit(Batch([i for i, _ in rows]), vectors, store_embeddings=False)
 
     def encode_pending(self) -> None:
+        jobs = self.jobs()
+        first = next(jobs, None)
+        if first is None:
+            return  # nothing to decode: start no decode workers (a worker polls often)
         plan = plan_feed(self.options.feed, self.model.device, self.options.decode_workers)
         self.summary.feed = f"{plan.workers} decode {plan.kind}"
-        batches = decoded_batches(self.jobs(), self.model.preprocess,
+        batches = decoded_batches(itertools.chain([first], jobs), self.model.preprocess,
                                   draft=not self.options.exact,
                                   max_pixels=self.options.max_pixels, plan=plan,
                                   pin_memory=self.model.device.type == "cuda",

@@ -186,8 +186,10 @@ def test_pull_stops_when_pages_bring_nothing_new(db, tmp_path):
                                                               "tasks": page})}) as server:
         client = ledger_for(db, server.url, tmp_path, tasks=3)
         summary = pull(db, client, full=True)
-    assert summary.tasks_seen == 3
-    assert server.requests["/api/tasks"] <= 3
+    assert summary.tasks_seen == 3 and summary.deleted == 0
+    # Two listings (the tasks, then their ids to find deleted ones), each ending at the
+    # first page that brings nothing new. The code before looped here forever.
+    assert server.requests["/api/tasks"] == 4
 
 
 # 11. Tracebacks instead of one-line errors.
@@ -255,3 +257,16 @@ def ledger_for(db, url, tmp_path, *, tasks):
     return LabelStudioClient(Connection(url, "token"), retries=0)
 
 
+
+
+def test_a_server_that_serves_smaller_pages_is_read_to_the_end(db, tmp_path):
+    tasks = [task_json(n) for n in range(1, 6)]
+
+    def two_per_page(query):
+        page = int(query["page"][0])
+        return 200, JSON, {"total": 5, "tasks": tasks[(page - 1) * 2:page * 2]}
+
+    with HostileServer({"/api/tasks": two_per_page}) as server:
+        client = ledger_for(db, server.url, tmp_path, tasks=5)
+        summary = pull(db, client, full=True)
+    assert (summary.tasks_seen, summary.new, summary.deleted) == (5, 5, 0)

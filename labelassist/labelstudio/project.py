@@ -170,19 +170,24 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
               **({"include": include} if include else {"fields": "all"}),
               **({"query": query} if query else {})}
     seen: set = set()
-    page = 1
+    page, last_page = 1, None
     while True:
         body = client.get_json("/api/tasks", "listing tasks", page=page, **params)
         batch = body.get("tasks", []) if isinstance(body, dict) else body
         if not isinstance(batch, list):
             raise LabelStudioError("Label Studio sent a task list that is not a list: check "
                                    "--ls-url")
-        total = body.get("total", 0) if isinstance(body, dict) else len(batch)
+        total = body.get("total") if isinstance(body, dict) else None
+        total = total if isinstance(total, int) else len(seen) + len(batch)
         fresh = [t for t in batch if isinstance(t, dict) and t.get("id") not in seen]
         seen.update(t.get("id") for t in fresh)
         if fresh:
-            yield fresh, max(total, len(seen)) if isinstance(total, int) else len(seen)
-        if not fresh or len(batch) < page_size or len(seen) >= (total or 0):
+            yield fresh, max(total, len(seen))
+        if last_page is None and batch:  # the server may serve fewer per page than asked
+            last_page = -(-total // len(batch)) + 1
+        # Stop at the end, at a page that brings nothing new (a server that repeats
+        # itself), or past the pages that `total` needs (one that invents tasks).
+        if not fresh or len(seen) >= total or page >= (last_page or 0):
             return  # a page past the end would be a 404
         page += 1
 
@@ -195,7 +200,10 @@ def list_remote_tasks(client: LabelStudioClient, project_id: int, since: datetim
                                                   page_size=page_size) for task in page]
 
 
-def remote_task_ids(client: LabelStudioClient, project_id: int) -> set[int]:
-    """The ids of every task the project still has (ids only: cheap)."""
-    return {t["id"] for page, _ in iter_remote_pages(client, project_id, page_size=1000,
-                                                     include="id") for t in page}
+def remote_task_ids(client: LabelStudioClient, project_id: int) -> tuple[set[int], int]:
+    """The ids of every task the project still has (ids only: cheap), and the total the
+    server reports."""
+    ids, total = set(), 0
+    for page, total in iter_remote_pages(client, project_id, page_size=1000, include="id"):
+        ids.update(t["id"] for t in page)
+    return ids, total

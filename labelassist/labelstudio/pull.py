@@ -78,7 +78,10 @@ def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSPr
             .where(LSTask.project_id == project.id, Annotation.deleted_at.is_(None))).all())
     if not reviewed:
         return
-    gone = set(reviewed) - remote_task_ids(client, project.ls_project_id)
+    remote, total = remote_task_ids(client, project.ls_project_id)
+    if len(remote) < total:
+        return  # an incomplete listing proves nothing: never drop a review on a guess
+    gone = set(reviewed) - remote
     if not gone:
         return
     now = utcnow()
