@@ -19,13 +19,16 @@ from sqlalchemy import select
 from .config import LabelSet
 from .db import Database, open_database
 from .db.models import ModelVersion
+from .errors import ConfigError
 from .model import LoadedModel, load_model
 from .predict import PredictOptions, PredictSummary, ensure_model_version, predict_version
 
 
 def merge(summaries: list[PredictSummary], seconds: float) -> PredictSummary:
+    feed = next((s.feed for s in summaries if s.feed), "")
     merged = PredictSummary(model_version=summaries[0].model_version, seconds=seconds,
-                            feed=f"{len(summaries)} workers, each with {summaries[0].feed}")
+                            feed=f"{len(summaries)} workers" + (f", each with {feed}"
+                                                                 if feed else ""))
     for s in summaries:
         merged.write_seconds += s.write_seconds
         merged.rescored += s.rescored
@@ -54,8 +57,12 @@ def predict_in_processes(db_url: str, model_id: str, label_set: LabelSet, worker
                          on_tick: Callable[[], None] | None = None) -> PredictSummary:
     """`predict --workers N`: N processes share the cores and claim batches from one DB."""
     threads = max(1, (os.cpu_count() or 1) // workers)
-    if options.decode_workers is None:  # the workers share the cores for decoding too
-        options = dataclasses.replace(options, decode_workers=max(1, threads - 1))
+    if options.feed == "processes":
+        raise ConfigError("--workers N runs N processes, each decoding in threads; it cannot "
+                          "be combined with --feed processes (use one or the other)")
+    # Pool workers are daemonic and may not start processes: each decodes in threads.
+    options = dataclasses.replace(options, feed="threads",
+                                  decode_workers=options.decode_workers or max(1, threads - 1))
     ctx = multiprocessing.get_context("spawn")  # torch and forked threads do not mix
     started = time.perf_counter()
     args = (db_url, model_id, device, dtype, threads, label_set.to_json(), options)

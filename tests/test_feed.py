@@ -92,3 +92,17 @@ def test_cli_predict_with_the_process_feed(db_url, tiny_clip_dir, photo_dir, lab
     assert result.exit_code == 0, result.output
     assert "24 predicted (24 encoded" in result.output and "2 decode processes" in result.output
     assert time.perf_counter() - started < 600  # a hang guard, not a speed test
+
+
+def test_worker_processes_decode_in_threads_and_refuse_the_process_feed(db_url, tiny_clip_dir,
+                                                                        photo_dir, labels_file):
+    runner = CliRunner()
+    env = {"LABELASSIST_DB": db_url}
+    assert runner.invoke(app, ["ingest", str(photo_dir)], env=env).exit_code == 0
+    base = ["predict", "--labels", str(labels_file), "--model", str(tiny_clip_dir),
+            "--workers", "2"]
+    refused = runner.invoke(app, base + ["--feed", "processes"], env=env)
+    assert refused.exit_code == 1 and "--feed processes" in refused.output
+    result = runner.invoke(app, base, env=env)
+    assert result.exit_code == 0, result.output
+    assert "24 predicted" in result.output and "decode threads" in result.output
