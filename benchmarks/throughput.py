@@ -336,6 +336,7 @@ def main() -> None:
         e2e = predict_rate(model, photos, work, f"e2e-{precision}",
                            exact=precision == "fp32").images_per_second
         rows.append((f"labelassist predict, {precision}", e2e, top))
+        results[f"image tower alone (ceiling), {precision}"] = top
         del model
     print_table(results, rows)
     print_agreement(model_dir, "cpu", args.photos)
