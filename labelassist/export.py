@@ -57,6 +57,12 @@ class Row:
     file: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Pred:
+    label: str
+    confidence: float
+
+
 @dataclass
 class ExportSummary:
     out: Path
@@ -121,8 +127,10 @@ def collect_rows(db: Database, *, include_auto: bool, version: str | None, polic
     chosen = resolve_version(db, version)
     with db.read() as s:
         errors = set(s.scalars(select(Image.id).where(Image.error.is_not(None))))
-        preds = {p.image_id: p for p in s.scalars(select(Prediction).where(
-            Prediction.model_version_id == chosen.id))}
+        # Only the columns export needs, not ORM rows that carry every class score.
+        preds = {i: _Pred(label, confidence) for i, label, confidence in s.execute(
+            select(Prediction.image_id, Prediction.label, Prediction.confidence).where(
+                Prediction.model_version_id == chosen.id))}
         accepted = {a.image_id: a for a in s.scalars(select(AutoAccept))}
         # Paths and hashes only for what can be exported, not for the whole workspace.
         wanted = set(reviews.labels) | (set(preds) | set(accepted) if include_auto else set())
