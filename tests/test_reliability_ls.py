@@ -39,11 +39,13 @@ def count(db, model, *where):
 
 
 # 1. Concurrent pushes must not import tasks twice (nor make two projects).
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
 def test_two_pushes_at_once_make_one_project_and_one_task_per_image(
-        tmp_path, tiny_clip_dir, label_studio, request):
-    photos = label_studio.root / f"concurrent-{os.getpid()}"
+        tmp_path, tiny_clip_dir, label_studio, request, database):
+    photos = label_studio.root / f"concurrent-{os.getpid()}-{database}"
     write_shape_images(photos, 40)
-    url = f"sqlite:///{tmp_path / 'push.db'}"
+    url = f"sqlite:///{tmp_path / 'push.db'}" if database == "sqlite" else \
+        request.getfixturevalue("pg_url")
     labels = tmp_path / "labels.toml"
     labels.write_text(LABELS)
     env = {**os.environ, "LABELASSIST_DB": url, "HF_HUB_OFFLINE": "1",
@@ -51,7 +53,7 @@ def test_two_pushes_at_once_make_one_project_and_one_task_per_image(
     cli = [sys.executable, "-m", "labelassist.cli"]
     subprocess.run(cli + ["run", str(photos), "--labels", str(labels), "--model",
                           str(tiny_clip_dir)], env=env, check=True, capture_output=True)
-    title = f"race {os.getpid()} {request.node.name}"[:50]
+    title = f"race {database} {os.getpid()} {request.node.name}"[:50]
     push_cmd = cli + ["push", "--project", title, "--batch-size", "5", "--ls-root",
                       str(label_studio.root)]
     procs = [subprocess.Popen(push_cmd, env=env, stdout=subprocess.PIPE,
