@@ -99,9 +99,6 @@ class _DecodeJobs(torch.utils.data.Dataset):
     def __getitem__(self, job: Job):
         return job[0], self.decode_one(job[1])
 
-    def __getitems__(self, jobs: list[Job]):
-        return [self[job] for job in jobs]
-
 
 class _ClaimedBatches:
     """The DataLoader's batch sampler: each iteration step claims the next batch."""
@@ -110,16 +107,21 @@ class _ClaimedBatches:
         self.jobs = jobs
 
     def __iter__(self):
-        return (chunk for chunk in self.jobs if chunk)
+        return iter(self.jobs)
 
 
-def _collate(items: list[tuple[int, np.ndarray | BadImage]]) -> dict:
-    """In the worker: stack the good crops; bad images travel as plain tuples (a BadImage
-    does not survive pickling)."""
-    good = [(i, r) for i, r in items if not isinstance(r, BadImage)]
-    return {"ids": [i for i, _ in good],
-            "pixels": torch.from_numpy(np.stack([r for _, r in good])) if good else None,
-            "bad": [(i, r.reason, r.detail) for i, r in items if isinstance(r, BadImage)]}
+def _stack_good(results: list[tuple[int, np.ndarray | BadImage]]):
+    """The ids and stacked uint8 crops of the images that decoded."""
+    good = [(i, r) for i, r in results if not isinstance(r, BadImage)]
+    return [i for i, _ in good], (torch.from_numpy(np.stack([r for _, r in good]))
+                                  if good else None)
+
+
+def _collate(items: list[tuple[int, np.ndarray | BadImage]]) -> tuple:
+    """In the worker. Bad images travel as plain tuples: a BadImage does not survive
+    pickling."""
+    return (*_stack_good(items),
+            [(i, r.reason, r.detail) for i, r in items if isinstance(r, BadImage)])
 
 
 def _process_batches(jobs: Iterable[list[Job]], decode_one: Callable, workers: int,
@@ -128,9 +130,8 @@ def _process_batches(jobs: Iterable[list[Job]], decode_one: Callable, workers: i
         _DecodeJobs(decode_one), batch_sampler=_ClaimedBatches(jobs), collate_fn=_collate,
         num_workers=workers, pin_memory=pin_memory, prefetch_factor=max(1, prefetch),
         worker_init_fn=_quiet_worker)
-    for item in loader:
-        yield Batch(item["ids"], item["pixels"],
-                    [(i, BadImage(reason, detail)) for i, reason, detail in item["bad"]])
+    for ids, pixels, bad in loader:
+        yield Batch(ids, pixels, [(i, BadImage(reason, detail)) for i, reason, detail in bad])
 
 
 def _quiet_worker(_: int) -> None:
@@ -141,10 +142,7 @@ def _quiet_worker(_: int) -> None:
 
 
 def _from_results(results: list[tuple[int, np.ndarray | BadImage]]) -> Batch:
-    good = [(i, r) for i, r in results if not isinstance(r, BadImage)]
-    return Batch([i for i, _ in good],
-                 torch.from_numpy(np.stack([r for _, r in good])) if good else None,
-                 [(i, r) for i, r in results if isinstance(r, BadImage)])
+    return Batch(*_stack_good(results), [(i, r) for i, r in results if isinstance(r, BadImage)])
 
 
 def load_pixels(paths: list[tuple], preprocess: Preprocess, draft: bool,

@@ -71,7 +71,7 @@ class PredictOptions:
     feed: str = "auto"  # threads, processes, or auto (processes on CUDA)
     exact: bool = False  # full decode, no JPEG draft scaling: the reference path
     max_pixels: int = DEFAULT_MAX_PIXELS
-    prefetch_batches: int = 2  # per decode worker
+    prefetch_batches: int = 2  # decoded ahead (per worker with the process feed)
 
 
 def default_batch_size(device) -> int:
