@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from .db import Database
 from .db.models import File, Image, ModelVersion, Prediction
@@ -44,8 +44,8 @@ def rows_in_chunks(session, make_query, ids, *, scalars: bool = False) -> list:
 
 
 def first_files(session, image_ids) -> dict[int, tuple[str, str | bytes]]:
-    """Per image, its first readable file: (path for people, path for the filesystem).
-    The second is the raw bytes of a name that is not UTF-8."""
+    """Per image, its first readable file (the least path): (path for people, path for
+    the filesystem). The second is the raw bytes of a name that is not UTF-8."""
     rows = rows_in_chunks(session, lambda chunk: select(File.image_id, File.path, File.raw_path)
                           .where(File.image_id.in_(chunk), File.error.is_(None)), image_ids)
     files: dict[int, tuple[str, str | bytes]] = {}
@@ -56,9 +56,7 @@ def first_files(session, image_ids) -> dict[int, tuple[str, str | bytes]]:
 
 def first_paths(session, image_ids) -> dict[int, str]:
     """One readable path per image (the first registered) for display and export."""
-    return dict(rows_in_chunks(session, lambda chunk: select(
-        File.image_id, func.min(File.path)).where(
-        File.image_id.in_(chunk), File.error.is_(None)).group_by(File.image_id), image_ids))
+    return {image_id: path for image_id, (path, _) in first_files(session, image_ids).items()}
 
 
 def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:
