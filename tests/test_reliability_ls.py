@@ -14,7 +14,7 @@ from labelassist.config import parse_label_text
 from labelassist.db.models import Annotation, Image, LSProject, LSTask
 from labelassist.errors import LabelStudioError
 from labelassist.ingest import ingest
-from labelassist.labelstudio import ImageSource, list_remote_tasks, pull, push
+from labelassist.labelstudio import ImageSource, choice_result, list_remote_tasks, pull, push
 from labelassist.labelstudio.client import Connection, LabelStudioClient, resolve_connection
 from labelassist.predict import predict
 from labelassist.reviews import load_reviews
@@ -85,9 +85,9 @@ def test_a_change_made_during_a_paged_pull_is_not_skipped(db, tiny_model, ls_pho
     def during_the_pull(done, total):  # called after each page of 5
         if done == 5 and not changed:
             changed["fix"] = client.sdk.annotations.update(
-                id=fix_me.id, result=annotate_result(other(predicted_label(first))))
+                id=fix_me.id, result=choice_result(other(predicted_label(first))))
             time.sleep(1.5)  # the later change is well past the pull's old 1 s overlap
-            client.sdk.annotations.create(id=last["id"], result=annotate_result(
+            client.sdk.annotations.create(id=last["id"], result=choice_result(
                 other(predicted_label(last))))
 
     pull(db, client, page_size=5, on_progress=during_the_pull)
@@ -96,12 +96,6 @@ def test_a_change_made_during_a_paged_pull_is_not_skipped(db, tiny_model, ls_pho
     with db.read() as s:
         row = s.scalars(select(Annotation).where(Annotation.ls_annotation_id == fix_me.id)).one()
     assert row.label == other(predicted_label(first))
-
-
-def annotate_result(label):
-    from labelassist.labelstudio import choice_result
-
-    return choice_result(label)
 
 
 # 5. Push goes on after an image is edited and re-ingested (its old prediction has no file).

@@ -158,8 +158,8 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
                       since: datetime | None = None, *, page_size: int = BATCH,
                       include: str | None = None) -> Iterator[tuple[list[dict], int]]:
     """The project's tasks (or those updated after `since`), a page at a time, with the
-    total the server reports. Stops at the first short or empty page, or one that brings
-    no task not seen before: a server whose `total` is wrong cannot make this loop."""
+    total the server reports. A server that serves fewer tasks a page than asked is read
+    to the end; one whose `total` is wrong cannot make this loop (see the stop below)."""
     query = None
     if since is not None:
         value = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
