@@ -163,15 +163,16 @@ def decode_rate(preprocess, paths: list[Path], kind: str, workers: int,
     return rate(n, time.perf_counter() - start)
 
 
-def ingest_rate(folder: Path, workdir: Path) -> float:
+def ingest_rate(folder: Path, workdir: Path, processes: bool | None = None) -> float:
     from labelassist.db import open_database
     from labelassist.ingest import ingest
 
     path = workdir / "ingest-rate.db"
-    path.unlink(missing_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
     db = open_database(f"sqlite:///{path}")
     start = time.perf_counter()
-    summary = ingest(db, [folder])
+    summary = ingest(db, [folder], processes=processes)
     assert summary.added + summary.duplicates == summary.seen
     return rate(summary.seen, time.perf_counter() - start)
 
@@ -295,6 +296,8 @@ def main() -> None:
                         "a dry run of the GPU check)")
     parser.add_argument("--precisions", default="fp32,bf16,int8",
                         help="CPU rows to measure (bf16 is slow without AVX512-BF16 or AMX)")
+    parser.add_argument("--only-ingest", action="store_true",
+                        help="only ingest files/s, checks in threads against processes")
     parser.add_argument("--only-scale", action="store_true",
                         help="only the 1k/10k memory and re-scoring part")
     args = parser.parse_args()
@@ -324,6 +327,11 @@ def main() -> None:
 
     if args.only_scale:
         return scale_section(args, work, model_dir)
+    if args.only_ingest:
+        for processes in (False, True):
+            print(f"ingest, checks in {'processes' if processes else 'threads'}: "
+                  f"{ingest_rate(photos, work, processes):,.0f} files/s")
+        return None
     if gpu:
         return gpu_section(args, work, model_dir, photos, paths)
     results = {}
