@@ -19,7 +19,7 @@ from sqlalchemy import delete, select, update
 
 from .claims import pid_alive
 from .db import Database, insert_ignoring_duplicates
-from .db.models import Lock, utcnow
+from .db.models import Lock, as_utc, utcnow
 from .errors import LabelAssistError
 
 LEASE = timedelta(minutes=2)
@@ -64,10 +64,8 @@ def _try_take(db: Database, name: str, holder: str) -> bool:
     with db.write() as s:
         current = s.get(Lock, name)
         if current is not None:
-            expires = current.expires_at if current.expires_at.tzinfo else \
-                current.expires_at.replace(tzinfo=now.tzinfo)
             dead_here = current.hostname == host and not pid_alive(current.pid)
-            if expires > now and not dead_here:
+            if as_utc(current.expires_at) > now and not dead_here:
                 return False
             s.execute(delete(Lock).where(Lock.name == name, Lock.holder == current.holder))
         insert_ignoring_duplicates(s, Lock, [{"name": name, "holder": holder, "hostname": host,

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 
 from .db import Database
-from .db.models import Annotation
+from .db.models import Annotation, as_utc
 from .errors import ConfigError
 
 POLICIES = ("majority", "latest")
@@ -60,7 +60,7 @@ def load_reviews(db: Database, policy: str = "majority") -> Reviews:
 
 def _when(a: Annotation) -> tuple:
     stamp = a.ls_updated_at or a.ls_created_at or _EPOCH
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc), a.ls_annotation_id)
+    return (as_utc(stamp), a.ls_annotation_id)
 
 
 def resolve(image_id: int, given: list[Annotation], policy: str) -> HumanLabel:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import select, update
 
 from ..db import Database
-from ..db.models import Annotation, LSProject, LSTask, ModelVersion, utcnow
+from ..db.models import Annotation, LSProject, LSTask, ModelVersion, as_utc, utcnow
 from ..errors import LabelStudioError
 from ..queries import rows_in_chunks
 from .client import LabelStudioClient
@@ -54,7 +54,7 @@ def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
         # updated_at than the start, so the next pull sees it. Clock skew between this
         # machine and Label Studio does not matter either.
         started = client.server_time()
-        since = None if full or project.last_pull_at is None else _aware(project.last_pull_at)
+        since = None if full or project.last_pull_at is None else as_utc(project.last_pull_at)
         for tasks, total in iter_remote_pages(client, project.ls_project_id, since,
                                               page_size=page_size):
             _store_annotations(db, project, tasks, users, summary)
@@ -94,16 +94,12 @@ def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSPr
     summary.tasks_gone += len(gone)
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
 def _parse_time(value, what: str = "a timestamp") -> datetime | None:
     """An ISO 8601 time from Label Studio, in UTC (SQLite keeps no offset)."""
     if value is None or value == "":
         return None
     try:
-        return _aware(datetime.fromisoformat(str(value).replace("Z", "+00:00"))) \
+        return as_utc(datetime.fromisoformat(str(value).replace("Z", "+00:00"))) \
             .astimezone(timezone.utc)
     except ValueError:
         raise LabelStudioError(f"Label Studio sent an unreadable time {value!r} for {what}; "
@@ -137,7 +133,7 @@ def _store_annotations(db: Database, project: LSProject, tasks: list[dict], user
                     s.add(Annotation(project_id=project.id, ls_annotation_id=remote["id"],
                                      image_id=local.image_id, **values))
                     summary.new += 1
-                elif row.deleted_at is not None or _aware(row.ls_updated_at) != \
+                elif row.deleted_at is not None or as_utc(row.ls_updated_at) != \
                         values["ls_updated_at"]:
                     for key, value in values.items():
                         setattr(row, key, value)
