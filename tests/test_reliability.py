@@ -67,7 +67,11 @@ def test_content_failures_stay_final(db, tiny_model, photo_dir, labels_file):
     labels = load_label_file(labels_file)
     first = predict(db, tiny_model, labels)
     assert first.encoded == 23 and sum(first.failed.values()) == 1
-    assert predict(db, tiny_model, labels).predicted == 0  # not retried: the bytes are bad
+    again = predict(db, tiny_model, labels)
+    assert again.predicted == 0 and not again.failed  # not even tried: the bytes are bad
+    with db.read() as s:
+        (reason,) = s.scalars(select(Image.error).where(Image.error.is_not(None))).all()
+    assert reason not in ("missing", "unreadable", "changed")
 
 
 # 4. One bad source file must not abort an imagefolder or hf export.
