@@ -23,12 +23,16 @@ from labelassist.labelstudio import (
     resolve_image_source,
 )
 from labelassist.labelstudio.client import Connection, LabelStudioClient, resolve_connection
+from labelassist.labelstudio.pull import MARGIN
 from labelassist.predict import predict
 from labelassist.queries import resolve_version
 
 pytestmark = pytest.mark.labelstudio
 
 LABELS = '[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\nplain = ["grey"]\n'
+
+
+PAST_MARGIN = MARGIN.total_seconds() + 0.5  # a pull looks back MARGIN before the last one
 
 
 @pytest.fixture
@@ -147,7 +151,7 @@ def test_reviews_are_pulled_then_updates_and_deletes_arrive_as_deltas(
     summary = push(db, client, predicted(db, tiny_model, ls_photos),
                    ImageSource("local", label_studio.root), title=request.node.name)
     t = remote_tasks(client, summary)
-    time.sleep(1.2)  # so that the untouched tasks fall before the delta pull's window
+    time.sleep(PAST_MARGIN)  # so that the untouched tasks fall before the delta pull's window
     second = client.sdk.users.create(username=f"r2-{summary.project_id}",
                                       email=f"r2-{summary.project_id}@example.org")
     accepted = annotate(client, t[0], predicted_label(t[0]), lead_time=1.5)
@@ -173,7 +177,7 @@ def test_reviews_are_pulled_then_updates_and_deletes_arrive_as_deltas(
     assert {a.annotator for a in two} == {"admin@localhost", second.email}
 
     assert pull(db, client).new == 0  # nothing changed: nothing new
-    time.sleep(1.2)  # past the pull's one-second overlap
+    time.sleep(PAST_MARGIN)  # past the window that the next pull looks back over
     client.sdk.annotations.update(id=accepted.id, result=choice_result(
         other(predicted_label(t[0]))))
     client.sdk.annotations.delete(id=changed.id)
@@ -181,7 +185,7 @@ def test_reviews_are_pulled_then_updates_and_deletes_arrive_as_deltas(
     delta = pull(db, client)
 
     assert (delta.new, delta.updated, delta.deleted) == (0, 1, 1)
-    assert delta.tasks_seen <= 4  # the changed tasks (+ the pull's 1 s overlap), not all 12
+    assert delta.tasks_seen <= 4  # the changed tasks (+ the pull's look-back), not all 12
     rows = {a.ls_annotation_id: a for a in _annotations(db)}
     assert rows[accepted.id].label == other(predicted_label(t[0]))
     assert rows[accepted.id].accepted_prediction is False
