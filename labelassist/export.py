@@ -9,6 +9,8 @@ Rules:
   uniform draw: stratified in expectation.
 - The export is built in a sibling temp folder and renamed into place: a crash leaves
   OUT absent (or as it was), never half written.
+- It streams: images are read a chunk at a time and each row is written as it comes, so
+  memory stays flat from ten thousand images to millions (benchmarks/memory.py).
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from .claims import pid_alive
 from .db import Database
 from .db.models import AutoAccept, File, Image, ModelVersion, Prediction
 from .errors import ConfigError, ExportError
-from .queries import first_files, rows_in_chunks
+from .queries import first_files
 from .reviews import load_reviews
 
 FORMATS = ("imagefolder", "csv", "jsonl", "hf")
@@ -40,6 +43,7 @@ SPLIT_NAMES = {1: ("train",), 2: ("train", "test"), 3: ("train", "validation", "
 RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
             *(f"lpt{i}" for i in range(10))}
 Progress = Callable[[int, int], None]
+CHUNK = 5000  # images read per query while exporting
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,6 @@ class Row:
     model_version: str | None
     confidence: float | None
     fs_path: str | bytes = ""  # what to open: raw bytes for a name that is not UTF-8
-    split: str = ""
-    file: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Pred:
-    label: str
-    confidence: float
 
 
 @dataclass
@@ -118,74 +114,109 @@ def class_folders(labels: list[str]) -> dict[str, str]:
     return folders
 
 
-def collect_rows(db: Database, *, include_auto: bool, version: str | None, policy: str,
-                 target_precision: float, min_support: int,
-                 summary: ExportSummary) -> list[Row]:
+@dataclass(frozen=True)
+class _Plan:
+    """What decides each image's row: the reviews, the version and the trust thresholds."""
+    version_id: int
+    version_name: str
+    version_names: dict[int, str]
+    reviews: object  # reviews.Reviews
+    thresholds: dict[str, float] | None  # None: unreviewed predictions stay out
+    labels: frozenset[str]
+
+
+def plan_export(db: Database, *, include_auto: bool, version: str | None, policy: str,
+                target_precision: float, min_support: int) -> _Plan:
     from .queries import resolve_version
 
     reviews = load_reviews(db, policy)
     chosen = resolve_version(db, version)
     with db.read() as s:
-        errors = set(s.scalars(select(Image.id).where(Image.error.is_not(None))))
-        # Only the columns export needs, not ORM rows that carry every class score.
-        preds = {i: _Pred(label, confidence) for i, label, confidence in s.execute(
-            select(Prediction.image_id, Prediction.label, Prediction.confidence).where(
-                Prediction.model_version_id == chosen.id))}
-        accepted = {a.image_id: a for a in s.scalars(select(AutoAccept))}
-        # Paths and hashes only for what can be exported, not for the whole workspace.
-        wanted = set(reviews.labels) | (set(preds) | set(accepted) if include_auto else set())
-        shas = dict(rows_in_chunks(s, lambda chunk: select(Image.id, Image.sha256).where(
-            Image.id.in_(chunk)), wanted))
-        files = first_files(s, wanted)
-        names = dict(s.execute(select(ModelVersion.id, ModelVersion.name)).all())
-    rows = []
-    for image_id, human in reviews.labels.items():
-        if image_id in errors or image_id not in files:
-            summary.excluded["decode error or file gone"] += 1
-            continue
-        pred = preds.get(image_id)
-        path, fs_path = files[image_id]
-        rows.append(Row(image_id, shas[image_id], path, human.label, "human",
-                        human.annotators, chosen.name if pred else None,
-                        pred.confidence if pred else None, fs_path))
-    summary.excluded["skipped by reviewers"] += len(reviews.skipped - set(reviews.labels))
-    if include_auto:
-        trusted = auto_rows(db, chosen, preds, accepted, names, target_precision, min_support)
-        for image_id, (label, confidence, version_name) in trusted.items():
-            if image_id in reviews.labels or image_id in reviews.skipped:
+        versions = s.execute(select(ModelVersion.id, ModelVersion.name,
+                                    ModelVersion.label_set)).all()
+    classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
+    labels = frozenset(classes | {h.label for h in reviews.labels.values()})
+    thresholds = trust_thresholds(db, chosen.name, target_precision, min_support) \
+        if include_auto else None
+    return _Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
+                 thresholds, labels)
+
+
+def trust_thresholds(db: Database, version: str, target_precision: float,
+                     min_support: int) -> dict[str, float]:
+    """Per class, the audited confidence above which unreviewed predictions are trusted."""
+    from .audit import audit
+
+    try:
+        (result,) = audit(db, version, target_precision=target_precision,
+                          min_support=min_support)
+    except ConfigError:
+        return {}  # nothing reviewed yet: no threshold can be trusted
+    return {c: t["threshold"] for c, t in result.thresholds["per_class"].items()
+            if t["threshold"] is not None}
+
+
+def iter_rows(db: Database, plan: _Plan, summary: ExportSummary,
+              on_progress: Progress | None = None) -> Iterator[Row]:
+    """Every image's row, in id order, a chunk of images at a time: memory stays flat
+    whatever the size of the ledger. Each image lands in one place: a row, or one reason
+    in summary.excluded."""
+    reviews = plan.reviews
+    summary.excluded["skipped by reviewers"] += len(reviews.skipped)
+    with db.read() as s:
+        total = s.scalar(select(func.count(Image.id))) or 0
+    last, done = 0, 0
+    while True:
+        with db.read() as s:
+            images = s.execute(select(Image.id, Image.sha256, Image.error).where(
+                Image.id > last).order_by(Image.id).limit(CHUNK)).all()
+            if not images:
+                return
+            ids = [i for i, _, _ in images]
+            preds = {i: (label, confidence) for i, label, confidence in s.execute(
+                select(Prediction.image_id, Prediction.label, Prediction.confidence).where(
+                    Prediction.model_version_id == plan.version_id,
+                    Prediction.image_id.in_(ids)))}
+            accepted = {} if plan.thresholds is None else {
+                i: (label, confidence, plan.version_names[v]) for i, label, confidence, v in
+                s.execute(select(AutoAccept.image_id, AutoAccept.label, AutoAccept.confidence,
+                                 AutoAccept.model_version_id).where(
+                    AutoAccept.image_id.in_(ids)).order_by(AutoAccept.id))}
+            files = first_files(s, ids)
+        for image_id, sha, error in images:
+            row = _row_of(plan, image_id, sha, preds.get(image_id), accepted.get(image_id),
+                          summary)
+            if row is None:
                 continue
-            if image_id in errors or image_id not in files:
+            if error is not None or image_id not in files:
                 summary.excluded["decode error or file gone"] += 1
                 continue
             path, fs_path = files[image_id]
-            rows.append(Row(image_id, shas[image_id], path, label, "auto", (),
-                            version_name, confidence, fs_path))
-    reviewed = set(reviews.labels) | reviews.skipped
-    left_out = sum(1 for i in preds if i not in reviewed) - sum(r.source == "auto" for r in rows)
-    reason = "unreviewed, below the trust threshold" if include_auto \
-        else "unreviewed (add trusted ones with --include-auto)"
-    if left_out:
-        summary.excluded[reason] += left_out
-    return rows
+            yield replace(row, source_path=path, fs_path=fs_path)
+        last, done = ids[-1], done + len(ids)
+        if on_progress:
+            on_progress(done, max(total, done))
 
 
-def auto_rows(db, version, preds, accepted, names, target_precision, min_support) -> dict:
-    """Unreviewed predictions above their class's audited threshold, and `accept`ed ones."""
-    from .audit import audit
-
-    trusted = {i: (a.label, a.confidence, names[a.model_version_id])
-               for i, a in accepted.items()}
-    try:
-        (result,) = audit(db, version.name, target_precision=target_precision,
-                          min_support=min_support)
-    except ConfigError:
-        return trusted  # nothing reviewed yet: no threshold can be trusted
-    thresholds = {c: t["threshold"] for c, t in result.thresholds["per_class"].items()
-                  if t["threshold"] is not None}
-    for image_id, p in preds.items():
-        if p.label in thresholds and p.confidence >= thresholds[p.label]:
-            trusted.setdefault(image_id, (p.label, p.confidence, version.name))
-    return trusted
+def _row_of(plan: _Plan, image_id: int, sha: str, pred, accepted,
+            summary: ExportSummary) -> Row | None:
+    """The image's row (without its file), or None with the reason counted."""
+    human = plan.reviews.labels.get(image_id)
+    if human is not None:
+        return Row(image_id, sha, "", human.label, "human", human.annotators,
+                   plan.version_name if pred else None, pred[1] if pred else None)
+    if image_id in plan.reviews.skipped:
+        return None  # counted once, up front
+    if plan.thresholds is not None:
+        if accepted is not None:
+            label, confidence, version_name = accepted
+            return Row(image_id, sha, "", label, "auto", (), version_name, confidence)
+        if pred and pred[0] in plan.thresholds and pred[1] >= plan.thresholds[pred[0]]:
+            return Row(image_id, sha, "", pred[0], "auto", (), plan.version_name, pred[1])
+    if pred:
+        summary.excluded["unreviewed, below the trust threshold" if plan.thresholds is not None
+                         else "unreviewed (add trusted ones with --include-auto)"] += 1
+    return None
 
 
 def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = False,
@@ -201,28 +232,24 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
     refuse_unsafe_target(db, out, overwrite)
     fractions = parse_split(split)
     summary = ExportSummary(out, fmt)
-    rows = collect_rows(db, include_auto=include_auto, version=version, policy=policy,
-                        target_precision=target_precision, min_support=min_support,
-                        summary=summary)
-    if not rows:
-        raise ExportError("nothing to export: no reviewed images yet (push, review, pull), "
-                          "or --include-auto with trusted predictions")
-    rows = place(rows, fractions, seed)
+    plan = plan_export(db, include_auto=include_auto, version=version, policy=policy,
+                       target_precision=target_precision, min_support=min_support)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
-        rows = write_dataset(tmp, rows, fmt, link, summary, on_progress)
-        write_manifests(tmp, rows, fmt)
+        with DatasetWriter(tmp, fmt, link, class_folders(sorted(plan.labels)), fractions, seed,
+                           summary) as writer:
+            for row in iter_rows(db, plan, summary, on_progress):
+                writer.add(row)
+        if not summary.rows:
+            raise ExportError("nothing to export: no reviewed images yet (push, review, "
+                              "pull), or --include-auto with trusted predictions")
         _swap_into_place(tmp, out)
     except OSError as exc:
         raise ExportError(f"export failed, {out} was left untouched: {exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for r in rows:
-        summary.per_class_split.setdefault(r.label, Counter())[r.split] += 1
-        summary.per_source[r.source] += 1
-    summary.rows = len(rows)
     return summary
 
 
@@ -254,44 +281,90 @@ def _holds_files_directly(session, folder: Path) -> bool:
     return any("/" not in p[len(prefix):] for p in paths)
 
 
-def place(rows: list[Row], fractions: tuple[float, ...], seed: int) -> list[Row]:
-    """Give each row its split and a collision-free relative file path."""
-    from dataclasses import replace
+class DatasetWriter:
+    """Writes rows as they come: each image file (checked against its ingested hash), and
+    the manifest, labels.csv and SHA256SUMS lines. Nothing per row stays in memory: the
+    names already used (compared case-blind, for case-insensitive filesystems) live in a
+    small SQLite file inside the temp folder."""
 
-    folders = class_folders(sorted({r.label for r in rows}))
-    placed, taken = [], set()
-    for r in sorted(rows, key=lambda r: (r.label, r.sha256)):
-        split = split_of(r.sha256, fractions, seed)
-        name = safe_name(Path(r.source_path).name, "image")
-        rel = f"{split}/{folders[r.label]}/{name}"
-        if rel.lower() in taken:
+    def __init__(self, root: Path, fmt: str, link: str, folders: dict[str, str],
+                 fractions: tuple[float, ...], seed: int, summary: ExportSummary):
+        self.root, self.fmt, self.link, self.folders = root, fmt, link, folders
+        self.fractions, self.seed, self.summary = fractions, seed, summary
+        self.files = fmt not in ("csv", "jsonl")
+        self._open: list = []
+
+    def __enter__(self) -> "DatasetWriter":
+        self.manifest = self._text("manifest.jsonl")
+        self.csv = csv.writer(self._text("labels.csv")) if self.fmt == "csv" else None
+        if self.csv:
+            self.csv.writerow(MANIFEST_FIELDS)
+        self.sums = self._text("SHA256SUMS") if self.files else None  # sha256sum -c SHA256SUMS
+        self.names = sqlite3.connect(self.root / ".names.sqlite", isolation_level=None)
+        self.names.execute("PRAGMA journal_mode=OFF")
+        self.names.execute("CREATE TABLE taken (name TEXT PRIMARY KEY)")
+        return self
+
+    def _text(self, name: str):
+        fh = open(self.root / name, "w", newline="" if name.endswith(".csv") else None,
+                  encoding="utf-8")
+        self._open.append(fh)
+        return fh
+
+    def add(self, row: Row) -> None:
+        split = split_of(row.sha256, self.fractions, self.seed)
+        file = self.place(row, split) if self.files else ""
+        if file:
+            problem = _transfer(row.fs_path or row.source_path, self.root / file, row.sha256,
+                                self.link)
+            if problem:
+                self.summary.excluded[problem] += 1
+                self.summary.excluded_examples.setdefault(problem, row.source_path)
+                return
+            self.sums.write(f"{row.sha256}  {file}\n")
+        record = {"file": file or None, "path": row.source_path, "sha256": row.sha256,
+                  "label": row.label, "split": split, "source": row.source,
+                  "annotators": list(row.annotators), "model_version": row.model_version,
+                  "confidence": row.confidence}
+        self.manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.csv:
+            safe = spreadsheet_safe({**record, "annotators": ";".join(row.annotators)})
+            self.csv.writerow([safe[k] for k in MANIFEST_FIELDS])
+        self.summary.rows += 1
+        self.summary.per_source[row.source] += 1
+        self.summary.per_class_split.setdefault(row.label, Counter())[split] += 1
+
+    def place(self, row: Row, split: str) -> str:
+        """A relative path inside OUT that no other row has, even case-blind."""
+        folder = f"{split}/{self.folders[row.label]}"
+        name = safe_name(Path(row.source_path).name, "image")
+        rel = f"{folder}/{name}"
+        if not self._claim(rel):
             stem, ext = os.path.splitext(name)
-            rel = f"{split}/{folders[r.label]}/{stem}-{r.sha256[:10]}{ext}"
-        taken.add(rel.lower())
-        placed.append(replace(r, split=split, file=rel))
-    return placed
-
-
-def write_dataset(root: Path, rows: list[Row], fmt: str, link: str, summary: ExportSummary,
-                  on_progress: Progress | None) -> list[Row]:
-    """Copy (or link) every image, checking its bytes against the ingested hash."""
-    if fmt in ("csv", "jsonl"):
-        return rows
-    kept = []
-    for n, r in enumerate(rows, start=1):
-        target = (root / r.file).resolve()
-        if root.resolve() not in target.parents:  # never, but never is the point
+            rel = f"{folder}/{stem}-{row.sha256[:10]}{ext}"
+            n = 2
+            while not self._claim(rel):  # the same content under two names
+                rel, n = f"{folder}/{stem}-{row.sha256[:10]}-{n}{ext}", n + 1
+        target = (self.root / rel).resolve()
+        if self.root.resolve() not in target.parents:  # never, but never is the point
             raise ExportError(f"refusing to write {target} outside the export folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        problem = _transfer(r.fs_path or r.source_path, target, r.sha256, link)
-        if problem:
-            summary.excluded[problem] += 1
-            summary.excluded_examples.setdefault(problem, r.source_path)
-        else:
-            kept.append(r)
-        if on_progress:
-            on_progress(n, len(rows))
-    return kept
+        return rel
+
+    def _claim(self, rel: str) -> bool:
+        try:
+            self.names.execute("INSERT INTO taken VALUES (?)", (rel.lower(),))
+            return True
+        except sqlite3.IntegrityError:
+            return False
+
+    def __exit__(self, *exc) -> None:
+        self.names.close()
+        (self.root / ".names.sqlite").unlink(missing_ok=True)
+        for fh in self._open:
+            fh.close()
+        if self.fmt == "jsonl" and exc[0] is None:
+            shutil.copyfile(self.root / "manifest.jsonl", self.root / "labels.jsonl")
 
 
 def _transfer(source: str | bytes, target: Path, sha256: str, link: str) -> str | None:
@@ -313,27 +386,8 @@ def _transfer(source: str | bytes, target: Path, sha256: str, link: str) -> str 
     return None
 
 
-def write_manifests(root: Path, rows: list[Row], fmt: str) -> None:
-    records = [{"file": r.file if fmt not in ("csv", "jsonl") else None,
-                "path": r.source_path, "sha256": r.sha256, "label": r.label, "split": r.split,
-                "source": r.source, "annotators": list(r.annotators),
-                "model_version": r.model_version, "confidence": r.confidence} for r in rows]
-    with open(root / "manifest.jsonl", "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if fmt == "csv":
-        with open(root / "labels.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(spreadsheet_safe({**r, "annotators": ";".join(r["annotators"])})
-                             for r in records)
-    elif fmt == "jsonl":
-        shutil.copyfile(root / "manifest.jsonl", root / "labels.jsonl")
-    else:  # verify with: cd OUT && sha256sum -c SHA256SUMS
-        with open(root / "SHA256SUMS", "w", encoding="utf-8") as fh:
-            fh.writelines(f"{r.sha256}  {r.file}\n" for r in rows)
-
-
+MANIFEST_FIELDS = ("file", "path", "sha256", "label", "split", "source", "annotators",
+                   "model_version", "confidence")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -85,24 +86,27 @@ def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAU
     for root in roots:
         if not root.exists():
             raise ConfigError(f"{root} does not exist")
-    found = [s for root in roots for s in walk_images(root)]
-    summary = IngestSummary(seen=len(found))
+    # Counted first (names only, no stat), then walked again in chunks: a million paths
+    # never sit in memory, and the progress bar still knows its total.
+    total = sum(1 for root in roots for _ in _image_paths(root))
+    found = (_stat(path) for root in roots for path in _image_paths(root))
+    summary = IngestSummary()
     done = 0
-    with _checker(len(found), workers, processes) as pool:
+    with _checker(total, workers, processes) as pool:
         check = partial(_check, max_pixels=max_pixels)
         inflight: deque = deque()
-        for start in range(0, len(found), CHUNK):
-            chunk = found[start:start + CHUNK]
+        while chunk := list(islice(found, CHUNK)):
+            summary.seen += len(chunk)
             inflight.append((len(chunk), pool.map(check, _needs_check(db, chunk, summary),
                                                   chunksize=16)))
             if len(inflight) > 1:  # the next chunk is checked while this one is written
                 done += _record_chunk(db, *inflight.popleft(), summary)
                 if on_progress:
-                    on_progress(done, len(found))
+                    on_progress(done, max(total, done))
         while inflight:
             done += _record_chunk(db, *inflight.popleft(), summary)
             if on_progress:
-                on_progress(done, len(found))
+                on_progress(done, max(total, done))
     retry_transient_failures(db)
     return summary
 
@@ -138,19 +142,19 @@ def _record_chunk(db: Database, size: int, results: Iterable[_Checked],
     return size
 
 
-def walk_images(root: Path) -> Iterator[_Seen]:
-    """Files with an image extension under root (or root itself). A root that is a
-    symlink to a folder is walked (the user named it); symlinks to folders met inside the
-    walk are not followed, so a symlink loop cannot trap it."""
+def _image_paths(root: Path) -> Iterator[bytes]:
+    """Paths (bytes) with an image extension under root, in a stable order. A root that is
+    a symlink to a folder is walked (the user named it); symlinks to folders met inside
+    the walk are not followed, so a symlink loop cannot trap it."""
     root_b = os.fsencode(os.path.abspath(root))
     if not os.path.isdir(root_b):
-        yield _stat(root_b)
+        yield root_b
         return
     for dirpath, dirnames, filenames in os.walk(root_b, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             if os.path.splitext(name)[1].lower().decode("ascii", "replace") in IMAGE_EXTENSIONS:
-                yield _stat(os.path.join(dirpath, name))
+                yield os.path.join(dirpath, name)
 
 
 def _stat(path_b: bytes) -> _Seen:

@@ -169,8 +169,8 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
     params = {"project": project_id, "page_size": page_size,
               **({"include": include} if include else {"fields": "all"}),
               **({"query": query} if query else {})}
-    seen: set = set()
-    page, last_page = 1, None
+    previous: set = set()  # the last page's ids only: memory stays flat on any project
+    page, last_page, count = 1, None, 0
     while True:
         body = client.get_json("/api/tasks", "listing tasks", page=page, **params)
         batch = body.get("tasks", []) if isinstance(body, dict) else body
@@ -178,16 +178,17 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
             raise LabelStudioError("Label Studio sent a task list that is not a list: check "
                                    "--ls-url")
         total = body.get("total") if isinstance(body, dict) else None
-        total = total if isinstance(total, int) else len(seen) + len(batch)
-        fresh = [t for t in batch if isinstance(t, dict) and t.get("id") not in seen]
-        seen.update(t.get("id") for t in fresh)
+        total = total if isinstance(total, int) else count + len(batch)
+        fresh = [t for t in batch if isinstance(t, dict) and t.get("id") not in previous]
+        previous = {t.get("id") for t in batch if isinstance(t, dict)}
+        count += len(fresh)
         if fresh:
-            yield fresh, max(total, len(seen))
+            yield fresh, max(total, count)
         if last_page is None and batch:  # the server may serve fewer per page than asked
             last_page = -(-total // len(batch)) + 1
         # Stop at the end, at a page that brings nothing new (a server that repeats
         # itself), or past the pages that `total` needs (one that invents tasks).
-        if not fresh or len(seen) >= total or page >= (last_page or 0):
+        if not fresh or count >= total or page >= (last_page or 0):
             return  # a page past the end would be a 404
         page += 1
 
@@ -195,15 +196,15 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
 def list_remote_tasks(client: LabelStudioClient, project_id: int, since: datetime | None = None,
                       *, page_size: int = BATCH) -> list[dict]:
     """Every task of the project (or those updated after `since`), with annotations and
-    predictions. Holds them all: for reconciling one push's journal, and for tests."""
+    predictions, all in one list: for a look at a small project (the tests use it);
+    code that must scale reads iter_remote_pages."""
     return [task for page, _ in iter_remote_pages(client, project_id, since,
                                                   page_size=page_size) for task in page]
 
 
-def remote_task_ids(client: LabelStudioClient, project_id: int) -> tuple[set[int], int]:
-    """The ids of every task the project still has (ids only: cheap), and the total the
-    server reports."""
-    ids, total = set(), 0
+def iter_remote_task_ids(client: LabelStudioClient, project_id: int
+                         ) -> Iterator[tuple[list[int], int]]:
+    """The ids of every task the project still has (ids only: cheap), a page at a time,
+    with the total the server reports."""
     for page, total in iter_remote_pages(client, project_id, page_size=1000, include="id"):
-        ids.update(t["id"] for t in page)
-    return ids, total
+        yield [t["id"] for t in page], total

@@ -13,7 +13,7 @@ from ..db.models import Annotation, LSProject, LSTask, ModelVersion, as_utc, utc
 from ..errors import LabelStudioError
 from ..queries import rows_in_chunks
 from .client import LabelStudioClient
-from .project import BATCH, FROM_NAME, Progress, iter_remote_pages, remote_task_ids
+from .project import BATCH, FROM_NAME, Progress, iter_remote_pages, iter_remote_task_ids
 
 
 @dataclass
@@ -78,10 +78,13 @@ def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSPr
             .where(LSTask.project_id == project.id, Annotation.deleted_at.is_(None))).all())
     if not reviewed:
         return
-    remote, total = remote_task_ids(client, project.ls_project_id)
-    if len(remote) < total:
+    gone, listed, total = dict(reviewed), 0, 0  # crossed off as the listing goes by
+    for ids, total in iter_remote_task_ids(client, project.ls_project_id):
+        listed += len(ids)
+        for ls_task_id in ids:
+            gone.pop(ls_task_id, None)
+    if listed < total:
         return  # an incomplete listing proves nothing: never drop a review on a guess
-    gone = set(reviewed) - remote
     if not gone:
         return
     now = utcnow()
@@ -89,7 +92,7 @@ def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSPr
         for ls_task_id in gone:
             summary.deleted += s.execute(update(Annotation).where(
                 Annotation.project_id == project.id,
-                Annotation.image_id == reviewed[ls_task_id], Annotation.deleted_at.is_(None))
+                Annotation.image_id == gone[ls_task_id], Annotation.deleted_at.is_(None))
                 .values(deleted_at=now)).rowcount
     summary.tasks_gone += len(gone)
 

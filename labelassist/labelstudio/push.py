@@ -28,6 +28,7 @@ from ..db.models import (
     Prediction,
 )
 from ..errors import LabelStudioError
+from ..queries import rows_in_chunks
 from ..locks import hold
 from .client import LabelStudioClient
 from .project import (
@@ -38,7 +39,7 @@ from .project import (
     Progress,
     choice_result,
     ensure_project,
-    list_remote_tasks,
+    iter_remote_pages,
     project_title,
 )
 
@@ -262,37 +263,39 @@ def record_predictions(db: Database, version_id: int, task_row_ids: list[int],
 
 def _reconcile_journal(db: Database, client: LabelStudioClient, project: LSProject,
                        summary: PushSummary) -> None:
-    """Record what an interrupted push got into Label Studio; drop the rest of the entry."""
+    """Record what an interrupted push got into Label Studio; drop the rest of the entry.
+    The project's tasks are read a page at a time, keeping only the journalled ones."""
     with db.read() as s:
         entries = s.scalars(select(LSPushJournal).where(
             LSPushJournal.project_id == project.id).order_by(LSPushJournal.id)).all()
-    if not entries:
-        return
-    remote = list_remote_tasks(client, project.ls_project_id)
-    by_sha = {t["data"].get("sha256"): t for t in remote}
+        if not entries:
+            return
+        journalled = {i for e in entries for i in e.image_ids}
+        shas = dict(rows_in_chunks(s, lambda chunk: select(Image.id, Image.sha256).where(
+            Image.id.in_(chunk)), journalled))
+        tasks = {t.image_id: t for t in rows_in_chunks(s, lambda chunk: select(LSTask).where(
+            LSTask.project_id == project.id, LSTask.image_id.in_(chunk)), journalled,
+            scalars=True)}
+    wanted_shas, wanted_tasks = set(shas.values()), {t.ls_task_id for t in tasks.values()}
+    task_by_sha, versions_of_task = {}, {}
+    for page, _ in iter_remote_pages(client, project.ls_project_id):
+        for remote in page:
+            sha = (remote.get("data") or {}).get("sha256")
+            if sha in wanted_shas:
+                task_by_sha.setdefault(sha, remote["id"])
+            if remote["id"] in wanted_tasks:
+                versions_of_task[remote["id"]] = {p.get("model_version")
+                                                  for p in remote.get("predictions", [])}
     for entry in entries:
-        version_name = _version_name(db, entry.model_version_id)
-        with db.read() as s:
-            if entry.kind == "tasks":
-                shas = dict(s.execute(select(Image.id, Image.sha256).where(
-                    Image.id.in_(entry.image_ids))).all())
-                found = [(i, by_sha[shas[i]]["id"]) for i in entry.image_ids
-                         if shas.get(i) in by_sha]
-            else:
-                tasks = s.scalars(select(LSTask).where(
-                    LSTask.project_id == project.id, LSTask.image_id.in_(entry.image_ids))).all()
-                remote_by_id = {t["id"]: t for t in remote}
-                found = [t.id for t in tasks if any(
-                    p.get("model_version") == version_name
-                    for p in remote_by_id.get(t.ls_task_id, {}).get("predictions", []))]
         if entry.kind == "tasks":
-            with db.read() as s:
-                recorded = set(s.scalars(select(LSTask.image_id).where(
-                    LSTask.project_id == project.id, LSTask.image_id.in_(entry.image_ids))))
-            found = [(i, t) for i, t in found if i not in recorded]
+            found = [(i, task_by_sha[shas[i]]) for i in entry.image_ids
+                     if shas.get(i) in task_by_sha and i not in tasks]
             record_tasks(db, project.id, entry.model_version_id, [i for i, _ in found],
                          [t for _, t in found], entry.id)
         else:
+            name = _version_name(db, entry.model_version_id)
+            found = [tasks[i].id for i in entry.image_ids if i in tasks
+                     and name in versions_of_task.get(tasks[i].ls_task_id, ())]
             record_predictions(db, entry.model_version_id, found, entry.id)
         summary.recovered += len(found)
 

@@ -1,0 +1,119 @@
+"""Memory stays flat as the ledger grows (issue: Reliability, defect 10).
+
+Each test runs the real command on a small and on a much bigger ledger and compares the
+peak of Python's own allocations (tracemalloc: counted, not timed, so a loaded machine
+does not change it). Both sizes are past every chunk size, so streaming code grows by
+almost nothing; code that holds a row per image grows by megabytes.
+benchmarks/memory.py measures the whole process's RSS at 10k and 100k.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from labelassist.accept import accept_trusted
+from labelassist.db import open_database
+from labelassist.export import export
+from labelassist.ingest import ingest
+from labelassist.labelstudio.client import Connection, LabelStudioClient
+from labelassist.labelstudio.pull import pull
+
+from .bigledger import TaskServer, add_images, add_predictions_and_reviews
+
+pytestmark = pytest.mark.slow
+
+WARM, SMALL, BIG = 1_000, 20_000, 60_000
+ALLOWED = 2 ** 20  # bytes of growth for 40,000 more images: 26 bytes an image
+
+
+def peak_allocated(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory):
+    urls = {}
+    for size in (WARM, SMALL, BIG):
+        url = f"sqlite:///{tmp_path_factory.mktemp(f'big{size}') / 'ledger.db'}"
+        open_database(url).dispose()
+        add_images(url, size)
+        add_predictions_and_reviews(url, reviews=500)
+        urls[size] = url
+    return urls
+
+
+def growth(ledgers, run) -> int:
+    """Peak at BIG minus peak at SMALL, after a first run on a small ledger has paid the
+    one-time costs (imports, caches) that would otherwise count against SMALL."""
+    peaks = {}
+    for size, url in ledgers.items():
+        db = open_database(url)
+        try:
+            peaks[size] = peak_allocated(lambda: run(db, size))
+        finally:
+            db.dispose()
+    return peaks[BIG] - peaks[SMALL]
+
+
+def test_export_streams(ledgers, tmp_path):
+    def run(db, size):
+        summary = export(db, tmp_path / f"out{size}", "jsonl", include_auto=True,
+                         target_precision=0.9, min_support=30)
+        assert summary.per_source["auto"] > (size - 500) // 2  # most really are exported
+
+    grown = growth(ledgers, run)
+    print(f"grew {grown / 2 ** 20:.2f} MiB")
+    assert grown < ALLOWED
+
+
+def test_accept_streams(ledgers):
+    def run(db, size):
+        assert sum(accept_trusted(db, target_precision=0.9).accepted.values()) > (size - 500) // 2
+
+    grown = growth(ledgers, run)
+    print(f"grew {grown / 2 ** 20:.2f} MiB")
+    assert grown < ALLOWED
+
+
+def test_pull_streams(ledgers):
+    servers = {size: TaskServer(url).__enter__() for size, url in ledgers.items()}
+
+    def run(db, size):  # the servers hold their tasks outside what is measured
+        client = LabelStudioClient(Connection(servers[size].url, "t"), retries=1)
+        summary = pull(db, client, full=True, page_size=1000)
+        assert summary.tasks_seen == size
+        assert summary.new + summary.updated + summary.unchanged == 500
+
+    try:
+        grown = growth(ledgers, run)
+    finally:
+        for server in servers.values():
+            server.__exit__(None, None, None)
+    print(f"grew {grown / 2 ** 20:.2f} MiB")
+    assert grown < ALLOWED
+
+
+def test_ingest_streams(tmp_path):
+    from .imagegen import shape_image
+
+    image = shape_image(1)
+    peaks = {}
+    for size in (300, 3_000, 23_000):  # the first pays the one-time costs
+        root = tmp_path / f"photos{size}"
+        for i in range(size):
+            folder = root / f"{i // 1000:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            image.putpixel((0, 0), (i % 256, i // 256 % 256, 0))
+            image.save(folder / f"{i:06d}.png")
+        db = open_database(f"sqlite:///{tmp_path / f'{size}.db'}")
+        peaks[size] = peak_allocated(lambda: ingest(db, [root]))
+        db.dispose()
+    print(f"grew {(peaks[23_000] - peaks[3_000]) / 2 ** 20:.2f} MiB")
+    assert peaks[23_000] - peaks[3_000] < ALLOWED
