@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import labelassist.export as E
 from labelassist.cli import app
 from labelassist.config import parse_label_text
-from labelassist.db.models import Image, Prediction
+from labelassist.db.models import Image, ModelVersion, Prediction
 from labelassist.errors import ExportError
 from labelassist.ingest import ingest
 from labelassist.predict import predict
@@ -92,7 +92,13 @@ def test_splits_are_a_function_of_the_content_hash(reviewed_db, tmp_path, tiny_m
     assert all(after[sha] == split for sha, split in before.items())
     other_seed = E.export(reviewed_db, tmp_path / "third", "jsonl", seed=8)
     assert other_seed.rows == 64
-    assert {r["split"] for r in manifest(tmp_path / "third")} == {"train", "validation", "test"}
+    reseeded = {r["sha256"]: r["split"] for r in manifest(tmp_path / "third")}
+    assert set(reseeded.values()) == {"train", "validation", "test"}
+    # The seed is used: with 64 images, the same splits under another seed would be a
+    # 1-in-10^9 fluke (each image keeps its split with p ~ 0.66).
+    assert sum(reseeded[sha] != split for sha, split in after.items()) >= 10
+    assert E.export(reviewed_db, tmp_path / "fourth", "jsonl", seed=8).rows == 64
+    assert {r["sha256"]: r["split"] for r in manifest(tmp_path / "fourth")} == reseeded
 
 
 def test_split_fractions_hold_on_many_hashes():
@@ -123,6 +129,61 @@ def test_include_auto_adds_only_predictions_above_their_class_threshold(reviewed
     assert all(r["annotators"] == [] and r["confidence"] >= thresholds[r["label"]]
                for r in autos)
     assert summary.excluded["unreviewed, below the trust threshold"] == 5 - len(expected)
+
+
+def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny_model,
+                                                                      tmp_path):
+    """A ledger where auto rows must appear: per class, reviewers confirmed the model on
+    the middle of its confidence range, left the top unreviewed (above the threshold:
+    exported as auto) and the lowest one unreviewed (below it: left out)."""
+    from labelassist.accept import accept_trusted
+    from labelassist.audit import audit
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(40):
+        shape_image(i).save(photos / f"p{i:02d}.png")
+    ingest(db, [photos])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+    with db.read() as s:
+        preds = s.scalars(select(Prediction)).all()
+        version = s.get(ModelVersion, preds[0].model_version_id).name
+    top, lowest = {}, {}
+    for label in ("cat", "dog"):
+        ranked = sorted((p for p in preds if p.label == label), key=lambda p: p.confidence)
+        assert len(ranked) >= 6, "the tiny model must predict both classes"
+        middle = ranked[1:len(ranked) // 2 + 1]
+        for n, p in enumerate(middle):
+            add_annotation(db, p.image_id, label, n=1000 * len(top) + n)
+        top[label] = ranked[len(ranked) // 2 + 1:]
+        lowest[label] = ranked[0]
+    (result,) = audit(db, target_precision=0.99, min_support=2)
+    for label in ("cat", "dog"):  # the threshold sits at the lowest confirmed confidence
+        assert result.thresholds["per_class"][label]["threshold"] is not None
+
+    summary = E.export(db, tmp_path / "out", "jsonl", include_auto=True,
+                       target_precision=0.99, min_support=2)
+
+    expected = {p.image_id: p for label in top for p in top[label]}
+    assert len(expected) >= 6
+    autos = [r for r in manifest(tmp_path / "out") if r["source"] == "auto"]
+    assert summary.per_source["auto"] == len(autos) == len(expected)
+    with db.read() as s:
+        shas = dict(s.execute(select(Image.id, Image.sha256)).all())
+    by_sha = {shas[i]: p for i, p in expected.items()}
+    for row in autos:
+        p = by_sha[row["sha256"]]
+        assert (row["label"], row["confidence"], row["model_version"], row["annotators"]) == \
+            (p.label, p.confidence, version, [])
+    assert summary.excluded["unreviewed, below the trust threshold"] == 2  # the lowest two
+    assert shas[lowest["cat"].image_id] not in {r["sha256"] for r in manifest(tmp_path / "out")}
+
+    # accept records the same trust; the export then carries it without re-auditing
+    accepted = accept_trusted(db, version, target_precision=0.99, min_support=2)
+    assert sum(accepted.accepted.values()) == len(expected)
+    again = E.export(db, tmp_path / "again", "jsonl", include_auto=True,
+                     target_precision=0.99, min_support=2)
+    assert again.per_source == summary.per_source
 
 
 def test_annotator_conflicts_follow_the_policy(db, tiny_model, photo_dir, tmp_path):

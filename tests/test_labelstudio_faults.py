@@ -1,6 +1,7 @@
 """Interrupted pushes against a real Label Studio: nothing lost, nothing duplicated."""
 
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -153,21 +154,27 @@ def test_token_never_reaches_database_logs_report_or_export(tmp_path, db_url, ti
     env = {"LABELASSIST_DB": db_url, "LABEL_STUDIO_URL": label_studio.url,
            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.root)}
     token = ["--ls-token", label_studio.token]
-    outputs = [runner.invoke(app, ["run", str(photos), "--labels", str(labels), "--model",
-                                   str(tiny_clip_dir)], env=env).output,
-               runner.invoke(app, ["push", "--project", "secrets"] + token, env=env).output]
+    results = [runner.invoke(app, ["run", str(photos), "--labels", str(labels), "--model",
+                                   str(tiny_clip_dir)], env=env),
+               runner.invoke(app, ["push", "--project", "secrets"] + token, env=env)]
     client = LabelStudioClient(Connection(label_studio.url, label_studio.token))
     project = next(p for p in client.sdk.projects.list() if p.title == "secrets")
     from labelassist.labelstudio import choice_result
 
     for task in list_remote_tasks(client, project.id):
         client.sdk.annotations.create(id=task["id"], result=choice_result("warm"))
-    outputs.append(runner.invoke(app, ["pull"] + token, env=env).output)
-    outputs.append(runner.invoke(app, ["report", "--json", str(tmp_path / "r.json"), "--html",
-                                       str(tmp_path / "r.html")], env=env).output)
-    outputs.append(runner.invoke(app, ["export", str(tmp_path / "out")], env=env).output)
+    results.append(runner.invoke(app, ["pull"] + token, env=env))
+    results.append(runner.invoke(app, ["report", "--json", str(tmp_path / "r.json"), "--html",
+                                       str(tmp_path / "r.html")], env=env))
+    results.append(runner.invoke(app, ["export", str(tmp_path / "out")], env=env))
+    for result in results:  # every step really ran: the scan below reads what they wrote
+        assert result.exit_code == 0, result.output
+    assert "6 new" in results[2].output
+    assert json.loads((tmp_path / "r.json").read_text())["versions"][0]["reviewed"] == 6
+    written = sorted((tmp_path / "out").rglob("*.png")) + sorted((tmp_path / "out").rglob("*.jpg"))
+    assert len(written) == 6 and (tmp_path / "out" / "manifest.jsonl").is_file()
     secret = label_studio.token.encode()
-    assert all(label_studio.token not in out for out in outputs)
+    assert all(label_studio.token not in result.output for result in results)
     assert secret not in repr(client.conn).encode()
     db_file = db_url.removeprefix("sqlite:///")
     for path in [db_file, db_file + "-wal", tmp_path / "r.json", tmp_path / "r.html",
