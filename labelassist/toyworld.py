@@ -16,8 +16,12 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +119,17 @@ def model_config():
 
 
 def recipe_hash(steps: int, seed: int) -> str:
-    text = json.dumps([RECIPE_VERSION, steps, seed, sorted(HELD_OUT)])
+    """Everything that changes the trained weights: the recipe, this module's and the
+    tokenizer builder's code, and the torch and transformers versions."""
+    import torch
+    import transformers
+
+    from . import tinymodels
+
+    code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
+            for m in (sys.modules[__name__], tinymodels)]
+    text = json.dumps([RECIPE_VERSION, steps, seed, sorted(HELD_OUT), code,
+                       torch.__version__, transformers.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -198,18 +212,40 @@ def _soft_ce(logits, match):
 
 
 def cached_model(cache_root: str | Path, steps: int = 1600, seed: int = 0, log=print) -> Path:
-    """The trained model, trained once per recipe and reused from cache_root afterwards."""
-    target = Path(cache_root) / f"toyworld-{recipe_hash(steps, seed)}"
+    """The trained model, trained once per recipe and reused from cache_root afterwards.
+    Safe for several processes at once: one trains under a lock while the others wait,
+    into a temp folder of its own that is renamed into place when complete."""
+    root = Path(cache_root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"toyworld-{recipe_hash(steps, seed)}"
     if (target / "model.safetensors").is_file():
         return target
-    partial = target.with_name(target.name + ".partial")
-    if partial.exists():
-        import shutil
-
-        shutil.rmtree(partial)
-    train(partial, steps=steps, seed=seed, log=log)
-    partial.rename(target)  # atomic: a killed training run never leaves a half model
+    with _exclusive(root / f"{target.name}.lock"):
+        if (target / "model.safetensors").is_file():
+            return target  # another process trained it while this one waited
+        for stale in root.glob(f"{target.name}.partial*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed run's: we hold the lock
+        partial = root / f"{target.name}.partial-{os.getpid()}"
+        train(partial, steps=steps, seed=seed, log=log)
+        shutil.rmtree(target, ignore_errors=True)  # a folder without weights is no model
+        partial.rename(target)  # atomic: a killed training run never leaves a half model
     return target
+
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    """An advisory lock on a file (released by the OS if the holder dies)."""
+    with open(lock_path, "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock; the rename still keeps the cache whole
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def main() -> None:

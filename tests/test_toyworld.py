@@ -47,3 +47,46 @@ def test_describing_a_class_by_its_members_beats_a_vague_description(
         print(f"\nwarm/cool over {n} pictures: members {members:.1%}, vague {vague:.1%}")
     assert members >= 0.95
     assert members - vague >= 0.2
+
+
+TRAIN_COUNTING = """
+import sys
+from labelassist import toyworld
+real = toyworld.train
+def counting(*args, **kwargs):
+    print("TRAINING", flush=True)
+    return real(*args, **kwargs)
+toyworld.train = counting
+print(toyworld.cached_model(sys.argv[1], steps=40, log=lambda message: None))
+"""
+
+
+def test_two_processes_share_one_cache_and_train_once(tmp_path):
+    """Two test runs at once (two pytest sessions, or xdist) must not corrupt the cache:
+    before the lock, both trained into the same .partial folder and one removed the
+    other's."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f"toyworld-{toyworld.recipe_hash(40, 0)}.partial-999999"
+    stale.mkdir()  # what a killed run leaves behind
+    runs = [subprocess.Popen([sys.executable, "-c", TRAIN_COUNTING, str(cache)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [run.communicate(timeout=600) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outs]
+    assert sum(out.count("TRAINING") for out, _ in outs) == 1
+    paths = {out.split()[-1] for out, _ in outs}
+    assert len(paths) == 1 and (Path(paths.pop()) / "model.safetensors").is_file()
+    assert not list(cache.glob("*.partial*"))
+
+
+def test_the_cache_key_changes_with_the_code_and_versions(monkeypatch):
+    import transformers
+
+    key = toyworld.recipe_hash(1600, 0)
+    assert toyworld.recipe_hash(1600, 1) != key
+    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    assert toyworld.recipe_hash(1600, 0) != key
