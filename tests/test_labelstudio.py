@@ -146,6 +146,7 @@ def other(label):
     return "cool" if label != "cool" else "warm"
 
 
+@pytest.mark.slow
 def test_reviews_are_pulled_then_updates_and_deletes_arrive_as_deltas(
         db, tiny_model, ls_photos, client, label_studio, request):
     summary = push(db, client, predicted(db, tiny_model, ls_photos),
@@ -242,6 +243,58 @@ def test_cli_push_and_pull_with_env_connection(db_url, tiny_clip_dir, ls_env, ls
                                                              "token (401)")
 
 
+def test_cli_push_flags_pull_full_and_a_hand_made_task(db_url, db, tiny_clip_dir, ls_env,
+                                                      ls_photos, tmp_path, request):
+    runner = CliRunner()
+    labels = tmp_path / "labels.toml"
+    labels.write_text(LABELS)
+    assert runner.invoke(app, ["run", str(ls_photos), "--labels", str(labels), "--model",
+                               str(tiny_clip_dir), "--db", db_url]).exit_code == 0
+    version = resolve_version(db).name
+    client = LabelStudioClient(Connection(ls_env.url, ls_env.token), retries=1)
+    title = f"{request.node.name} and a title well over fifty characters long"
+    projects_before = {p.id for p in client.sdk.projects.list()}
+
+    for flag, value in (("--order", "sideways"), ("--image-mode", "carrier-pigeon")):
+        bad = runner.invoke(app, ["push", "--db", db_url, flag, value, "--project", title])
+        assert bad.exit_code == 1 and f"{flag} '{value}'" in bad.output, bad.output
+    assert {p.id for p in client.sdk.projects.list()} == projects_before  # nothing made
+
+    pushed = runner.invoke(app, ["push", "--db", db_url, "--version", version, "--image-mode",
+                                 "local", "--ls-root", str(ls_env.root), "--order", "confident",
+                                 "--batch-size", "4", "--project", title])
+    assert pushed.exit_code == 0, pushed.output
+    (project,) = [p for p in client.sdk.projects.list() if p.id not in projects_before]
+    assert project.title == title[:50]  # Label Studio keeps 50 characters
+    tasks = sorted(list_remote_tasks(client, project.id), key=lambda t: t["id"])
+    confidence = [t["predictions"][0]["score"] for t in tasks]
+    assert len(tasks) == 12 and confidence == sorted(confidence, reverse=True)
+
+    # A new prompt set with one more class: the same project gains the choice.
+    labels.write_text(LABELS + 'violet = ["purple"]\n')
+    assert runner.invoke(app, ["predict", "--db", db_url, "--labels", str(labels), "--model",
+                               str(tiny_clip_dir)]).exit_code == 0
+    newer = resolve_version(db).name
+    assert newer != version
+    again = runner.invoke(app, ["push", "--db", db_url, "--version", newer, "--project", title])
+    assert again.exit_code == 0, again.output
+    config = client.sdk.projects.get(id=project.id).label_config
+    assert [c for c in ("warm", "cool", "plain", "violet") if f'value="{c}"' in config] == \
+        ["warm", "cool", "plain", "violet"]
+
+    annotate(client, tasks[0], "warm")
+    client.sdk.tasks.create(project=project.id, data={"image": "/data/local-files/?d=x.png"})
+    time.sleep(PAST_MARGIN)  # every change lies before the look-back of the pull after next
+    first = runner.invoke(app, ["pull", "--db", db_url])
+    assert first.exit_code == 0 and "1 new annotations" in first.output, first.output
+    assert "1 task made in Label Studio by hand" in first.output
+    incremental = runner.invoke(app, ["pull", "--db", db_url])
+    full = runner.invoke(app, ["pull", "--db", db_url, "--full"])
+    assert incremental.exit_code == full.exit_code == 0
+    assert incremental.output.startswith("0 tasks read")
+    assert full.output.startswith("13 tasks read") and "1 unchanged" in full.output
+
+
 def test_image_mode_auto_picks_local_only_for_a_local_server_with_a_root(monkeypatch):
     for name in ("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"):
         monkeypatch.delenv(name, raising=False)
@@ -267,6 +320,7 @@ def test_push_order_uncertain_sends_the_least_certain_first(db, tiny_model, ls_p
     assert in_task_order == sorted(in_task_order)
 
 
+@pytest.mark.slow
 def test_worker_push_sends_new_predictions_as_it_goes(db_url, db, tiny_clip_dir, ls_env,
                                                      ls_photos, tmp_path, request):
     import os
@@ -283,7 +337,7 @@ def test_worker_push_sends_new_predictions_as_it_goes(db_url, db, tiny_clip_dir,
                             text=True)
     try:
         ingest(db, [ls_photos])  # someone ingests while the worker waits
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # only against a hang
         while time.time() < deadline:
             with db.read() as s:
                 if s.scalar(select(func.count()).select_from(LSTask)) == 12:
@@ -298,3 +352,43 @@ def test_worker_push_sends_new_predictions_as_it_goes(db_url, db, tiny_clip_dir,
     project = next(p for p in client.sdk.projects.list()
                    if p.title == "labelassist: worker_warm / worker_cool")
     assert len(list_remote_tasks(client, project.id)) == 12
+
+
+@pytest.mark.slow
+def test_studio_command_starts_a_wired_server_and_stops_on_sigterm(tmp_path):
+    """`labelassist studio` as a user runs it: its own port, root and data folder; the
+    lines it prints are enough to connect; SIGTERM stops the server it started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from labelassist.studio import free_port
+
+    port, root, data = free_port(), tmp_path / "root", tmp_path / "data"
+    root.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "labelassist.cli", "studio", "--port",
+                             str(port), "--root", str(root), "--data-dir", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        lines = {}
+        for line in proc.stdout:  # ends only if it dies; the first start takes ~40 s
+            if line.startswith("export "):
+                name, value = line[len("export "):].strip().split("=", 1)
+                lines[name] = value
+            if "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in lines:
+                break
+        assert lines.get("LABEL_STUDIO_URL") == f"http://127.0.0.1:{port}", proc.stderr.read()
+        assert lines["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(root.resolve())
+        client = LabelStudioClient(Connection(lines["LABEL_STUDIO_URL"],
+                                              lines["LABEL_STUDIO_API_KEY"]), retries=1)
+        assert client.check_server()
+        assert any(data.iterdir())  # its database lives in --data-dir
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        with pytest.raises(LabelStudioError, match="cannot reach"):
+            client.check_server()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

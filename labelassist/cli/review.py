@@ -12,6 +12,7 @@ from ..config import DEFAULT_DB
 from . import (
     DbOpt,
     LsTokenOpt,
+    LsRootOpt,
     LsUrlOpt,
     ModelOpt,
     VersionOpt,
@@ -35,9 +36,7 @@ def push(
         help="local: Label Studio serves files from its LOCAL_FILES_DOCUMENT_ROOT (same "
              "disk); upload: send the image bytes; auto: local for a Label Studio on this "
              "machine with a known root, else upload.")] = "auto",
-    ls_root: Annotated[Optional[str], typer.Option(
-        help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for --image-mode local "
-             "(env LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT).")] = None,
+    ls_root: LsRootOpt = None,
     order: Annotated[str, typer.Option(
         help="Which images become tasks first: ingest, uncertain (lowest margin first: "
              "reviewers start where the model is weakest) or confident.")] = "ingest",
@@ -97,6 +96,11 @@ def pull(
     if summary.tasks_gone:
         err.print(f"  {summary.tasks_gone:,} reviewed tasks were deleted in Label Studio: "
                   "their annotations no longer count", markup=False)
+    if summary.unknown_tasks:
+        made = "task" if summary.unknown_tasks == 1 else "tasks"
+        err.print(f"  {summary.unknown_tasks:,} {made} made in Label Studio by hand (not "
+                  "pushed by labelassist) left alone: no image here to give their labels to",
+                  markup=False)
 
 
 @command()
@@ -172,6 +176,8 @@ def learn(
     if s.stored_version:
         out.print(f"stored {s.stored_predictions:,} predictions as {s.stored_version}: "
                   f"labelassist push --version {s.stored_version}", markup=False)
+    elif not store:
+        out.print("--no-store: nothing stored", markup=False)
     else:
         out.print("the probe does not beat zero-shot on held-out reviews: nothing stored",
                   markup=False)
@@ -186,8 +192,10 @@ def accept(
     target_precision: Annotated[float, typer.Option(help="Precision each class's threshold "
                                                     "must reach on the reviews.")] = 0.99,
     version: VersionOpt = None,
-    min_support: Annotated[int, typer.Option(min=1)] = 30,
-    resolve: str = "majority",
+    min_support: Annotated[int, typer.Option(min=1, help="Reviews each class's threshold "
+                                             "must rest on.")] = 30,
+    resolve: Annotated[str, typer.Option(help="majority or latest (see report).")] =
+    "majority",
 ) -> None:
     """Mark unreviewed predictions as auto-accepted where their class's audited threshold
     says they can be trusted. They are recorded with provenance (source 'auto' in the

@@ -56,6 +56,11 @@ class PushSummary:
     skipped_no_file: int = 0  # predictions of images whose every file is gone or edited
 
 
+# Which images become tasks first: as ingested, least certain first, most confident first.
+ORDERS = {"ingest": Prediction.image_id, "uncertain": Prediction.margin,
+          "confident": Prediction.confidence.desc()}
+
+
 def push(db: Database, client: LabelStudioClient, version: ModelVersion, source: ImageSource,
          *, title: str | None = None, order: str = "ingest", batch_size: int = BATCH,
          on_progress: Progress | None = None,
@@ -63,6 +68,8 @@ def push(db: Database, client: LabelStudioClient, version: ModelVersion, source:
     """Create a task per predicted image (with its prediction), and add this version's
     predictions to tasks that exist already. Safe to rerun, to interrupt, and to run
     twice at once: pushes to one project take turns (a lock in the database)."""
+    if order not in ORDERS:  # refused before anything is made in Label Studio
+        raise LabelStudioError(f"--order {order!r}: use {', '.join(ORDERS)}")
     source.check()
     client.check_server()
     title = project_title(version, title)
@@ -124,10 +131,7 @@ class _Pusher:
                        for q in (self.new_task_query(), self.new_prediction_query()))
 
     def batches(self, order: str, batch_size: int):
-        sort = {"ingest": Prediction.image_id, "uncertain": Prediction.margin,
-                "confident": Prediction.confidence.desc()}.get(order)
-        if sort is None:
-            raise LabelStudioError(f"--order {order!r}: use ingest, uncertain or confident")
+        sort = ORDERS[order]
         for kind, query in (("tasks", self.new_task_query()),
                             ("predictions", self.new_prediction_query())):
             while True:
