@@ -104,7 +104,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         return loss
 
     opt.step(closure)
-    return float(t.exp())
+    return float(t.detach().exp())
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -108,10 +108,14 @@ def open_db(url: str):
 
 
 LsUrlOpt = Annotated[Optional[str], typer.Option(
-    "--ls-url", help="Label Studio URL (env LABEL_STUDIO_URL).")]
+    "--ls-url", envvar="LABEL_STUDIO_URL", help="Label Studio URL.")]
 LsTokenOpt = Annotated[Optional[str], typer.Option(
-    "--ls-token", help="Label Studio API token. Prefer the env var LABEL_STUDIO_API_KEY: a "
-    "token on the command line is visible in ps to every user of the machine. Never stored.")]
+    "--ls-token", envvar="LABEL_STUDIO_API_KEY", help="Label Studio API token. Prefer the "
+    "env var: a token on the command line is visible in ps to every user of the machine. "
+    "Never stored.")]
+LsRootOpt = Annotated[Optional[str], typer.Option(
+    "--ls-root", envvar="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",
+    help="Label Studio's LOCAL_FILES_DOCUMENT_ROOT, for --image-mode local.")]
 VersionOpt = Annotated[Optional[str], typer.Option(
     "--version", help="model_version (default: the newest with predictions).")]
 

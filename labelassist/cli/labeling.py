@@ -17,6 +17,7 @@ from . import (
     DbOpt,
     LabelsOpt,
     LsTokenOpt,
+    LsRootOpt,
     LsUrlOpt,
     ModelOpt,
     command,
@@ -250,7 +251,7 @@ def worker(
                                        "after each round (--ls-url/--ls-token or env).")] = False,
     ls_url: LsUrlOpt = None,
     ls_token: LsTokenOpt = None,
-    ls_root: Annotated[Optional[str], typer.Option(help="See push --ls-root.")] = None,
+    ls_root: LsRootOpt = None,
 ) -> None:
     """Run until SIGTERM or Ctrl-C, predicting whatever is pending: images that anyone
     ingests, and any new prompt set for this model. On SIGTERM it finishes the batch in
