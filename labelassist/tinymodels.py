@@ -105,3 +105,34 @@ def save_random_clip(out_dir: str | Path, config=None, seed: int = 0) -> Path:
                           crop_size={"height": crop, "width": crop}).save_pretrained(out)
     save_clip_tokenizer(out)
     return out
+
+
+def save_random_siglip(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny SigLIP with random weights (and SigLIP's own logit scale and bias at their
+    published initial values, log 10 and -10), the CLIP tokenizer (SigLIP's own is a
+    SentencePiece model that is not available offline) and a SigLIP image processor."""
+    import math
+
+    import torch
+    import transformers
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4)
+    end = 49407  # <|endoftext|> in the CLIP vocabulary: SigLIP pads with it too
+    config = SiglipConfig(
+        text_config=dict(tower, vocab_size=49408, max_position_embeddings=16,
+                         pad_token_id=end, eos_token_id=end, bos_token_id=end - 1),
+        vision_config=dict(tower, image_size=32, patch_size=8))
+    model = SiglipModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(out)
+    processor = getattr(transformers, "SiglipImageProcessorPil", None) \
+        or transformers.SiglipImageProcessor
+    processor(size={"height": 32, "width": 32}).save_pretrained(out)
+    save_clip_tokenizer(out)
+    return out
