@@ -39,6 +39,7 @@ def count(db, model, *where):
 
 
 # 1. Concurrent pushes must not import tasks twice (nor make two projects).
+@pytest.mark.slow
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
 def test_two_pushes_at_once_make_one_project_and_one_task_per_image(
         tmp_path, tiny_clip_dir, label_studio, request, database):
@@ -188,6 +189,22 @@ def test_pull_stops_when_pages_bring_nothing_new(db, tmp_path):
     assert server.requests["/api/tasks"] == 4
 
 
+def test_pull_stops_when_a_server_cycles_through_the_same_pages(db, tmp_path):
+    """Pages A, B, A, B, ... under an inflated total: only the last page's ids are kept
+    (memory stays flat), so a repeat further back is caught by the pages' fingerprints."""
+    pages = [[task_json(1), task_json(2)], [task_json(3), task_json(4)]]
+
+    def cycling(query):
+        page = int(query["page"][0])
+        return 200, JSON, {"total": 4000, "tasks": pages[(page - 1) % 2]}
+
+    with HostileServer({"/api/tasks": cycling}) as server:
+        client = ledger_for(db, server.url, tmp_path, tasks=4)
+        summary = pull(db, client, full=True)
+    assert summary.tasks_seen == 4
+    assert server.requests["/api/tasks"] <= 6  # two listings, each stopped at the repeat
+
+
 # 11. Tracebacks instead of one-line errors.
 def test_html_with_status_200_is_a_clear_error(db, tmp_path):
     html = "<!doctype html><html><body>Sign in</body></html>"
@@ -266,3 +283,46 @@ def test_a_server_that_serves_smaller_pages_is_read_to_the_end(db, tmp_path):
         client = ledger_for(db, server.url, tmp_path, tasks=5)
         summary = pull(db, client, full=True)
     assert (summary.tasks_seen, summary.new, summary.deleted) == (5, 5, 0)
+
+
+# The client's retries: throttling, server errors and timeouts are waited out, with
+# backoff; a server that never recovers gives one clear line.
+def answers(*statuses, delay_first: float = 0.0):
+    """A route that answers the given statuses in turn, then 200 with a version."""
+    calls = []
+
+    def route(query):
+        calls.append(time.monotonic())
+        if delay_first and len(calls) == 1:
+            time.sleep(delay_first)
+        status = statuses[len(calls) - 1] if len(calls) <= len(statuses) else 200
+        return status, JSON, {"release": "1.23.2"} if status == 200 else {"detail": "busy"}
+
+    return route, calls
+
+
+def test_throttling_and_server_errors_are_retried_with_backoff():
+    route, calls = answers(429, 503, 502)
+    with HostileServer({"/api/version": route}) as server:
+        client = LabelStudioClient(Connection(server.url, "t"), retries=4)
+        assert client.check_server()
+    assert len(calls) == 4
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[0] >= 0.45 and gaps[1] >= 0.9 and gaps[2] >= 1.8  # 0.5 s, doubling
+
+
+def test_a_timeout_is_retried():
+    route, calls = answers(delay_first=1.5)
+    with HostileServer({"/api/version": route}) as server:
+        client = LabelStudioClient(Connection(server.url, "t"), retries=2, timeout=0.5)
+        assert client.check_server()
+    assert len(calls) == 2
+
+
+def test_a_server_that_never_recovers_gives_one_clear_line():
+    route, calls = answers(*[503] * 10)
+    with HostileServer({"/api/version": route}) as server:
+        client = LabelStudioClient(Connection(server.url, "t"), retries=2)
+        with pytest.raises(LabelStudioError, match=r"answered 503 .*gave up after 2 retries"):
+            client.check_server()
+    assert len(calls) == 3

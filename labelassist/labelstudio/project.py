@@ -169,7 +169,10 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
     params = {"project": project_id, "page_size": page_size,
               **({"include": include} if include else {"fields": "all"}),
               **({"query": query} if query else {})}
-    previous: set = set()  # the last page's ids only: memory stays flat on any project
+    # Memory stays flat on any project: the last page's ids (pages may overlap when tasks
+    # are added during the listing), and a fingerprint of each page (8 bytes a page).
+    previous: set = set()
+    fingerprints: set[int] = set()
     page, last_page, count = 1, None, 0
     while True:
         body = client.get_json("/api/tasks", "listing tasks", page=page, **params)
@@ -179,8 +182,14 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
                                    "--ls-url")
         total = body.get("total") if isinstance(body, dict) else None
         total = total if isinstance(total, int) else count + len(batch)
-        fresh = [t for t in batch if isinstance(t, dict) and t.get("id") not in previous]
-        previous = {t.get("id") for t in batch if isinstance(t, dict)}
+        ids = [repr(t.get("id")) for t in batch if isinstance(t, dict)]
+        fingerprint = hash(tuple(ids))
+        if fingerprint in fingerprints:
+            return  # a page seen before: the server is going round in circles
+        fingerprints.add(fingerprint)
+        fresh = [t for t, key in zip((t for t in batch if isinstance(t, dict)), ids)
+                 if key not in previous]
+        previous = set(ids)
         count += len(fresh)
         if fresh:
             yield fresh, max(total, count)
