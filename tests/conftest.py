@@ -177,14 +177,16 @@ def pg_url():
     admin.dispose()
 
 
-def terminate_connections(database_name: str) -> int:
-    """Cut every connection to one database, as a restart or a network cut would."""
+def terminate_connections(database_name: str, application_name: str) -> int:
+    """Cut the connections of one client (libpq's application_name: set PGAPPNAME in its
+    environment) to one database, as a restart or a network cut would."""
     import sqlalchemy as sa
 
     admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         killed = conn.execute(sa.text(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = :d AND pid <> pg_backend_pid()"), {"d": database_name}).scalar()
+            "WHERE datname = :d AND application_name = :a AND pid <> pg_backend_pid()"),
+            {"d": database_name, "a": application_name}).scalar()
     admin.dispose()
     return killed

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from labelassist.studio import free_port
 
 ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow  # each runs a pytest of its own
+
 ONE_PG_TEST = "tests/test_scaleout.py::test_id_lists_beyond_postgres_parameter_limit"
 
 

@@ -94,6 +94,7 @@ def test_cli_predict_with_the_process_feed(db_url, tiny_clip_dir, photo_dir, lab
     assert time.perf_counter() - started < 600  # a hang guard, not a speed test
 
 
+@pytest.mark.slow
 def test_worker_processes_decode_in_threads_and_refuse_the_process_feed(db_url, tiny_clip_dir,
                                                                         photo_dir, labels_file):
     runner = CliRunner()

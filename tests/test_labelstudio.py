@@ -393,3 +393,75 @@ def test_studio_command_starts_a_wired_server_and_stops_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_reviews_from_a_real_label_studio_flow_into_audit_learn_accept_and_export(
+        db_url, db, toy_model_dir, ls_env, tmp_path, request):
+    """The whole loop with nothing faked: reviews are made in Label Studio through its API,
+    come back through `pull`, and drive report, learn, accept and export."""
+    import json
+    import random
+
+    from labelassist import toyworld
+
+    photos = ls_env.root / "loop"
+    toyworld.write_images(photos, 90, seed=31)
+    vague = tmp_path / "vague.toml"
+    vague.write_text('templates = ["a photo of a {} thing."]\n[classes]\n'
+                     'warm = ["warm colour"]\ncool = ["cool colour"]\n')
+    runner = CliRunner()
+    ran = runner.invoke(app, ["run", str(photos), "--labels", str(vague), "--model",
+                              str(toy_model_dir), "--db", db_url])
+    assert ran.exit_code == 0, ran.output
+    pushed = runner.invoke(app, ["push", "--db", db_url, "--project", request.node.name[:40]])
+    assert pushed.exit_code == 0 and "90 tasks created" in pushed.output, pushed.output
+
+    client = LabelStudioClient(Connection(ls_env.url, ls_env.token), retries=1)
+    project = next(p for p in client.sdk.projects.list()
+                   if p.title == request.node.name[:40])
+    tasks = sorted(list_remote_tasks(client, project.id), key=lambda t: t["id"])
+    truth = {}
+    # Reviewers give the true colour temperature of a random sample (tasks follow the
+    # file names, which sort by colour: the first 60 would leave whole colours unseen).
+    for task in random.Random(0).sample(tasks, 60):
+        colour = task["data"]["path"].rsplit("/", 1)[-1].split("_")[0]
+        truth[task["data"]["path"]] = "warm" if colour in toyworld.WARM else "cool"
+        annotate(client, task, truth[task["data"]["path"]])
+
+    pulled = runner.invoke(app, ["pull", "--db", db_url])
+    assert pulled.exit_code == 0 and "60 new annotations" in pulled.output, pulled.output
+    report = runner.invoke(app, ["report", "--db", db_url, "--json", str(tmp_path / "r.json")])
+    assert report.exit_code == 0, report.output
+    audit = json.loads((tmp_path / "r.json").read_text())
+    assert audit["reviewed"] == 60
+    real = sum(truth[d["path"]] != d["predicted"] for d in audit["disagreements"])
+    assert real == len(audit["disagreements"])  # each one the model really got wrong
+
+    learned = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir)])
+    assert learned.exit_code == 0 and "stored 30 predictions as probe@" in learned.output, \
+        learned.output
+    probe = resolve_version(db).name
+    to_probe = runner.invoke(app, ["push", "--db", db_url, "--version", probe, "--project",
+                                   request.node.name[:40]])
+    assert to_probe.exit_code == 0, to_probe.output
+    assert "0 tasks created" in to_probe.output  # the probe's labels join the same tasks
+    after = list_remote_tasks(client, project.id)
+    assert sum(probe in {p["model_version"] for p in t["predictions"]} for t in after) >= 30
+    accepted = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.9",
+                                   "--min-support", "10"])
+    assert accepted.exit_code == 0, accepted.output
+    exported = runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
+                                   "--include-auto", "--target-precision", "0.9",
+                                   "--min-support", "10"])
+    assert exported.exit_code == 0, exported.output
+    rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text()
+            .splitlines()]
+    human = [r for r in rows if r["source"] == "human"]
+    assert len(human) == 60 and all(r["label"] == truth[r["path"]] for r in human)
+    assert all(r["annotators"] == ["admin@localhost"] for r in human)
+    auto = [r for r in rows if r["source"] == "auto"]
+    assert auto and all(r["model_version"].startswith("probe@") for r in auto)
+    right = sum(("warm" if r["path"].rsplit("/", 1)[-1].split("_")[0] in toyworld.WARM
+                 else "cool") == r["label"] for r in auto)
+    assert right / len(auto) >= 0.9

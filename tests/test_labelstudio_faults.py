@@ -23,7 +23,7 @@ from labelassist.studio import free_port, start_studio
 
 from .imagegen import write_shape_images
 
-pytestmark = pytest.mark.labelstudio
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]  # each starts its own server
 # The module, not the function of the same name that labelassist.labelstudio re-exports.
 ls = importlib.import_module("labelassist.labelstudio.push")
 LABELS = '[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\n'
@@ -88,12 +88,16 @@ def test_label_studio_killed_mid_push_then_restarted(tmp_path, db_url, db, tiny_
                               str(tiny_clip_dir)], env=env, check=True, capture_output=True)
         pusher = subprocess.Popen(cli + ["push", "--batch-size", "5", "--project", "outage"],
                                   env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # only against a hang: a loaded machine is slow
         while count(db, LSTask) < 20 and pusher.poll() is None and time.time() < deadline:
             time.sleep(0.02)
+        # Frozen while the server dies, so the kill lands mid-push however fast it runs.
+        pusher.send_signal(signal.SIGSTOP)
+        assert pusher.poll() is None and 20 <= count(db, LSTask) < 150
         os.killpg(studio.process.pid, signal.SIGKILL)  # the server dies mid-push
         studio.process.wait()
-        _, stderr = pusher.communicate(timeout=120)
+        pusher.send_signal(signal.SIGCONT)
+        _, stderr = pusher.communicate(timeout=600)
         assert pusher.returncode == 1, stderr
         assert stderr.strip().splitlines()[-1].startswith("error: ")
         assert "Traceback" not in stderr

@@ -38,7 +38,7 @@ def toy_workspace(db, toy_model_dir, tmp_path):
     return db, model, tmp_path / "photos"
 
 
-def review(db, count, wrong=()):
+def review(db, count, wrong=(), start=0):
     """Reviewers give the true colour temperature of `count` images, a shuffled sample
     (files are ingested in name order, i.e. sorted by colour)."""
     from labelassist.queries import first_paths
@@ -49,6 +49,8 @@ def review(db, count, wrong=()):
     ids = list(ids)
     random.Random(0).shuffle(ids)
     for n, image_id in enumerate(ids[:count]):
+        if n < start:
+            continue  # reviewed by an earlier call
         label = truth_of(paths[image_id])
         if n in wrong:
             label = "cool" if label == "warm" else "warm"
@@ -184,3 +186,41 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
     rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().split("\n")
             if x]
     assert sum(r["source"] == "auto" for r in rows) >= n_auto
+
+
+def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_dir):
+    db, _, _ = toy_workspace
+    runner = CliRunner()
+    base = resolve_version(db).name
+    review(db, 1)
+    few = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir)])
+    assert few.exit_code == 1 and "learn needs reviews of at least two classes" in few.output
+
+    review(db, 100, start=1)
+    dry = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir),
+                              "--version", base, "--resolve", "latest", "--no-store"])
+    assert dry.exit_code == 0, dry.output
+    assert "--no-store: nothing stored" in dry.output
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(ModelVersion)
+                        .where(ModelVersion.kind == "probe")) == 0
+
+    stored = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir),
+                                 "--store"])
+    assert stored.exit_code == 0 and "stored 50 predictions as probe@" in stored.output
+    probe = resolve_version(db).name
+    assert probe.startswith("probe@")
+    refused = runner.invoke(app, ["learn", "--db", db_url, "--version", probe])
+    assert refused.exit_code == 1 and "is a probe; pass --version with a zero-shot" \
+        in refused.output
+
+    # accept judges the version it is given, not the newest
+    accepted = runner.invoke(app, ["accept", "--db", db_url, "--version", base, "--resolve",
+                                   "latest", "--target-precision", "0.5", "--min-support", "5"])
+    assert accepted.exit_code == 0, accepted.output
+    assert accepted.output.startswith(f"{base}: ")
+    with db.read() as s:
+        versions = set(s.scalars(select(AutoAccept.model_version_id)))
+        assert versions == {s.scalar(select(ModelVersion.id).where(ModelVersion.name == base))}
+    bad = runner.invoke(app, ["accept", "--db", db_url, "--resolve", "loudest"])
+    assert bad.exit_code == 1 and "--resolve 'loudest'" in bad.output

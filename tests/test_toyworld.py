@@ -2,6 +2,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from labelassist import toyworld
@@ -61,6 +62,7 @@ print(toyworld.cached_model(sys.argv[1], steps=40, log=lambda message: None))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_cache_and_train_once(tmp_path):
     """Two test runs at once (two pytest sessions, or xdist) must not corrupt the cache:
     before the lock, both trained into the same .partial folder and one removed the

@@ -1,0 +1,244 @@
+"""The command line as users type it: flags and behaviours that no other test reaches.
+
+Each test drives real commands (typer's CliRunner, or a subprocess where signals matter)
+on real files and a real SQLite ledger, and checks what the flag is for.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from labelassist.cli import app
+from labelassist.db import open_database
+from labelassist.db.models import Claim, File, Prediction
+
+from .imagegen import shape_image, write_shape_images
+
+runner = CliRunner()
+
+
+def invoke(*args, env=None):
+    result = runner.invoke(app, [str(a) for a in args], env=env)
+    return result
+
+
+def count(db, model=Prediction):
+    with db.read() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+# ---- ingest and status ---------------------------------------------------------------
+
+def test_ingest_reads_every_format_and_refuses_what_is_too_big(tmp_path, db_url):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n, name in enumerate(["a.webp", "b.bmp", "c.tif", "d.jpeg", "E.PNG", "f.JPG",
+                              "g.Jpeg"]):
+        shape_image(n).save(photos / name)
+    Image.new("RGB", (400, 400), (1, 2, 3)).save(photos / "huge.png")  # 160,000 pixels
+    (photos / "notes.txt").write_text("not an image, never read")
+
+    result = invoke("ingest", photos, "--db", db_url, "--max-pixels", 100_000,
+                    "--workers", 1)
+
+    assert result.exit_code == 0, result.output
+    db = open_database(db_url)
+    with db.read() as s:
+        files = dict(s.execute(select(File.path, File.error)).all())
+    assert len(files) == 8  # the .txt is not walked at all
+    assert files[str(photos / "huge.png")] == "decompression_bomb"
+    assert sum(error is None for error in files.values()) == 7
+    assert "--max-pixels" in result.output  # the refusal names the flag that lifts it
+
+    status = invoke("status", "--db", db_url)
+    assert status.exit_code == 0, status.output
+    assert "files: 8   images: 7" in status.output
+    assert "file errors: decompression_bomb 1" in status.output
+
+
+def test_transparent_pixels_are_put_on_white():
+    from labelassist.images import decode, open_image
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent
+    rgba.putpixel((0, 0), (255, 0, 0, 128))          # half-transparent red
+    buffer = io.BytesIO()
+    rgba.save(buffer, "PNG")
+    rgb = decode(open_image(buffer.getvalue(), 10_000), draft_size=None)
+    assert rgb.mode == "RGB" and rgb.getpixel((5, 5)) == (255, 255, 255)
+    red, green, blue = rgb.getpixel((0, 0))
+    assert red == 255 and 120 <= green <= 135 and green == blue
+
+
+# ---- predict, run and worker -----------------------------------------------------------
+
+def test_predict_flags_and_a_file_changed_after_ingest(tmp_path, db_url, tiny_clip_dir,
+                                                       labels_file, photo_dir):
+    assert invoke("ingest", photo_dir, "--db", db_url).exit_code == 0
+    changed = sorted(p for p in photo_dir.rglob("*") if p.is_file())[0]
+    changed.write_bytes(changed.read_bytes() + b"\0")  # edited after ingest
+
+    result = invoke("predict", "--db", db_url, "--labels", labels_file, "--model",
+                    tiny_clip_dir, "--device", "auto", "--dtype", "auto", "--exact",
+                    "--threads", 1)
+
+    assert result.exit_code == 0, result.output
+    assert "23 predicted" in result.output and "1 failed" in result.output
+    assert "skipped 1 (changed)" in result.output and "ingest again" in result.output
+    # --exact is fp32 on the CPU whatever --dtype says: the version records the model.
+    assert invoke("ingest", photo_dir, "--db", db_url).exit_code == 0
+    again = invoke("predict", "--db", db_url, "--labels", labels_file, "--model",
+                   tiny_clip_dir, "--exact")
+    assert again.exit_code == 0 and "1 predicted" in again.output, again.output
+
+
+def test_run_with_an_explicit_feed_and_device(tmp_path, db_url, tiny_clip_dir, labels_file,
+                                              photo_dir):
+    result = invoke("run", photo_dir, "--db", db_url, "--labels", labels_file, "--model",
+                    tiny_clip_dir, "--device", "cpu", "--dtype", "fp32", "--feed",
+                    "processes", "--decode-workers", 1, "--batch-size", 5)
+    assert result.exit_code == 0, result.output
+    assert "24 predicted" in result.output
+    bad = invoke("run", photo_dir, "--db", db_url, "--labels", labels_file, "--model",
+                 tiny_clip_dir, "--feed", "telepathy")
+    assert bad.exit_code == 1 and "--feed" in bad.output
+
+
+@pytest.mark.slow
+def test_worker_flags_and_a_second_sigterm_stops_at_once(tmp_path, tiny_clip_dir,
+                                                         labels_file):
+    """The first SIGTERM asks for a clean stop after the batch in flight; a second one
+    (an impatient operator, or a supervisor's escalation) stops at once, without a
+    traceback, and a rerun finishes the work with nothing done twice."""
+    write_shape_images(tmp_path / "photos", 400)
+    db_url = f"sqlite:///{tmp_path / 'w.db'}"
+    env = {**os.environ, "LABELASSIST_DB": db_url, "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "labelassist.cli"]
+    subprocess.run(cli + ["ingest", str(tmp_path / "photos")], env=env, check=True,
+                   capture_output=True)
+    db = open_database(db_url)
+    worker = subprocess.Popen(cli + ["worker", "--labels", str(labels_file), "--model",
+                                     str(tiny_clip_dir), "--batch-size", "2", "--dtype",
+                                     "fp32", "--feed", "threads", "--decode-workers", "1",
+                                     "--poll", "0.2"],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # only against a hang
+    while count(db) < 10 and worker.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert worker.poll() is None, "the worker exited before it was stopped"
+    worker.send_signal(signal.SIGSTOP)  # both signals land while it works
+    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signal.SIGCONT)
+    time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    _, stderr = worker.communicate(timeout=120)
+    assert worker.returncode != 0 and "Traceback" not in stderr, stderr
+    assert "stopping after the batch in flight" in stderr
+    assert count(db) < 400
+    rerun = subprocess.run(cli + ["predict", "--labels", str(labels_file), "--model",
+                                  str(tiny_clip_dir)],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    with db.read() as s:
+        per_image = s.execute(select(Prediction.image_id, func.count())
+                              .group_by(Prediction.image_id)).all()
+    assert len(per_image) == 400 and {n for _, n in per_image} == {1}
+    assert count(db, Claim) == 0
+
+
+# ---- report and export ------------------------------------------------------------------
+
+def version_of(db):
+    from labelassist.queries import resolve_version
+
+    return resolve_version(db).name
+
+
+def test_report_flags(reviewed_db, db_url):
+    version = version_of(reviewed_db)
+    result = invoke("report", "--db", db_url, "--json", "-", "--version", version,
+                    "--resolve", "latest", "--target-precision", "0.9", "--min-support", 2)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert data["model_version"] == version and data["reviewed"] == 24
+    # "latest": the image labelled twice takes its newest label, "dog"
+    majority = invoke("report", "--db", db_url, "--json", "-", "--resolve", "majority")
+    assert json.loads(majority.stdout[majority.stdout.index("{"):])["reviewed"] == 24
+    for bad in ("1.5", "0"):
+        out = invoke("report", "--db", db_url, "--target-precision", bad)
+        assert out.exit_code == 1 and "--target-precision must be in (0, 1]" in out.output
+    unknown = invoke("report", "--db", db_url, "--version", "nope@1")
+    assert unknown.exit_code == 1 and "no model_version 'nope@1'" in unknown.output
+    policy = invoke("report", "--db", db_url, "--resolve", "loudest")
+    assert policy.exit_code == 1 and "--resolve 'loudest'" in policy.output
+
+
+def test_export_flags_links_overwrite_and_exclusions(reviewed_db, db_url, tmp_path):
+    version = version_of(reviewed_db)
+    out = tmp_path / "d"
+    first = invoke("export", out, "--db", db_url, "--format", "imagefolder", "--seed", 3,
+                   "--resolve", "latest", "--version", version, "--link", "hardlink")
+    assert first.exit_code == 0, first.output
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and {r["model_version"] for r in rows} == {version}
+    for r in rows:  # a hard link: the same inode as the source
+        assert os.stat(out / r["file"]).st_ino == os.stat(r["path"]).st_ino
+
+    sources = sorted({r["path"] for r in rows})
+    with open(sources[0], "ab") as fh:
+        fh.write(b"\0")  # changed since ingest
+    os.remove(sources[1])  # gone
+    again = invoke("export", out, "--db", db_url, "--link", "symlink", "--overwrite")
+    assert again.exit_code == 0, again.output
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 22
+    assert all((out / r["file"]).is_symlink() and os.path.samefile(out / r["file"], r["path"])
+               for r in rows)
+    assert "1 file changed since ingest" in again.output
+    assert "1 source file gone or unreadable" in again.output
+
+
+def test_nothing_to_export_is_a_clear_error(db, db_url, tiny_model, photo_dir, tmp_path):
+    from labelassist.config import parse_label_text
+    from labelassist.ingest import ingest
+    from labelassist.predict import predict
+
+    ingest(db, [photo_dir])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+    result = invoke("export", tmp_path / "out", "--db", db_url)
+    assert result.exit_code == 1 and "nothing to export" in result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "parquet"], "--format 'parquet'"),
+    (["--link", "teleport"], "--link 'teleport'"),
+    (["--split", "0.5,0.6"], "add up to 1"),
+])
+def test_export_refuses_bad_values(reviewed_db, db_url, tmp_path, args, message):
+    result = invoke("export", tmp_path / "out", "--db", db_url, *args)
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_db_migrate_to_another_sqlite_file_then_refuse_a_full_one(reviewed_db, db_url,
+                                                                  tmp_path):
+    from labelassist.db.models import Annotation, Embedding, Image, ModelVersion
+
+    target = f"sqlite:///{tmp_path / 'copy.db'}"
+    result = invoke("db", "migrate-to", target, "--db", db_url)
+    assert result.exit_code == 0, result.output
+    copy = open_database(target)
+    for model in (Image, File, Prediction, Embedding, ModelVersion, Annotation):
+        assert count(copy, model) == count(reviewed_db, model), model.__name__
+    again = invoke("db", "migrate-to", target, "--db", db_url)
+    assert again.exit_code == 1 and "empty" in again.output
