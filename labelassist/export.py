@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -75,7 +76,8 @@ def parse_split(text: str) -> tuple[float, ...]:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
         raise ConfigError(f"--split {text!r}: give fractions such as 0.8,0.1,0.1") from None
-    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+    if not 1 <= len(parts) <= 3 or not all(math.isfinite(p) and p >= 0 for p in parts) \
+            or abs(sum(parts) - 1) > 1e-6:
         raise ConfigError(f"--split {text!r}: one to three fractions that add up to 1")
     return parts
 

@@ -61,6 +61,9 @@ def test_ingest_reads_every_format_and_refuses_what_is_too_big(tmp_path, db_url)
     assert sum(error is None for error in files.values()) == 7
     assert "--max-pixels" in result.output  # the refusal names the flag that lifts it
 
+    zero = invoke("ingest", photos, "--db", db_url, "--max-pixels", 0)
+    assert zero.exit_code == 2 and "--max-pixels" in zero.output  # refused, nothing read
+
     status = invoke("status", "--db", db_url)
     assert status.exit_code == 0, status.output
     assert "files: 8   images: 7" in status.output
@@ -224,6 +227,8 @@ def test_nothing_to_export_is_a_clear_error(db, db_url, tiny_model, photo_dir, t
     (["--format", "parquet"], "--format 'parquet'"),
     (["--link", "teleport"], "--link 'teleport'"),
     (["--split", "0.5,0.6"], "add up to 1"),
+    (["--split", "nan"], "add up to 1"),          # NaN compares false with everything
+    (["--split", "nan,0.5,0.5"], "add up to 1"),
 ])
 def test_export_refuses_bad_values(reviewed_db, db_url, tmp_path, args, message):
     result = invoke("export", tmp_path / "out", "--db", db_url, *args)

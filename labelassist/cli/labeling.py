@@ -51,8 +51,8 @@ def predict_options(batch_size, feed, decode_workers, exact):
 def ingest(
     dirs: Annotated[list[Path], typer.Argument(help="Folders (or files) to register.")],
     db: DbOpt = DEFAULT_DB,
-    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels than this "
-                                            "(decompression bombs).")] = 178_956_970,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels "
+                                            "than this (decompression bombs).")] = 178_956_970,
     workers: Annotated[Optional[int], typer.Option(
         min=1, help="Files checked in parallel (default: the cores; worker processes from "
         "2,000 files on).")] = None,
