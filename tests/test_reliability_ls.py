@@ -205,6 +205,25 @@ def test_pull_stops_when_a_server_cycles_through_the_same_pages(db, tmp_path):
     assert server.requests["/api/tasks"] <= 6  # two listings, each stopped at the repeat
 
 
+def test_an_annotation_deleted_then_back_counts_again(db, tmp_path):
+    """Label Studio cannot undelete through its API, so a server of the test's own shows
+    an annotation, then not (deleted), then again (an admin restored it from a backup)."""
+    with_it = {"total": 1, "tasks": [task_json(1)]}
+    without = {"total": 1, "tasks": [{**task_json(1), "annotations": []}]}
+    shown = [with_it]
+    with HostileServer({"/api/tasks": lambda q: (200, JSON, shown[0])}) as server:
+        client = ledger_for(db, server.url, tmp_path, tasks=1)
+        assert pull(db, client, full=True).new == 1
+        shown[0] = without
+        assert pull(db, client, full=True).deleted == 1
+        assert load_reviews(db).labels == {}
+        shown[0] = with_it
+        back = pull(db, client, full=True)
+    assert (back.new, back.updated) == (0, 1)
+    (label,) = load_reviews(db).labels.values()
+    assert label.label == "warm"
+
+
 # 11. Tracebacks instead of one-line errors.
 def test_html_with_status_200_is_a_clear_error(db, tmp_path):
     html = "<!doctype html><html><body>Sign in</body></html>"
