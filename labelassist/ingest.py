@@ -86,6 +86,9 @@ def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAU
     for root in roots:
         if not root.exists():
             raise ConfigError(f"{root} does not exist")
+        if not root.is_dir() and root.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise ConfigError(f"{root} is not an image: give folders, or image files "
+                              f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
     # Counted first (names only, no stat), then walked again in chunks: a million paths
     # never sit in memory, and the progress bar still knows its total.
     total = sum(1 for root in roots for _ in _image_paths(root))

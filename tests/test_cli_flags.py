@@ -177,6 +177,11 @@ def test_report_flags(reviewed_db, db_url):
     # "latest": the image labelled twice takes its newest label, "dog"
     majority = invoke("report", "--db", db_url, "--json", "-", "--resolve", "majority")
     assert json.loads(majority.stdout[majority.stdout.index("{"):])["reviewed"] == 24
+    strict = invoke("report", "--db", db_url, "--min-support", 1000)
+    assert strict.exit_code == 0, strict.output
+    for name in ("cat", "dog", "<b>wild</b>"):  # the terminal says why a threshold is "-"
+        assert f"no threshold for {name}: no threshold reaches 99% precision on 1000+ " \
+               "reviews (the model predicted this class for" in strict.output
     for bad in ("1.5", "0"):
         out = invoke("report", "--db", db_url, "--target-precision", bad)
         assert out.exit_code == 1 and "--target-precision must be in (0, 1]" in out.output
@@ -247,3 +252,39 @@ def test_db_migrate_to_another_sqlite_file_then_refuse_a_full_one(reviewed_db, d
         assert count(copy, model) == count(reviewed_db, model), model.__name__
     again = invoke("db", "migrate-to", target, "--db", db_url)
     assert again.exit_code == 1 and "empty" in again.output
+
+
+# ---- a newcomer's mistakes: one line, exit 1, no traceback, nothing written ----------
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is None or \
+        isinstance(result.exception, SystemExit)
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.output
+
+
+def test_a_db_file_that_is_not_a_database(tmp_path):
+    notes = tmp_path / "notes.db"
+    notes.write_text("shopping list\n" * 100)
+    before = notes.read_bytes()
+    result = invoke("status", "--db", f"sqlite:///{notes}")
+    assert_one_line_error(result, f"{notes} is not a labelassist database")
+    assert notes.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]  # no -wal, no -shm
+
+
+def test_run_checks_the_label_file_before_it_ingests(tmp_path, photo_dir):
+    bad = tmp_path / "labels.toml"
+    bad.write_text("[classes]\ncat = [\n")
+    db = tmp_path / "w.db"
+    result = invoke("run", photo_dir, "--labels", bad, "--db", f"sqlite:///{db}")
+    assert_one_line_error(result, "not valid TOML")
+    assert "files:" not in result.output and not db.exists()  # nothing ingested
+
+
+def test_ingest_of_one_named_file_that_is_no_image_is_an_error(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    result = invoke("ingest", text, "--db", f"sqlite:///{tmp_path / 'w.db'}")
+    assert_one_line_error(result, f"{text} is not an image")

@@ -321,6 +321,7 @@ def run_all(
     from ..ingest import ingest as run_ingest
 
     options = predict_options(batch_size, feed, decode_workers, exact)
+    load_label_file(labels)  # a typo is reported before a long ingest, not after it
     database = open_db(db)
     with progress_bar("ingest", unit="files") as on_progress:
         print_ingest_summary(run_ingest(database, dirs, on_progress=on_progress))

@@ -7,6 +7,7 @@ instead of failing when a read transaction tries to upgrade.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -16,7 +17,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import DatabaseError as SQLAlchemyDatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import DatabaseError
@@ -95,13 +97,29 @@ def _configure_sqlite(engine: Engine) -> None:
 def open_database(url: str) -> Database:
     """Open `url`, creating or upgrading its schema; refuse one written by a newer labelassist."""
     db = Database(url)
+    _refuse_a_file_that_is_not_sqlite(db)
     try:
         upgrade_schema(db)
-    except OperationalError as exc:
+    except SQLAlchemyDatabaseError as exc:  # OperationalError included
         db.dispose()
         raise DatabaseError(f"cannot open database {db.engine.url.render_as_string()}: "
                             f"{exc.orig}. Check --db or LABELASSIST_DB.") from None
     return db
+
+
+def _refuse_a_file_that_is_not_sqlite(db: Database) -> None:
+    """Opening a text file or a spreadsheet as SQLite would fail deep inside, after
+    creating -wal and -shm files next to it: read its header first, write nothing."""
+    path = db.engine.url.database if db.is_sqlite else None
+    if not path or path == ":memory:" or not os.path.isfile(path) \
+            or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb") as fh:
+        header = fh.read(16)
+    if header != b"SQLite format 3\x00":
+        db.dispose()
+        raise DatabaseError(f"{path} is not a labelassist database (not an SQLite file): "
+                            "check --db or LABELASSIST_DB, or give a new file name")
 
 
 def upgrade_schema(db: Database, revision: str = "head") -> None:
