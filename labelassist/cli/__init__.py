@@ -123,7 +123,9 @@ VersionOpt = Annotated[Optional[str], typer.Option(
 def ls_client(url, token):
     from ..labelstudio import LabelStudioClient, resolve_connection
 
-    return LabelStudioClient(resolve_connection(url, token))
+    client = LabelStudioClient(resolve_connection(url, token))
+    client.on_retry = lambda line: err.print(line, markup=False)  # never wait in silence
+    return client
 
 
 def resolve_model_id(model, label_set=None) -> str:

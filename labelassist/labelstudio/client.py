@@ -66,6 +66,8 @@ class LabelStudioClient:
                                  headers={"Authorization": f"Token {conn.token}"})
         self.sdk = LabelStudio(base_url=conn.url, api_key=conn.token, timeout=timeout,
                                httpx_client=httpx.Client(timeout=timeout))
+        self.on_retry: Callable[[str], None] | None = None  # told of each retry (the CLI prints)
+        self._answered = False  # has the server ever answered this client?
 
     def close(self) -> None:
         self.http.close()
@@ -80,17 +82,24 @@ class LabelStudioClient:
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                self._answered = True
+                return result
             except Exception as exc:  # noqa: BLE001 - classified below
                 transient, message = self.classify(exc, what)
                 if not transient:
                     raise LabelStudioError(message) from None
+                if isinstance(exc, httpx.ConnectError) and not self._answered:
+                    raise LabelStudioError(message) from None  # nothing listens: say so now
                 if not idempotent and not isinstance(exc, httpx.ConnectError):
                     raise TransientError(message + "; run the same command again: it resumes "
                                          "where it stopped") from None
                 if attempt == self.retries:
                     raise TransientError(message + f" (gave up after {self.retries} retries)") \
                         from None
+                if self.on_retry:
+                    self.on_retry(f"{message}; retrying in {delay:.1f} s "
+                                  f"({attempt + 1} of {self.retries})")
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
         raise AssertionError("unreachable")
