@@ -106,7 +106,8 @@ def class_threshold(confidence: np.ndarray, correct: np.ndarray, all_confidence:
               "interval": None, "curve": curve}
     if best is None:
         result["reason"] = (f"no threshold reaches {target:.0%} precision on "
-                            f"{min_support}+ reviews (this class has {len(conf)})")
+                            f"{min_support}+ reviews (the model predicted this class for "
+                            f"{len(conf)} reviewed images)")
         return result
     t = float(conf[best])
     lo, hi = wilson_interval(int(hits[best]), int(counts[best]))

@@ -201,6 +201,8 @@ def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_di
                               "--version", base, "--resolve", "latest", "--no-store"])
     assert dry.exit_code == 0, dry.output
     assert "--no-store: nothing stored" in dry.output
+    assert "lambda None" not in dry.output and ("(lambda " in dry.output
+                                                or "(zero-shot kept" in dry.output)
     with db.read() as s:
         assert s.scalar(select(func.count()).select_from(ModelVersion)
                         .where(ModelVersion.kind == "probe")) == 0

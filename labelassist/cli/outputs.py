@@ -68,6 +68,9 @@ def print_audit(out: Console, a) -> None:
                       str(m["support"]), "-" if t.get("threshold") is None else
                       f"{t['threshold']:.3f}", pct(t.get("coverage")))
     out.print(table)
+    for name, t in per_class.items():
+        if t.get("threshold") is None and t.get("reason"):
+            out.print(f"no threshold for {name}: {t['reason']}", markup=False)
 
 
 @command()

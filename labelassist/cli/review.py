@@ -169,10 +169,12 @@ def learn(
     loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
     s = run_learn(database, loaded, base, policy=resolve, store=store)
     out = Console(highlight=False, soft_wrap=True)
+    chosen = "zero-shot kept: no probe beat it" if s.chosen_lambda is None \
+        else f"lambda {s.chosen_lambda:g}"
     out.print(f"{s.base_version}: {s.reviews:,} reviews; cross-validated accuracy: zero-shot "
-              f"{s.zero_shot_accuracy:.1%}, probe {s.probe_accuracy:.1%} (lambda "
-              f"{s.chosen_lambda}); temperature {s.temperature:.2f}, ECE {s.ece_before:.3f} -> "
-              f"{s.ece_after:.3f}", markup=False)
+              f"{s.zero_shot_accuracy:.1%}, probe {s.probe_accuracy:.1%} ({chosen}); "
+              f"temperature {s.temperature:.2f}, ECE {s.ece_before:.3f} -> {s.ece_after:.3f}",
+              markup=False)
     if s.stored_version:
         out.print(f"stored {s.stored_predictions:,} predictions as {s.stored_version}: "
                   f"labelassist push --version {s.stored_version}", markup=False)
