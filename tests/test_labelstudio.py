@@ -284,6 +284,9 @@ def test_cli_push_flags_pull_full_and_a_hand_made_task(db_url, db, tiny_clip_dir
 
     annotate(client, tasks[0], "warm")
     client.sdk.tasks.create(project=project.id, data={"image": "/data/local-files/?d=x.png"})
+    # The second push touched every task: wait until that lies before the look-back of
+    # the incremental pull below (which starts from this first pull's start).
+    time.sleep(PAST_MARGIN)
     first = runner.invoke(app, ["pull", "--db", db_url])
     assert first.exit_code == 0 and "1 new annotations" in first.output, first.output
     assert "1 task made in Label Studio by hand" in first.output
