@@ -144,10 +144,12 @@ def load_model(model_id_or_path: str, device: str = "auto", dtype: str = "fp32")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     source = _resolve_source(model_id_or_path)
+    local_only = not os.path.isdir(source) and not _hub_reachable()
     try:
-        model = AutoModel.from_pretrained(source, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        model = AutoModel.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil",
+                                                       local_files_only=local_only)
     except OSError as exc:
         raise ModelLoadError(_explain_load_failure(model_id_or_path, exc)) from None
     if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
@@ -185,13 +187,44 @@ def _resolve_source(model_id_or_path: str) -> str:
     return str(path)
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable() -> bool:
+    """Whether to ask the model hub at all. A cached model then loads without a request,
+    and one that is not cached fails at once, in one line, instead of after half a minute
+    of retries against a host that does not even resolve."""
+    if _hub_offline():
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy resolves names, not this machine: just try
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _explain_load_failure(model_id: str, exc: OSError) -> str:
     text = str(exc)
     if os.path.isdir(model_id):
         return f"cannot load model from {model_id}: {text.splitlines()[0]}"
-    if os.environ.get("HF_HUB_OFFLINE") or "offline" in text.lower():
-        return (f"model {model_id} is not in the local cache and the hub is offline "
-                "(HF_HUB_OFFLINE is set): pass --model DIR with a saved model")
+    if _hub_offline():
+        return (f"model {model_id} is not in the local cache, and HF_HUB_OFFLINE=1 forbids "
+                "downloading it: pass --model DIR with a model saved by save_pretrained")
+    if not _hub_reachable():
+        from huggingface_hub import constants
+
+        return (f"model {model_id} is not in the local cache, and the model hub "
+                f"({constants.ENDPOINT}) cannot be reached from this machine: pass --model "
+                "DIR with a model saved by save_pretrained (copied from a machine that can "
+                "download it)")
     if "not a valid model identifier" in text or "404" in text or "Repository Not Found" in text:
         return f"model {model_id} does not exist on the hub (check --model)"
     return (f"cannot download model {model_id}: the hub is unreachable ({text.splitlines()[0]}). "

@@ -288,3 +288,27 @@ def test_ingest_of_one_named_file_that_is_no_image_is_an_error(tmp_path):
     text.write_text("hello")
     result = invoke("ingest", text, "--db", f"sqlite:///{tmp_path / 'w.db'}")
     assert_one_line_error(result, f"{text} is not an image")
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_hub_model_that_cannot_be_had_is_one_honest_line(tmp_path, offline):
+    """No hub here: a hub id that is not cached fails at once and in one line, and the
+    message never claims HF_HUB_OFFLINE is set when it is not."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE",
+                                                              "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "empty-cache")
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    write_shape_images(tmp_path / "photos", 2)
+    labels = tmp_path / "labels.toml"
+    labels.write_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n')
+    run = subprocess.run([sys.executable, "-m", "labelassist.cli", "run", str(tmp_path / "photos"),
+                          "--labels", str(labels), "--model", "openai/clip-vit-base-patch32",
+                          "--db", f"sqlite:///{tmp_path / 'w.db'}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model openai/clip-vit-base-patch32 is not in the local cache")
+    assert ("HF_HUB_OFFLINE=1 forbids" in last) == offline
+    assert ("cannot be reached from this machine" in last) == (not offline)
+    assert "retry" not in run.stderr.lower()
