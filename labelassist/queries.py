@@ -60,7 +60,8 @@ def first_paths(session, image_ids) -> dict[int, str]:
 
 
 def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:
-    """DESIGN.md record: path, sha256, label, confidence, scores, model_version (+ margin)."""
+    """The prediction record (README, "File formats"): path, sha256, label, confidence,
+    margin, scores, model_version."""
     last_id = 0
     while True:
         with db.read() as session:
