@@ -198,7 +198,13 @@ def train(out_dir: str | Path, steps: int = 1600, batch: int = 64, seed: int = 0
         optim.step()
         sched.step()
         if step % 200 == 0 or step == steps - 1:
-            log(f"step {step:5d}  loss {loss.item():.3f}  {time.time() - started:5.1f}s")
+            spent = time.time() - started
+            left = spent / (step + 1) * (steps - step - 1)
+            log(f"step {step + 1:5d}/{steps} ({(step + 1) / steps:4.0%})  loss "
+                f"{loss.item():.3f}  {spent:5.1f} s, about {left:3.0f} s left")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar is noise in a log
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     CLIPImageProcessorPil(size={"shortest_edge": SIZE},

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# From a clean clone: install, make an example folder, pre-label it, print the predictions.
+# From a clean clone: install, make an example folder, pre-label it, print the predictions,
+# compare a vague description of the classes with one by their members, and say what's next.
 # Without a model hub (as on an offline machine) it trains the toy-world CLIP (~2 min,
 # cached); set LABELASSIST_MODEL to a hub id or directory to use a real CLIP instead, with
 # your own folder in DEMO_PHOTOS and label file in DEMO_LABELS.
@@ -18,8 +19,44 @@ if [ -z "${LABELASSIST_MODEL:-}" ]; then
   echo "training (or reusing) the toy-world CLIP in ~/.cache/labelassist ..." >&2
   LABELASSIST_MODEL="$(python -m labelassist.toyworld train "$HOME/.cache/labelassist")"
 fi
+# predict for a label file (nothing is done twice) and print its model_version
+version_for() {
+  labelassist predict --labels "$1" --model "$LABELASSIST_MODEL" 2>&1 \
+    | grep -o '^[^ ]*@[0-9a-f]*' | head -1
+}
 labelassist run "$photos" --labels "$labels" --model "$LABELASSIST_MODEL"
 labelassist status
-labelassist predictions --format csv > demo/predictions.csv
+labelassist predictions --version "$(version_for "$labels")" --format csv > demo/predictions.csv
 echo "wrote demo/predictions.csv ($(($(wc -l < demo/predictions.csv) - 1)) images); first rows:" >&2
-head -4 demo/predictions.csv | cut -c1-160
+python - <<'PY'
+import csv
+with open("demo/predictions.csv", newline="") as fh:
+    for row in list(csv.DictReader(fh))[:3]:
+        print(f"  {row['path'].rsplit('/', 1)[-1]:<28} {row['label']:<6} "
+              f"confidence {float(row['confidence']):.3f}")
+PY
+if [ -z "${DEMO_PHOTOS:-}" ] && [ -z "${DEMO_LABELS:-}" ]; then
+  # The seed's lesson on the toy world: one model, two ways to describe the classes,
+  # scored against the pictures' own truth (a file name starts with its colour).
+  echo "describing a class by its members, against a vague description:" >&2
+  for file in labels-vague.toml labels.toml; do
+    labelassist predictions --version "$(version_for "examples/toyworld/$file")" | FILE="$file" python -c '
+import json, os, sys
+from labelassist.toyworld import WARM
+rows = [json.loads(line) for line in sys.stdin]
+right = sum((r["path"].rsplit("/", 1)[-1].split("_")[0] in WARM) == (r["label"] == "warm")
+            for r in rows)
+name = os.environ["FILE"]
+print(f"  examples/toyworld/{name:<18} {right / len(rows):6.1%} right on {len(rows)} pictures")'
+  done
+fi
+root="$(pwd)/demo"
+cat >&2 <<NEXT
+
+Next: review in Label Studio, then export (install Label Studio with: scripts/setup.sh studio).
+  . .venv/bin/activate
+  export LABELASSIST_DB=sqlite:///$root/labelassist.db
+  labelassist studio --root $root     # in another shell, then paste the three lines it prints
+  labelassist push                    # review at the URL it prints, then:
+  labelassist pull && labelassist report --html report.html && labelassist export dataset/
+NEXT
