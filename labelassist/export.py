@@ -295,6 +295,8 @@ class DatasetWriter:
         self.fractions, self.seed, self.summary = fractions, seed, summary
         self.files = fmt not in ("csv", "jsonl")
         self._open: list = []
+        self._real_root = root.resolve()
+        self._made: set[str] = set()  # folders created: a few per split and class
 
     def __enter__(self) -> "DatasetWriter":
         self.manifest = self._text("manifest.jsonl")
@@ -348,9 +350,11 @@ class DatasetWriter:
             while not self._claim(rel):  # the same content under two names
                 rel, n = f"{folder}/{stem}-{row.sha256[:10]}-{n}{ext}", n + 1
         target = (self.root / rel).resolve()
-        if self.root.resolve() not in target.parents:  # never, but never is the point
+        if self._real_root not in target.parents:  # never, but never is the point
             raise ExportError(f"refusing to write {target} outside the export folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if folder not in self._made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)
         return rel
 
     def _claim(self, rel: str) -> bool:
