@@ -182,13 +182,13 @@ def iter_remote_pages(client: LabelStudioClient, project_id: int,
                                    "--ls-url")
         total = body.get("total") if isinstance(body, dict) else None
         total = total if isinstance(total, int) else count + len(batch)
-        ids = [repr(t.get("id")) for t in batch if isinstance(t, dict)]
+        tasks = [t for t in batch if isinstance(t, dict)]
+        ids = [repr(t.get("id")) for t in tasks]
         fingerprint = hash(tuple(ids))
         if fingerprint in fingerprints:
             return  # a page seen before: the server is going round in circles
         fingerprints.add(fingerprint)
-        fresh = [t for t, key in zip((t for t in batch if isinstance(t, dict)), ids)
-                 if key not in previous]
+        fresh = [t for t, key in zip(tasks, ids) if key not in previous]
         previous = set(ids)
         count += len(fresh)
         if fresh:

@@ -71,14 +71,14 @@ def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSPr
                           summary: PullSummary) -> None:
     """A task deleted in Label Studio is absent from every listing; its annotations here
     are marked deleted, so audit, learn and export stop counting them."""
-    with db.read() as s:
-        reviewed = dict(s.execute(select(LSTask.ls_task_id, LSTask.image_id).join(
+    with db.read() as s:  # reviewed tasks; each one the listing shows is crossed off
+        gone = dict(s.execute(select(LSTask.ls_task_id, LSTask.image_id).join(
             Annotation, (Annotation.image_id == LSTask.image_id)
             & (Annotation.project_id == LSTask.project_id))
             .where(LSTask.project_id == project.id, Annotation.deleted_at.is_(None))).all())
-    if not reviewed:
+    if not gone:
         return
-    gone, listed, total = dict(reviewed), 0, 0  # crossed off as the listing goes by
+    listed, total = 0, 0
     for ids, total in iter_remote_task_ids(client, project.ls_project_id):
         listed += len(ids)
         for ls_task_id in ids:
