@@ -151,7 +151,8 @@ def load_model(model_id_or_path: str, device: str = "auto", dtype: str = "fp32")
         processor = AutoImageProcessor.from_pretrained(source, backend="pil",
                                                        local_files_only=local_only)
     except OSError as exc:
-        raise ModelLoadError(_explain_load_failure(model_id_or_path, exc)) from None
+        raise ModelLoadError(_explain_load_failure(model_id_or_path, exc, local_only)) \
+            from None
     if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
         raise ModelLoadError(f"{model_id_or_path} is a {type(model).__name__}, not a CLIP-family "
                              "model with image and text towers")
@@ -211,14 +212,14 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _explain_load_failure(model_id: str, exc: OSError) -> str:
+def _explain_load_failure(model_id: str, exc: OSError, local_only: bool) -> str:
     text = str(exc)
     if os.path.isdir(model_id):
         return f"cannot load model from {model_id}: {text.splitlines()[0]}"
     if _hub_offline():
         return (f"model {model_id} is not in the local cache, and HF_HUB_OFFLINE=1 forbids "
                 "downloading it: pass --model DIR with a model saved by save_pretrained")
-    if not _hub_reachable():
+    if local_only:  # the hub was not asked: its name does not resolve here
         from huggingface_hub import constants
 
         return (f"model {model_id} is not in the local cache, and the model hub "
