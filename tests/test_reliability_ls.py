@@ -351,16 +351,16 @@ def test_nothing_listening_is_reported_at_once_and_retries_are_shown():
     from labelassist.studio import free_port
 
     shown = []
-    nobody = LabelStudioClient(Connection(f"http://127.0.0.1:{free_port()}", "t"), retries=6)
-    nobody.on_retry = shown.append
+    nobody = LabelStudioClient(Connection(f"http://127.0.0.1:{free_port()}", "t"), retries=6,
+                               on_retry=shown.append)
     with pytest.raises(LabelStudioError, match="cannot reach Label Studio.*Is it running"):
         nobody.check_server()
     assert shown == []  # a port where nothing listens is not retried for half a minute
 
     route, calls = answers(503)
     with HostileServer({"/api/version": route}) as server:
-        client = LabelStudioClient(Connection(server.url, "t"), retries=4)
-        client.on_retry = shown.append
+        client = LabelStudioClient(Connection(server.url, "t"), retries=4,
+                                   on_retry=shown.append)
         assert client.check_server()
     assert len(calls) == 2
     assert shown == [f"Label Studio at {server.url} answered 503 while checking the server; "

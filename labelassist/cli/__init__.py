@@ -123,9 +123,8 @@ VersionOpt = Annotated[Optional[str], typer.Option(
 def ls_client(url, token):
     from ..labelstudio import LabelStudioClient, resolve_connection
 
-    client = LabelStudioClient(resolve_connection(url, token))
-    client.on_retry = lambda line: err.print(line, markup=False)  # never wait in silence
-    return client
+    return LabelStudioClient(resolve_connection(url, token),  # never wait in silence
+                             on_retry=lambda line: err.print(line, markup=False))
 
 
 def resolve_model_id(model, label_set=None) -> str:

@@ -56,7 +56,8 @@ def resolve_connection(url: str | None, token: str | None) -> Connection:
 
 
 class LabelStudioClient:
-    def __init__(self, conn: Connection, *, retries: int | None = None, timeout: float = 60):
+    def __init__(self, conn: Connection, *, retries: int | None = None, timeout: float = 60,
+                 on_retry: Callable[[str], None] | None = None):
         from label_studio_sdk import LabelStudio
 
         self.conn = conn
@@ -66,7 +67,7 @@ class LabelStudioClient:
                                  headers={"Authorization": f"Token {conn.token}"})
         self.sdk = LabelStudio(base_url=conn.url, api_key=conn.token, timeout=timeout,
                                httpx_client=httpx.Client(timeout=timeout))
-        self.on_retry: Callable[[str], None] | None = None  # told of each retry (the CLI prints)
+        self.on_retry = on_retry  # told of each retry, before its wait (the CLI prints it)
         self._answered = False  # has the server ever answered this client?
 
     def close(self) -> None:
