@@ -258,8 +258,8 @@ def test_db_migrate_to_another_sqlite_file_then_refuse_a_full_one(reviewed_db, d
 
 def assert_one_line_error(result, message):
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and result.exception is None or \
-        isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.output
 
