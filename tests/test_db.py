@@ -68,3 +68,39 @@ def test_unusable_url_gives_a_clear_error(tmp_path):
         open_database("no-such-scheme")
     with pytest.raises(DatabaseError, match="cannot open database"):
         open_database(f"sqlite:///{tmp_path}/missing/dir/x.db")
+
+
+def test_opening_a_ledger_again_in_one_process_keeps_other_processes_from_its_wal(db_url,
+                                                                                  tmp_path):
+    """A process that holds the ledger open (serve, worker, run) and opens it again must
+    keep its SQLite locks. Before: the not-SQLite check read the header with open() and
+    close(), and closing any descriptor of a file drops all of a process's POSIX locks on
+    it; the next process to close the ledger then thought it was the last one and deleted
+    the WAL and its index under us, and everything this process wrote or read after that
+    went to files no one else could see."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import select
+
+    from labelassist.db.models import ModelVersion
+
+    holder = open_database(db_url)
+    with holder.write() as s:
+        s.add(ModelVersion(name="before", model_id="m", model_key="k", label_set={}))
+    open_database(db_url).dispose()  # opened again, e.g. by `run` after its ingest
+
+    subprocess.run([sys.executable, "-c", "import sys; from labelassist.db import "
+                    "open_database; open_database(sys.argv[1]).dispose()", db_url], check=True)
+    wal = tmp_path / "labelassist.db-wal"
+    assert wal.exists()  # another process closing must not delete the WAL we hold
+
+    subprocess.run([sys.executable, "-c", (
+        "import sys\nfrom labelassist.db import open_database\n"
+        "from labelassist.db.models import ModelVersion\n"
+        "db = open_database(sys.argv[1])\n"
+        "with db.write() as s:\n"
+        "    s.add(ModelVersion(name='other', model_id='m', model_key='k', label_set={}))\n"),
+        db_url], check=True)
+    with holder.read() as s:  # what another process wrote is seen here
+        assert sorted(s.scalars(select(ModelVersion.name))) == ["before", "other"]

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
+from pathlib import Path
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -94,6 +95,17 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file behind an SQLite URL (None for another database, memory or a bad URL)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).absolute()
+
+
 def open_database(url: str) -> Database:
     """Open `url`, creating or upgrading its schema; refuse one written by a newer labelassist."""
     db = Database(url)
@@ -109,17 +121,29 @@ def open_database(url: str) -> Database:
 
 def _refuse_a_file_that_is_not_sqlite(db: Database) -> None:
     """Opening a text file or a spreadsheet as SQLite would fail deep inside, after
-    creating -wal and -shm files next to it: read its header first, write nothing."""
+    creating -wal and -shm files next to it: ask SQLite itself, read-only, first.
+    Never open() the file directly: closing any descriptor of a file drops all of this
+    process's POSIX locks on it, and a process that already holds the ledger open would
+    lose the locks that keep other processes from deleting its WAL."""
+    import sqlite3
+
     path = db.engine.url.database if db.is_sqlite else None
     if not path or path == ":memory:" or not os.path.isfile(path) \
             or os.path.getsize(path) == 0:
         return
-    with open(path, "rb") as fh:
-        header = fh.read(16)
-    if header != b"SQLite format 3\x00":
+    probe = None
+    try:
+        probe = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True)
+        probe.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" not in str(exc):
+            raise
         db.dispose()
         raise DatabaseError(f"{path} is not a labelassist database (not an SQLite file): "
-                            "check --db or LABELASSIST_DB, or give a new file name")
+                            "check --db or LABELASSIST_DB, or give a new file name") from None
+    finally:
+        if probe is not None:
+            probe.close()
 
 
 def upgrade_schema(db: Database, revision: str = "head") -> None:
