@@ -56,3 +56,19 @@ def workspace_status(db: Database) -> WorkspaceStatus:
                                           pushed, reviewed, accepted))
     return WorkspaceStatus(files, file_errors, images, image_errors, versions,
                            active_workers(db))
+
+
+def progress_of(db: Database, model_id: str, label_set: dict) -> tuple[int, int] | None:
+    """(predicted, predicted + pending) for the newest version of this model and prompt
+    set, or None before any process has registered it."""
+    with db.read() as session:
+        version = next((v for v in session.scalars(
+            select(ModelVersion).where(ModelVersion.model_id == model_id)
+            .order_by(ModelVersion.id.desc())) if v.label_set == label_set), None)
+        if version is None:
+            return None
+        predicted = session.scalar(select(func.count()).where(
+            Prediction.model_version_id == version.id))
+    s = workspace_status(db)
+    usable = s.images - sum(s.image_errors.values())
+    return predicted, max(usable, predicted)

@@ -18,6 +18,7 @@ from .errors import LabelStudioError
 
 # Label Studio reads these bare names into its settings: never pass ours through.
 LEAKY_ENV = ("PORT", "HOST", "USERNAME", "PASSWORD", "DEBUG")
+TOKEN_FILE = "labelassist-token"  # in the data folder, mode 0600
 
 
 @dataclass
@@ -72,7 +73,7 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
         # Label Studio would silently move to the next port; we refuse instead.
         raise LabelStudioError(f"port {port} is busy: pass another --port")
     data_dir.mkdir(parents=True, exist_ok=True)
-    token = read_or_make_secret(data_dir / "labelassist-token", lambda: secrets.token_hex(20))
+    token = read_or_make_secret(data_dir / TOKEN_FILE, lambda: secrets.token_hex(20))
     password = password or read_or_make_secret(data_dir / "labelassist-password",
                                                 lambda: secrets.token_urlsafe(12))
     env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
@@ -83,6 +84,9 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
         "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(root),
         "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
+        # It listens on 127.0.0.1 only, and its ML backend (labelassist serve) and webhook
+        # live on this machine too: let it call local addresses.
+        "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
     })
     log = open(log_file or data_dir / "label-studio.log", "ab")
     process = subprocess.Popen(

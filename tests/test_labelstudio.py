@@ -394,8 +394,70 @@ def test_studio_command_starts_a_wired_server_and_stops_on_sigterm(tmp_path):
         with pytest.raises(LabelStudioError, match="cannot reach"):
             client.check_server()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # SIGTERM first: it stops the Label Studio it started
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_studio_in_a_workspace_records_itself_so_push_needs_no_flags(tmp_path, tiny_clip_dir,
+                                                                     labels_file):
+    """The newcomer's path: init, run, studio, push, with no flag and no exported line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from labelassist.studio import free_port
+
+    from .imagegen import write_shape_images
+
+    ws, data, port = tmp_path / "ws", tmp_path / "data", free_port()
+    write_shape_images(ws / "photos", 6)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "LABELASSIST_"))}
+
+    def labelassist(*args, **kwargs):
+        return subprocess.run([sys.executable, "-m", "labelassist.cli", *map(str, args)],
+                              cwd=ws, env=env, capture_output=True, text=True, **kwargs)
+
+    made = labelassist("init", "--labels", labels_file, "--model", tiny_clip_dir)
+    assert made.returncode == 0, made.stderr
+    assert labelassist("run", "photos").returncode == 0
+    before_studio = labelassist("push")
+    assert before_studio.returncode == 1
+    assert "no Label Studio URL" in before_studio.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "labelassist.cli", "studio", "--port",
+                             str(port), "--data-dir", str(data)], cwd=ws, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # ends only if it dies
+            if line.startswith("export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="):
+                assert line.strip().endswith(f"={ws.resolve()}")  # the workspace's root
+                break
+        recorded = (ws / "labelassist.toml").read_text()
+        assert f'ls_url = "http://127.0.0.1:{port}"' in recorded
+        token = next(line for line in (data / "labelassist-token").read_text().splitlines())
+        assert "ls_token_file" in recorded and token not in recorded  # where, never what
+
+        pushed = labelassist("push", timeout=300)
+
+        assert pushed.returncode == 0, pushed.stderr
+        assert "6 tasks created" in pushed.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:  # SIGTERM first: it stops the Label Studio it started
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

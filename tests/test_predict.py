@@ -111,7 +111,7 @@ def test_cli_predict_and_predictions_jsonl_and_csv(db_url, tiny_clip_dir, photo_
     assert json.loads(rows[0]["scores"]) == records[0]["scores"]
 
 
-def test_cli_errors_are_one_line_with_exit_code_1(db_url, tmp_path, labels_file):
+def test_cli_errors_are_one_line_with_exit_code_1(db, db_url, tmp_path, labels_file):
     runner = CliRunner()
     result = runner.invoke(app, ["predict", "--labels", str(tmp_path / "none.toml"),
                                  "--db", db_url])

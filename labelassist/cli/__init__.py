@@ -24,7 +24,7 @@ from rich.progress import (
 )
 
 from ..config import DEFAULT_MODEL
-from ..errors import LabelAssistError
+from ..errors import DatabaseError, LabelAssistError
 
 app = typer.Typer(
     help="CLIP pre-labels your image folders; Label Studio reviewers fix the labels; "
@@ -40,7 +40,46 @@ LabelsOpt = Annotated[Path, typer.Option("--labels", "-l", help="Label file (TOM
                                          "their descriptions and templates. See --help.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Hub id or local directory of a CLIP-family model. Default: the "
-    f"label file's 'model', else $LABELASSIST_MODEL, else {DEFAULT_MODEL}.")]
+    "label file's 'model', else $LABELASSIST_MODEL, else the workspace's, else "
+    f"{DEFAULT_MODEL}.")]
+
+
+WORKSPACE_HELP = ("Run inside a workspace (`labelassist init`: a labelassist.toml found by "
+                  "walking up from here) and --db, --labels, --model, --ls-url and --ls-root "
+                  "default to what it records. File formats: the README's 'File formats'.")
+workspace = None  # the labelassist.toml in force for this command, if any
+
+
+@app.callback(epilog=WORKSPACE_HELP)
+def find_workspace_defaults(
+    ctx: typer.Context,
+    be_quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", envvar="LABELASSIST_QUIET", help="No progress bars or progress "
+        "lines (for scripts); summaries and errors still print. Give it before the "
+        "command: labelassist -q push.")] = False,
+) -> None:
+    """Options settle as: the flag, else its environment variable, else the workspace's
+    labelassist.toml, else the built-in default (click's default_map sits in that place)."""
+    global workspace, quiet
+    quiet = be_quiet
+    from ..workspace import find_workspace
+
+    try:
+        workspace = find_workspace(Path.cwd())
+    except LabelAssistError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    if workspace is None:
+        return
+    defaults = workspace.cli_defaults()
+    group = ctx.command
+    ctx.default_map = {}
+    for name, cmd in getattr(group, "commands", {}).items():
+        params = {p.name: p for p in cmd.params}
+        mine = {k: v for k, v in defaults.items() if k in params}
+        if "labels" in mine and params["labels"].multiple:
+            mine["labels"] = [mine["labels"]]  # the worker serves a list of label files
+        ctx.default_map[name] = mine
 
 
 def main() -> None:
@@ -85,14 +124,23 @@ class RateColumn(ProgressColumn):
         return f"{task.speed or 0:,.1f} {unit}/s"
 
 
+quiet = False  # --quiet: no bars, no progress lines; summaries and errors still print
+
+
 @contextmanager
 def progress_bar(description: str, unit: str = "images"):
-    """Yields on_progress(done, total), drawn on stderr."""
+    """Yields on_progress(done, total), drawn on stderr: a bar on a terminal, and in a
+    log or a pipe a plain line every LABELASSIST_PROGRESS_EVERY seconds (10), so a long
+    command in CI or under nohup is never minutes of silence."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    if not err.is_terminal:
+        yield LogLines(description, unit, float(os.environ.get("LABELASSIST_PROGRESS_EVERY", 10)))
+        return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                RateColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    # Bars are for people: in a log or a pipe they are noise, so only a terminal gets one.
-    with Progress(*columns, console=err, transient=False,
-                  disable=not err.is_terminal) as progress:
+    with Progress(*columns, console=err, transient=False) as progress:
         task = progress.add_task(description, total=None, unit=unit)
 
         def on_progress(done: int, total: int) -> None:
@@ -101,9 +149,55 @@ def progress_bar(description: str, unit: str = "images"):
         yield on_progress
 
 
-def open_db(url: str):
-    from ..db import open_database
+class LogLines:
+    """on_progress for a log: `push: 1,500/4,000 tasks (38%), 212.4 tasks/s, about 12 s
+    left`, at most once per `every` seconds, the rate counted since the first call."""
 
+    def __init__(self, description: str, unit: str, every: float):
+        self.description, self.unit, self.every = description, unit, every
+        self.started = self.last = None
+        self.first_done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.started is None:
+            self.started, self.last, self.first_done = now, now, done
+            return
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (done - self.first_done) / max(now - self.started, 1e-9)
+        line = f"{self.description}: {done:,}"
+        if total:
+            line += f"/{total:,} {self.unit} ({done / total:.0%}), {rate:,.1f} {self.unit}/s"
+            if rate > 0 and total > done:
+                line += f", about {format_seconds((total - done) / rate)} left"
+        else:
+            line += f" {self.unit}, {rate:,.1f} {self.unit}/s"
+        err.print(line, markup=False)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def open_db(url: str, *, create: bool = False):
+    """Only the commands that register images make a new database: any other command in
+    the wrong folder would leave an empty labelassist.db behind and report zero files."""
+    from ..db import open_database, sqlite_file
+
+    path = sqlite_file(url)
+    if not create and path is not None and not path.exists():
+        raise DatabaseError(f"no labelassist database at {path}: run `labelassist ingest "
+                            "FOLDER` (or `run`) to make one, pass --db, or work inside a "
+                            "workspace (`labelassist init`)")
     return open_database(url)
 
 
@@ -123,13 +217,16 @@ VersionOpt = Annotated[Optional[str], typer.Option(
 def ls_client(url, token):
     from ..labelstudio import LabelStudioClient, resolve_connection
 
+    if not token and not os.environ.get("LABEL_STUDIO_API_KEY") and workspace is not None:
+        token = workspace.token()  # the file `labelassist studio` recorded
     return LabelStudioClient(resolve_connection(url, token),  # never wait in silence
                              on_retry=lambda line: err.print(line, markup=False))
 
 
 def resolve_model_id(model, label_set=None) -> str:
     from_file = label_set.model if label_set is not None else None
-    return model or from_file or os.environ.get("LABELASSIST_MODEL") or DEFAULT_MODEL
+    return (model or from_file or os.environ.get("LABELASSIST_MODEL")
+            or (workspace.model if workspace is not None else None) or DEFAULT_MODEL)
 
 
 

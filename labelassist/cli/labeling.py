@@ -48,6 +48,55 @@ def predict_options(batch_size, feed, decode_workers, exact):
 
 
 @command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="The workspace folder (made if missing).")] =
+    Path("."),
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", "-l", help="Label file that predict, run and learn use.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Hub id or local folder of the model.")] = None,
+    db: Annotated[Optional[str], typer.Option(
+        help="Database: a file or a URL. Default: labelassist.db in the workspace.")] = None,
+    root: Annotated[Optional[Path], typer.Option(
+        help="Folder Label Studio serves the images from (studio --root, push --ls-root). "
+        "Default: the workspace folder.")] = None,
+    ls_url: Annotated[Optional[str], typer.Option(
+        help="Label Studio URL (labelassist studio records its own).")] = None,
+) -> None:
+    """Make FOLDER a workspace: write FOLDER/labelassist.toml, which records the database,
+    label file, model and image root. Every command run in FOLDER or below it then needs
+    no --db, --labels, --model or --ls-root (a flag or an env var still wins).
+    `labelassist studio` run there records its URL and where its token is kept, so push
+    and pull need no flags either. Run init again to change one setting; the rest stay.
+
+    Example: labelassist init . --labels labels.toml --model openai/clip-vit-base-patch32
+    """
+    from ..workspace import FILE_NAME, load_workspace, relative_to, save_workspace
+
+    folder = folder.absolute()
+    existing = (folder / FILE_NAME).is_file()
+    settings = load_workspace(folder / FILE_NAME).settings if existing else \
+        {"db": "labelassist.db", "root": "."}
+    if labels is not None:
+        load_label_file(labels)  # a mistake is reported now, not at the first predict
+        settings["labels"] = relative_to(folder, labels)
+    if model is not None:
+        settings["model"] = relative_to(folder, Path(model)) if Path(model).exists() else model
+    if db is not None:
+        settings["db"] = db if "://" in db else relative_to(folder, Path(db).absolute())
+    if root is not None:
+        settings["root"] = relative_to(folder, root)
+    if ls_url is not None:
+        settings["ls_url"] = ls_url
+    ws = save_workspace(folder, settings)
+    err.print(f"{'updated' if existing else 'wrote'} {ws.file}:", markup=False)
+    for key, value in ws.settings.items():
+        err.print(f"  {key} = {value}", markup=False)
+    err.print(f"Commands run in {ws.folder} (or below it) now use these settings.",
+              markup=False)
+
+
+@command()
 def ingest(
     dirs: Annotated[list[Path], typer.Argument(help="Folders (or files) to register.")],
     db: DbOpt = DEFAULT_DB,
@@ -67,7 +116,7 @@ def ingest(
     """
     from ..ingest import ingest as run_ingest
 
-    database = open_db(db)
+    database = open_db(db, create=True)
     with progress_bar("ingest", unit="files") as on_progress:
         summary = run_ingest(database, dirs, max_pixels=max_pixels, workers=workers,
                              on_progress=on_progress)
@@ -92,8 +141,12 @@ def status(db: DbOpt = DEFAULT_DB) -> None:
     """
     from ..status import workspace_status
 
+    from . import workspace
+
     s = workspace_status(open_db(db))
     out = Console(highlight=False, soft_wrap=True)
+    if workspace is not None:
+        out.print(f"workspace: {workspace.file}", markup=False)
     out.print(f"files: {s.files:,}   images: {s.images:,}", markup=False)
     for title, errors in (("file errors", s.file_errors), ("image errors", s.image_errors)):
         if errors:
@@ -156,22 +209,23 @@ def predict(
 
 
 def run_predict_processes(db, labels, model, options, device, dtype, workers):
-    from ..status import workspace_status
+    from ..status import progress_of
     from ..worker import predict_in_processes
 
     label_set = load_label_file(labels)
-    database = open_db(db)  # creates or upgrades the schema once, before the workers start
+    database = open_db(db)  # upgrades the schema once, before the workers start
+    model_id = resolve_model_id(model, label_set)
     err.print(f"starting {workers} worker processes ...", markup=False)
+    with progress_bar("predict") as on_progress:
 
-    def tick():
-        s = workspace_status(database)
-        if s.workers:
-            err.print(f"  {len(s.workers)} workers, {sum(w['claims'] for w in s.workers)} "
-                      "images claimed", markup=False)
+        def tick():
+            counts = progress_of(database, model_id, label_set.to_json())
+            if counts is not None:
+                on_progress(*counts)
 
-    return predict_in_processes(db, resolve_model_id(model, label_set), label_set, workers,
-                                device=device, dtype="fp32" if options.exact else dtype,
-                                options=options, on_tick=tick)
+        return predict_in_processes(db, model_id, label_set, workers, device=device,
+                                    dtype="fp32" if options.exact else dtype,
+                                    options=options, on_tick=tick)
 
 
 def run_predict(db, labels, model, options, device, dtype, threads):
@@ -269,7 +323,7 @@ def worker(
     options = predict_options(batch_size, feed, decode_workers, exact=False)
     label_sets = [load_label_file(p) for p in labels or []]
     model_id = resolve_model_id(model, label_sets[0] if label_sets else None)
-    database = open_db(db)
+    database = open_db(db, create=True)  # others may ingest while it waits for work
     loaded = load_model(model_id, device=device, dtype=dtype)
     stop = threading.Event()
 
@@ -322,7 +376,7 @@ def run_all(
 
     options = predict_options(batch_size, feed, decode_workers, exact)
     load_label_file(labels)  # a typo is reported before a long ingest, not after it
-    database = open_db(db)
+    database = open_db(db, create=True)
     with progress_bar("ingest", unit="files") as on_progress:
         print_ingest_summary(run_ingest(database, dirs, on_progress=on_progress))
     print_predict_summary(run_predict(db, labels, model, options, device, dtype, None))

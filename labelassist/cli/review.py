@@ -107,13 +107,16 @@ def pull(
 def studio(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
     root: Annotated[Path, typer.Option(help="Folder whose subfolders Label Studio may serve "
-                                       "as local files (your image folders live below it).")]
+                                       "as local files (your image folders live below it). "
+                                       "Default: the workspace's root, else here.")]
     = Path("."),
     data_dir: Annotated[Path, typer.Option(help="Label Studio's data (its own database).")] =
     Path.home() / ".local" / "share" / "labelassist" / "label-studio",
 ) -> None:
     """Start a local Label Studio wired for local files and an API token, print the URL,
     login and token, and keep it running until Ctrl-C. Needs labelassist[studio].
+    In a workspace it records its URL and where its token is kept, so push and pull run
+    there need no flags and no exported variables.
 
     Example: labelassist studio --root ~/datasets   (then: labelassist push --ls-root ~/datasets)
     """
@@ -123,17 +126,31 @@ def studio(
 
     err.print("starting Label Studio (the first start takes about 40 s) ...", markup=False)
     s = start_studio(port, root.resolve(), data_dir)
-    out = Console(highlight=False, soft_wrap=True)
-    out.print(f"Label Studio is up at {s.url}  (login {s.username} / {s.password})\n"
-              f"export LABEL_STUDIO_URL={s.url}\nexport LABEL_STUDIO_API_KEY={s.token}\n"
-              f"export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={s.root}", markup=False)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
     try:
+        record_studio_in_workspace(s)  # before the lines are printed: a script may act on them
+        Console(highlight=False, soft_wrap=True).print(
+            f"Label Studio is up at {s.url}  (login {s.username} / {s.password})\n"
+            f"export LABEL_STUDIO_URL={s.url}\nexport LABEL_STUDIO_API_KEY={s.token}\n"
+            f"export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={s.root}", markup=False)
         s.process.wait()
     except KeyboardInterrupt:
         pass
     finally:
         s.stop()
+
+
+def record_studio_in_workspace(s) -> None:
+    from ..studio import TOKEN_FILE
+    from ..workspace import relative_to, update_workspace
+    from . import workspace
+
+    if workspace is None:
+        return
+    update_workspace(workspace, ls_url=s.url, root=relative_to(workspace.folder, s.root),
+                     ls_token_file=relative_to(workspace.folder, s.data_dir / TOKEN_FILE))
+    err.print(f"recorded in {workspace.file}: push and pull run there need none of the "
+              "lines below", markup=False)
 
 
 @command()
@@ -218,5 +235,6 @@ def accept(
         else:
             out.print(f"  {cls}: {s.accepted[cls]:,} at confidence >= {threshold:.3f}",
                       markup=False)
+
 
 
