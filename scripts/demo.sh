@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# From a clean clone: install, make an example folder, pre-label it, print the predictions,
-# compare a vague description of the classes with one by their members, and say what's next.
+# From a clean clone: install, make an example folder and a workspace (demo/), pre-label it,
+# print the predictions, compare a vague description of the classes with one by their
+# members, and say what's next.
 # Without a model hub (as on an offline machine) it trains the toy-world CLIP (~2 min,
 # cached); set LABELASSIST_MODEL to a hub id or directory to use a real CLIP instead, with
 # your own folder in DEMO_PHOTOS and label file in DEMO_LABELS.
@@ -9,9 +10,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 . .venv/bin/activate
 mkdir -p demo
-export LABELASSIST_DB="${LABELASSIST_DB:-sqlite:///demo/labelassist.db}"
-photos="${DEMO_PHOTOS:-demo/photos}"
-labels="${DEMO_LABELS:-examples/toyworld/labels.toml}"
+unset LABELASSIST_DB  # the demo's workspace decides: demo/labelassist.toml
+photos="$(realpath -m "${DEMO_PHOTOS:-demo/photos}")"
+labels="$(realpath "${DEMO_LABELS:-examples/toyworld/labels.toml}")"
 if [ -z "${DEMO_PHOTOS:-}" ] && [ ! -d demo/photos ]; then
   python -m labelassist.toyworld images demo/photos --count 300
 fi
@@ -19,18 +20,25 @@ if [ -z "${LABELASSIST_MODEL:-}" ]; then
   echo "training (or reusing) the toy-world CLIP in ~/.cache/labelassist ..." >&2
   LABELASSIST_MODEL="$(python -m labelassist.toyworld train "$HOME/.cache/labelassist")"
 fi
+# One workspace: every labelassist command run in demo/ finds this database, label file,
+# model and image root without a flag.
+root="$(realpath demo)"
+[ -n "${DEMO_PHOTOS:-}" ] && root="$photos"
+labelassist init demo --labels "$labels" --model "$LABELASSIST_MODEL" --root "$root"
+unset LABELASSIST_MODEL  # from here on the workspace says which model
+repo="$(pwd)"
+cd demo
 # predict for a label file (nothing is done twice) and print its model_version
 version_for() {
-  labelassist predict --labels "$1" --model "$LABELASSIST_MODEL" 2>&1 \
-    | grep -o '^[^ ]*@[0-9a-f]*' | head -1
+  labelassist -q predict --labels "$1" 2>&1 | grep -o '^[^ ]*@[0-9a-f]*' | head -1
 }
-labelassist run "$photos" --labels "$labels" --model "$LABELASSIST_MODEL"
+labelassist run "$photos"
 labelassist status
-labelassist predictions --version "$(version_for "$labels")" --format csv > demo/predictions.csv
-echo "wrote demo/predictions.csv ($(($(wc -l < demo/predictions.csv) - 1)) images); first rows:" >&2
+labelassist predictions --version "$(version_for "$labels")" --format csv > predictions.csv
+echo "wrote demo/predictions.csv ($(($(wc -l < predictions.csv) - 1)) images); first rows:" >&2
 python - <<'PY'
 import csv
-with open("demo/predictions.csv", newline="") as fh:
+with open("predictions.csv", newline="") as fh:
     for row in list(csv.DictReader(fh))[:3]:
         print(f"  {row['path'].rsplit('/', 1)[-1]:<28} {row['label']:<6} "
               f"confidence {float(row['confidence']):.3f}")
@@ -40,7 +48,8 @@ if [ -z "${DEMO_PHOTOS:-}" ] && [ -z "${DEMO_LABELS:-}" ]; then
   # scored against the pictures' own truth (a file name starts with its colour).
   echo "describing a class by its members, against a vague description:" >&2
   for file in labels-vague.toml labels.toml; do
-    labelassist predictions --version "$(version_for "examples/toyworld/$file")" | FILE="$file" python -c '
+    labelassist predictions --version "$(version_for "$repo/examples/toyworld/$file")" \
+      | FILE="$file" python -c '
 import json, os, sys
 from labelassist.toyworld import WARM
 rows = [json.loads(line) for line in sys.stdin]
@@ -50,13 +59,14 @@ name = os.environ["FILE"]
 print(f"  examples/toyworld/{name:<18} {right / len(rows):6.1%} right on {len(rows)} pictures")'
   done
 fi
-root="$(pwd)/demo"
+studio_hint=""
+command -v label-studio >/dev/null || studio_hint="   (first: scripts/setup.sh studio)"
 cat >&2 <<NEXT
 
-Next: review in Label Studio, then export (install Label Studio with: scripts/setup.sh studio).
-  . .venv/bin/activate
-  export LABELASSIST_DB=sqlite:///$root/labelassist.db
-  labelassist studio --root $root     # in another shell, then paste the three lines it prints
-  labelassist push                    # review at the URL it prints, then:
+Next: review in Label Studio, then export. demo/labelassist.toml holds the database,
+label file, model and image root, so no command below needs a flag:
+  . .venv/bin/activate && cd demo
+  labelassist studio        # in another shell, from demo/ too$studio_hint
+  labelassist push          # then review at the URL push prints, and:
   labelassist pull && labelassist report --html report.html && labelassist export dataset/
 NEXT
