@@ -199,9 +199,11 @@ def train(out_dir: str | Path, steps: int = 1600, batch: int = 64, seed: int = 0
         sched.step()
         if step % 200 == 0 or step == steps - 1:
             spent = time.time() - started
-            left = spent / (step + 1) * (steps - step - 1)
+            # the first step pays for warming up: a time left from it would be far off
+            left = "time left after step 200" if step == 0 else \
+                f"about {spent / (step + 1) * (steps - step - 1):3.0f} s left"
             log(f"step {step + 1:5d}/{steps} ({(step + 1) / steps:4.0%})  loss "
-                f"{loss.item():.3f}  {spent:5.1f} s, about {left:3.0f} s left")
+                f"{loss.item():.3f}  {spent:5.1f} s, {left}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar is noise in a log
