@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, exists, func, select, update
@@ -67,9 +68,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def pending_images_query(model_version_id: int, model_key: str, *, stored: bool,
-                         now: datetime):
+                         now: datetime, only: Collection[int] | None = None):
     """Images without a prediction for this version, not claimed by a live worker.
-    stored=True: those with a stored embedding (re-scoring, no decode); False: the rest."""
+    stored=True: those with a stored embedding (re-scoring, no decode); False: the rest.
+    only: just these images (the ML backend predicts the tasks Label Studio asks for)."""
     has_embedding = exists().where(Embedding.image_id == Image.id,
                                    Embedding.model_key == model_key)
     return (select(Image.id)
@@ -80,13 +82,15 @@ def pending_images_query(model_version_id: int, model_key: str, *, stored: bool,
                    ~exists().where(Claim.image_id == Image.id,
                                    Claim.model_version_id == model_version_id,
                                    Claim.expires_at > now),
-                   has_embedding if stored else ~has_embedding)
+                   has_embedding if stored else ~has_embedding,
+                   *([Image.id.in_(list(only))] if only is not None else []))
             .order_by(Image.id))
 
 
 def claim_pending_images(db: Database, worker_id: int, model_version_id: int, model_key: str,
                          limit: int, *, stored: bool,
-                         lease: timedelta = DEFAULT_LEASE) -> list[int]:
+                         lease: timedelta = DEFAULT_LEASE,
+                         only: Collection[int] | None = None) -> list[int]:
     """Atomically claim up to `limit` pending images; [] when nothing is left.
 
     The candidate query may be stale under PostgreSQL's READ COMMITTED (another worker's
@@ -97,7 +101,7 @@ def claim_pending_images(db: Database, worker_id: int, model_version_id: int, mo
         now = utcnow()
         with db.write() as session:
             query = pending_images_query(model_version_id, model_key, stored=stored,
-                                         now=now).limit(limit)
+                                         now=now, only=only).limit(limit)
             if session.bind.dialect.name == "postgresql":
                 query = query.with_for_update(of=Image, skip_locked=True)
             candidates = list(session.scalars(query))

@@ -16,7 +16,7 @@ import itertools
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -93,12 +93,13 @@ def ensure_model_version(db: Database, model: LoadedModel, label_set: LabelSet) 
         return session.scalars(select(ModelVersion).where(ModelVersion.name == name)).one()
 
 
-def count_pending(db: Database, version: ModelVersion) -> int:
+def count_pending(db: Database, version: ModelVersion,
+                  only: Collection[int] | None = None) -> int:
     with db.read() as session:
         total = 0
         for stored in (True, False):
             query = pending_images_query(version.id, version.model_key, stored=stored,
-                                         now=utcnow())
+                                         now=utcnow(), only=only)
             total += session.scalar(select(func.count()).select_from(query.subquery()))
         return total
 
@@ -114,16 +115,18 @@ def predict(db: Database, model: LoadedModel, label_set: LabelSet,
 def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
                     options: PredictOptions = PredictOptions(), *,
                     on_progress: Progress | None = None,
-                    stop: threading.Event | None = None) -> PredictSummary:
-    """Predict the pending images of an existing model_version (its own prompt set)."""
+                    stop: threading.Event | None = None,
+                    only: Collection[int] | None = None) -> PredictSummary:
+    """Predict the pending images of an existing model_version (its own prompt set);
+    `only` limits the run to those images."""
     started = time.perf_counter()
     classifier = build_text_classifier(model, LabelSet.from_json(version.label_set))
     summary = PredictSummary(model_version=version.name)
-    total = count_pending(db, version)
+    total = count_pending(db, version, only)
     worker_id = register_worker(db, version.id)
     run = _Run(db, model, classifier, version, worker_id, options, summary,
                lambda: on_progress(summary.predicted + sum(summary.failed.values()), total)
-               if on_progress else None, stop or threading.Event())
+               if on_progress else None, stop or threading.Event(), only)
     try:
         run.rescore_stored()
         run.encode_pending()
@@ -135,17 +138,18 @@ def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
 
 class _Run:
     def __init__(self, db, model, classifier, version, worker_id, options, summary, progress,
-                 stop):
+                 stop, only=None):
         self.db, self.model, self.classifier = db, model, classifier
         self.version, self.worker_id, self.options = version, worker_id, options
-        self.summary, self.progress, self.stop = summary, progress, stop
+        self.summary, self.progress, self.stop, self.only = summary, progress, stop, only
         self.batch_size = options.batch_size or default_batch_size(model.device)
 
     def claim(self, limit: int, stored: bool) -> list[int]:
         if self.stop.is_set():
             return []
         return retrying(self.db, claim_pending_images, self.db, self.worker_id,
-                        self.version.id, self.version.model_key, limit, stored=stored)
+                        self.version.id, self.version.model_key, limit, stored=stored,
+                        only=self.only)
 
     def rescore_stored(self) -> None:
         with _Writer(self) as writer:

@@ -161,9 +161,38 @@ def status(db: DbOpt = DEFAULT_DB) -> None:
         out.print(f"pushed to Label Studio: {s.versions[0].pushed if s.versions else 0:,}   "
                   f"reviewed: {s.versions[0].reviewed if s.versions else 0:,}", markup=False)
     out.print(f"active workers: {len(s.workers)}", markup=False)
+    print_serve_status(out, db)
     for w in s.workers:
         out.print(f"  worker {w['id']} on {w['host']} pid {w['pid']}: {w['claims']} claimed, "
                   f"heartbeat {w['heartbeat_at']:%H:%M:%S}", markup=False)
+
+
+def print_serve_status(out: Console, db: str) -> None:
+    """What `labelassist serve` reported last (it keeps a JSON file beside the ledger)."""
+    from ..serve import status_file_for
+
+    path = status_file_for(db)
+    try:
+        s = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return
+    if not s:
+        return
+    state = "running" if s.get("running") else "stopped"
+    out.print(f"serve ({state}, {s['updated_at']}): project {s['project']!r}, showing "
+              f"{s['model_version']}; {s['reviews_recorded']:,} reviews recorded live, "
+              f"{s['predictions_served']:,} predictions served, {s['images_fetched']:,} "
+              "images fetched", markup=False)
+    learned = s.get("last_learn")
+    if learned:
+        share = s.get("auto_accept_share")
+        out.print(f"  last learn {learned['at']} on {learned['reviews']:,} reviews: "
+                  f"probe {learned['probe_accuracy']:.1%} against zero-shot "
+                  f"{learned['zero_shot_accuracy']:.1%} (cross-validated); "
+                  + (f"{learned['stored_version']} sent to Label Studio"
+                     if learned["stored_version"] else "zero-shot kept")
+                  + (f"; accept would now take {share:.0%} of the rest"
+                     if share is not None else ""), markup=False)
 
 
 PREDICT_HELP = """Classify every ingested image that has no prediction for this model_version.

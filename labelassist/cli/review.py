@@ -238,3 +238,80 @@ def accept(
 
 
 
+
+@command()
+def serve(
+    db: DbOpt = DEFAULT_DB,
+    ls_url: LsUrlOpt = None,
+    ls_token: LsTokenOpt = None,
+    project: Annotated[Optional[str], typer.Option(
+        help="Title of the project to serve (default: the one labelassist pushed to last).")]
+    = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 9090,
+    url: Annotated[Optional[str], typer.Option(
+        help="The address Label Studio should call (default: http://HOST:PORT).")] = None,
+    learn_every: Annotated[int, typer.Option(
+        min=0, help="Run learn after this many new reviews; when the probe wins, its "
+        "predictions go to Label Studio as a new model_version (0: never).")] = 20,
+    secret: Annotated[Optional[str], typer.Option(
+        envvar="LABELASSIST_SERVE_SECRET", help="Shared secret that Label Studio must send "
+        "(basic auth, user 'labelassist'). Default: one made on first use and kept in "
+        "~/.local/share/labelassist/serve-secret (mode 0600).")] = None,
+    model: ModelOpt = None,
+    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
+    "auto",
+    connect: Annotated[bool, typer.Option(help="Connect the project to this server through "
+                                          "Label Studio's API (its ML backend and webhook).")]
+    = True,
+    fetch_dir: Annotated[Optional[Path], typer.Option(
+        help="Where images fetched through Label Studio are kept (default: "
+        "labelassist-fetched beside an SQLite database).")] = None,
+) -> None:
+    """Keep the model in the loop: a Label Studio ML backend for a project labelassist
+    pushed. When a reviewer opens a task, Label Studio asks it for a prediction: pushed
+    tasks are answered from the ledger at once; tasks imported straight into Label Studio
+    have their image fetched through Label Studio, encoded and predicted. Reviews are
+    recorded as they are made (no pull needed), and every --learn-every reviews learn
+    runs: when the probe wins, the next task a reviewer opens shows its better guess.
+
+    GET / on the server reports reviews recorded, the last learn (cross-validated
+    accuracy of the probe against zero-shot) and the share that accept would now take.
+
+    Example: labelassist serve --project "labelassist: cat / dog"
+    """
+    import signal
+
+    from ..labelstudio import pull as run_pull
+    from ..model import load_model
+    from ..serve import (Backend, ServeOptions, fetch_dir_for, find_project, run_server,
+                         status_file_for)
+    from ..studio import read_or_make_secret
+
+    database = open_db(db)
+    client = ls_client(ls_url, ls_token)
+    client.check_server()
+    target = find_project(database, client, project)
+    if secret is None:
+        import secrets as tokens
+
+        secret = read_or_make_secret(Path.home() / ".local" / "share" / "labelassist" /
+                                     "serve-secret", lambda: tokens.token_urlsafe(24))
+    caught_up = run_pull(database, client)  # reviews made while no server was listening
+    if caught_up.new or caught_up.updated or caught_up.deleted:
+        err.print(f"caught up: {caught_up.new:,} new, {caught_up.updated:,} updated, "
+                  f"{caught_up.deleted:,} deleted reviews since the last pull", markup=False)
+
+    def loader(model_id: str):  # the zero-shot version's own model, unless --model says
+        return load_model(model or model_id, device=device)
+
+    backend = Backend(database, client, target, load_model=loader,
+                      fetch_dir=(fetch_dir or fetch_dir_for(db)).absolute(),
+                      learn_every=learn_every, log=lambda line: err.print(line, markup=False),
+                      status_file=status_file_for(db))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run_server(backend, secret, ServeOptions(host, port, url, learn_every, connect),
+                   log=lambda line: err.print(line, markup=False))
+    except KeyboardInterrupt:
+        err.print("stopped", markup=False)

@@ -1,0 +1,108 @@
+"""`labelassist serve`: a Label Studio ML backend backed by the ledger (see backend.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from ..db import Database, sqlite_file
+from ..db.models import LSProject
+from ..errors import ConfigError, LabelStudioError
+from ..labelstudio import LabelStudioClient
+from .backend import Backend
+
+__all__ = ["Backend", "ServeOptions", "find_project", "fetch_dir_for", "run_server",
+           "status_file_for"]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 9090
+    url: str | None = None  # what Label Studio calls; default http://host:port
+    learn_every: int = 20
+    connect: bool = True
+
+    @property
+    def public_url(self) -> str:
+        return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+def find_project(db: Database, client: LabelStudioClient, title: str | None) -> LSProject:
+    """The project to serve: by title, else the one labelassist pushed to last."""
+    with db.read() as s:
+        query = select(LSProject).where(LSProject.url == client.conn.url)
+        if title:
+            query = query.where(LSProject.title == title)
+        project = s.scalars(query.order_by(LSProject.id.desc())).first()
+        if project is None:
+            known = s.scalars(select(LSProject.title).where(
+                LSProject.url == client.conn.url)).all()
+    if project is None:
+        if title:
+            raise ConfigError(f"labelassist pushed no project titled {title!r} to "
+                              f"{client.conn.url}" + (f" (it pushed: {', '.join(known)})"
+                                                      if known else "; run labelassist push"))
+        raise ConfigError(f"nothing was pushed to {client.conn.url} yet: run labelassist "
+                          "push first, then serve its project")
+    return project
+
+
+def status_file_for(db_url: str) -> Path | None:
+    """Where a server keeps its status for `labelassist status` (beside an SQLite ledger)."""
+    path = sqlite_file(db_url)
+    return None if path is None else path.parent / "labelassist-serve.json"
+
+
+def fetch_dir_for(db_url: str) -> Path:
+    """Where images fetched through Label Studio are kept: beside an SQLite ledger, else
+    in the user's data folder."""
+    path = sqlite_file(db_url)
+    if path is not None:
+        return path.parent / "labelassist-fetched"
+    return Path.home() / ".local" / "share" / "labelassist" / "fetched"
+
+
+def run_server(backend: Backend, secret: str, options: ServeOptions, *, log=print,
+               stop: threading.Event | None = None) -> None:
+    """Serve until `stop` is set (or Ctrl-C); connect the project once the port answers."""
+    import uvicorn
+
+    from .app import make_app
+    from .connect import connect
+
+    config = uvicorn.Config(make_app(backend, secret), host=options.host, port=options.port,
+                            log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    backend.start()
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            backend.stop()
+            raise LabelStudioError(f"cannot listen on {options.host}:{options.port}: is the "
+                                   "port taken? pass another --port")
+        time.sleep(0.05)
+    try:
+        if options.connect:
+            connect(backend.client, backend.project.ls_project_id, options.public_url,
+                    secret)
+            log(f"connected to {backend.client.conn.url}/projects/"
+                f"{backend.project.ls_project_id} ({backend.project.title})")
+        backend.save_status()
+        log(f"serving {backend.project.title!r} at {options.public_url}: "
+            f"{backend.status.model_version or 'no predictions yet'}; learns every "
+            f"{options.learn_every} reviews (Ctrl-C to stop)")
+        stop = stop or threading.Event()
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        backend.stop()
