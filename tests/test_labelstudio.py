@@ -362,7 +362,6 @@ def test_worker_push_sends_new_predictions_as_it_goes(db_url, db, tiny_clip_dir,
 def test_studio_command_starts_a_wired_server_and_stops_on_sigterm(tmp_path):
     """`labelassist studio` as a user runs it: its own port, root and data folder; the
     lines it prints are enough to connect; SIGTERM stops the server it started."""
-    import os
     import signal
     import subprocess
     import sys
@@ -394,12 +393,22 @@ def test_studio_command_starts_a_wired_server_and_stops_on_sigterm(tmp_path):
         with pytest.raises(LabelStudioError, match="cannot reach"):
             client.check_server()
     finally:
-        if proc.poll() is None:  # SIGTERM first: it stops the Label Studio it started
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_studio_command(proc)
+
+
+def stop_studio_command(proc) -> None:
+    """SIGTERM first, so `labelassist studio` stops the Label Studio it started (in a
+    session of its own, which a SIGKILL of the command's group would leave running)."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -452,12 +461,7 @@ def test_studio_in_a_workspace_records_itself_so_push_needs_no_flags(tmp_path, t
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
     finally:
-        if proc.poll() is None:  # SIGTERM first: it stops the Label Studio it started
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_studio_command(proc)
 
 
 @pytest.mark.slow

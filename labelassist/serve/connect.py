@@ -26,7 +26,8 @@ def connect(client: LabelStudioClient, project_id: int, url: str, secret: str) -
                 "url": url, "project": project_id, "title": TITLE, "is_interactive": False,
                 **auth})
         else:
-            response = client.http.patch(f"/api/ml/{mine['id']}", json={  # project: LS 1.23 needs it
+            # Label Studio 1.23 fails (500) on a PATCH without the project
+            response = client.http.patch(f"/api/ml/{mine['id']}", json={
                 "url": url, "project": project_id, **auth})
         if response.status_code == 400:
             raise LabelStudioError(
