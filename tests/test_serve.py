@@ -371,3 +371,18 @@ def test_a_hundred_imported_tasks_get_predictions_in_one_request(served):
     assert all(t["total_predictions"] == 1 for t in tasks if t["id"] in new)
     assert served.status()["images_fetched"] == 100
     assert served.count(LSTask) == 12 + 100
+
+
+def test_tasks_of_another_project_are_refused_not_adopted(shared):
+    files, tasks = shared.count(File), shared.count(LSTask)
+    other = {"tasks": [{"id": 10 ** 8, "project": shared.project_id + 1000,
+                        "data": {"image": "/data/upload/1/x.png"}}]}
+
+    wrong = httpx.post(shared.url + "/predict", headers=auth(), timeout=30,
+                       json={**other, "project": f"{shared.project_id + 1000}.1"})
+    stray = httpx.post(shared.url + "/predict", headers=auth(), timeout=30,
+                       json={**other, "project": f"{shared.project_id}.1"})
+
+    assert wrong.status_code == 400 and str(shared.project_id) in wrong.json()["error"]
+    assert stray.status_code == 400 and "project" in stray.json()["error"]
+    assert shared.count(File) == files and shared.count(LSTask) == tasks

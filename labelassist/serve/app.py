@@ -70,7 +70,13 @@ async def read_json(request: Request) -> dict:
     return data
 
 
-def valid_tasks(data: dict) -> list[dict]:
+def valid_tasks(data: dict, project_id: int) -> list[dict]:
+    """The tasks of a predict request, refused whole unless all are this project's (Label
+    Studio sends its project as "<id>.<created timestamp>", and each task's project)."""
+    named = str(data.get("project") or "").split(".")[0]
+    if named and named != str(project_id):
+        raise BadRequest(400, f"this server serves Label Studio project {project_id}, "
+                              f"not {named}")
     tasks = data.get("tasks")
     if not isinstance(tasks, list) or len(tasks) > MAX_TASKS:
         raise BadRequest(400, f"'tasks' must be a list of at most {MAX_TASKS} tasks")
@@ -78,6 +84,9 @@ def valid_tasks(data: dict) -> list[dict]:
         if not isinstance(task, dict) or not isinstance(task.get("id"), int) \
                 or isinstance(task.get("id"), bool) or not isinstance(task.get("data", {}), dict):
             raise BadRequest(400, "each task needs an integer 'id' and a 'data' object")
+        if task.get("project") not in (None, project_id):
+            raise BadRequest(400, f"task {task['id']} belongs to project {task['project']}, "
+                                  f"not to {project_id}, which this server serves")
     return tasks
 
 
@@ -105,7 +114,7 @@ def make_app(backend: Backend, secret: str) -> Starlette:
         return {"model_version": backend.status.model_version or ""}
 
     async def predict(request: Request):
-        tasks = valid_tasks(await read_json(request))
+        tasks = valid_tasks(await read_json(request), backend.project.ls_project_id)
         results = await run_in_threadpool(backend.predict, tasks)
         return {"results": results, "model_version": backend.status.model_version or ""}
 

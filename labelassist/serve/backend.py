@@ -110,6 +110,7 @@ class Backend:
                                   learn_every=learn_every)
         self._model = None
         self._model_lock = threading.Lock()  # one encode at a time; the model loads once
+        self._learn_lock = threading.Lock()  # /train and the review thread: one learn
         self._events: queue.Queue[ReviewEvent | None] = queue.Queue()
         self._users: dict = {}
         self._worker = threading.Thread(target=self._record_events, name="reviews",
@@ -377,6 +378,10 @@ class Backend:
             summary.tasks_gone += len(images)
 
     def learn(self) -> LearnRecord | None:
+        with self._learn_lock:
+            return self._learn()
+
+    def _learn(self) -> LearnRecord | None:
         from ..learn import learn
         from ..labelstudio import push, resolve_image_source
 
