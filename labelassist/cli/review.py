@@ -206,6 +206,67 @@ def learn(
 
 
 @command()
+def suggest(
+    db: DbOpt = DEFAULT_DB,
+    version: Annotated[Optional[str], typer.Option(
+        help="Zero-shot model_version whose descriptions to improve (default: the newest "
+        "with predictions).")] = None,
+    vocabulary: Annotated[Optional[str], typer.Option(
+        help="Candidate descriptions: a file with one a line, or a shipped one: imagenet "
+        "(the 1,000 ImageNet class names) or toyworld. Default: toyworld for the toy "
+        "model, else imagenet. The current descriptions are always candidates too.")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the proposed label file.")] =
+    Path("proposed.toml"),
+    model: ModelOpt = None,
+    resolve: Annotated[str, typer.Option(help="majority or latest (see report).")] =
+    "majority",
+) -> None:
+    """Propose better class descriptions from the reviews, and prove them first.
+
+    For each class, the stored embeddings of its reviewed images fall into a few modes;
+    for each mode, the candidate description that best picks it out against the other
+    classes' images is proposed (the seed's lesson: a class described by its members
+    beats a vague description). The whole procedure is cross-validated on the reviews,
+    and a label file is written only when it gains on every fold. Nothing is re-encoded.
+
+    Example: labelassist suggest --vocabulary words.txt && labelassist predict --labels proposed.toml
+    """
+    from ..model import load_model
+    from ..queries import resolve_version
+    from ..suggest import load_vocabulary, suggest as run_suggest, write_proposal
+
+    database = open_db(db)
+    base = resolve_version(database, version)
+    if base.kind != "zeroshot":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{base.name} is a {base.kind}; pass --version with a zero-shot one")
+    words = load_vocabulary(vocabulary, base.model_id)
+    loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
+    s = run_suggest(database, loaded, base, words, policy=resolve)
+    out_console = Console(highlight=False, soft_wrap=True)
+    if s.folds:
+        out_console.print(f"{s.version}: {s.reviews:,} reviews, {s.vocabulary:,} candidate "
+                          f"descriptions; held-out accuracy: current {s.current_accuracy:.1%}, "
+                          f"proposed {s.proposed_accuracy:.1%} "
+                          f"({sum(f['proposed'] > f['current'] for f in s.folds)} of "
+                          f"{len(s.folds)} folds gain)", markup=False)
+        for cls, r in s.recall.items():
+            out_console.print(f"  recall {cls}: {r['current']:.1%} -> {r['proposed']:.1%} "
+                              f"({r['reviews']} reviews)", markup=False)
+    if s.proposed is None:
+        out_console.print(f"no proposal: {s.reason}", markup=False)
+        return
+    write_proposal(s, out, model or base.model_id)
+    for a in s.additions:
+        out_console.print(f"  {a.cls} += {a.description!r}: picks out {a.covers} reviewed "
+                          f"images (AUC {a.auc:.2f})", markup=False)
+    out_console.print(f"wrote {out} ({'added to' if s.mode == 'add' else 'in place of'} "
+                      f"the current descriptions); adopt it with: labelassist predict "
+                      f"--labels {out}", markup=False)
+
+
+@command()
 def accept(
     db: DbOpt = DEFAULT_DB,
     target_precision: Annotated[float, typer.Option(help="Precision each class's threshold "
