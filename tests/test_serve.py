@@ -166,6 +166,29 @@ def test_a_restart_catches_up_on_reviews_made_while_it_was_down(served, tmp_path
         stop(again)
 
 
+def test_a_kill_during_a_burst_of_reviews_loses_nothing_and_doubles_nothing(
+        served, tmp_path, label_studio):
+    """Events live in memory until stored; what a SIGKILL drops, the restart's catch-up
+    (a delta pull) brings back, and the ledger's keys keep every review once."""
+    tasks = served.tasks()
+    made = []
+    for n, task in enumerate(tasks):
+        made.append(served.annotate(task["id"], "warm" if n % 2 else "cool"))
+        if n == len(tasks) // 2:
+            os.killpg(served.proc.pid, signal.SIGKILL)  # mid-burst, events in flight
+    served.proc.wait()
+
+    again = start_serve(tmp_path, label_studio, None, None, None, title=served.title,
+                        prepare=False)
+    try:
+        with again.db.read() as s:
+            stored = s.scalars(select(Annotation.ls_annotation_id).where(
+                Annotation.deleted_at.is_(None))).all()
+        assert sorted(stored) == sorted(made)  # every review once
+    finally:
+        stop(again)
+
+
 def test_an_unsigned_caller_gets_401_and_nothing_is_written(served):
     task = served.tasks()[0]
     payload = {"action": "ANNOTATION_CREATED", "task": {"id": task["id"]},
