@@ -11,16 +11,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urljoin, urlparse
-
-import httpx
 from sqlalchemy import func, select
 
 from ..db import Database, insert_ignoring_duplicates
@@ -29,10 +25,8 @@ from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
 from ..labelstudio.project import choice_result
 from ..labelstudio.pull import PullSummary, _store_annotations
+from .fetch import RefusedImage, fetch_image
 
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
-IMAGE_TYPES = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp",
-               "image/gif": ".gif", "image/bmp": ".bmp", "image/tiff": ".tif"}
 ANNOTATION_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED",
                       "ANNOTATIONS_DELETED"}
 
@@ -64,10 +58,6 @@ class ReviewEvent:
         remote = {a.get("id"): str(a.get("updated_at") or "")
                   for t in tasks for a in t.get("annotations", [])}
         return all(i in remote and remote[i] >= stamp for i, stamp in self.expect.items())
-
-
-class RefusedImage(LabelAssistError):
-    """A task's image that this server will not fetch (not Label Studio's own address)."""
 
 
 @dataclass
@@ -215,32 +205,7 @@ class Backend:
         return known
 
     def fetch(self, task: dict) -> Path:
-        """The task's image bytes, from Label Studio's own address only, saved under
-        fetch_dir by content hash. Never a local path, never another host."""
-        url = image_url(task, self.client.conn.url)
-        with httpx.Client(timeout=30, headers={
-                "Authorization": f"Token {self.client.conn.token}"}) as http:
-            with http.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise LabelStudioError(f"Label Studio answered {response.status_code} "
-                                           f"for the image at {url}")
-                kind = response.headers.get("content-type", "").split(";")[0].strip()
-                chunks, size, digest = [], 0, hashlib.sha256()
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > MAX_IMAGE_BYTES:
-                        raise RefusedImage(f"the image at {url} is over "
-                                           f"{MAX_IMAGE_BYTES >> 20} MiB")
-                    digest.update(chunk)
-                    chunks.append(chunk)
-        suffix = IMAGE_TYPES.get(kind) or Path(urlparse(url).path).suffix.lower() or ".img"
-        sha = digest.hexdigest()
-        path = self.fetch_dir / sha[:2] / f"{sha}{suffix}"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + ".partial")
-            partial.write_bytes(b"".join(chunks))
-            partial.replace(path)
+        path = fetch_image(self.client, task, self.fetch_dir)
         self.status.images_fetched += 1
         return path
 
@@ -452,27 +417,3 @@ class Backend:
         self.log(message)
         self.status.errors = (self.status.errors + [f"{time.strftime('%H:%M:%S')} {message}"]
                               )[-20:]
-
-
-def image_url(task: dict, ls_url: str) -> str:
-    """The address of a task's image, only if it is Label Studio's own: a /data/ path
-    (uploads, local files, storage links) or a full URL on Label Studio's host."""
-    data = task.get("data")
-    if not isinstance(data, dict):
-        raise RefusedImage("the task has no data")
-    value = data.get("image")
-    if value is None:
-        value = next((v for v in data.values() if isinstance(v, str)), None)
-    if not isinstance(value, str) or not value:
-        raise RefusedImage("the task names no image")
-    base = urlparse(ls_url)
-    if value.startswith("/") and not value.startswith("//"):
-        if not value.startswith("/data/") or ".." in value.split("?")[0].split("/"):
-            raise RefusedImage(f"{value[:100]!r} is not a Label Studio /data/ address")
-        return urljoin(ls_url + "/", value.lstrip("/"))
-    parsed = urlparse(value)
-    if parsed.scheme in ("http", "https") and (parsed.scheme, parsed.netloc) == \
-            (base.scheme, base.netloc):
-        return value
-    raise RefusedImage(f"{value[:100]!r} is not on Label Studio ({ls_url}): this server "
-                       "fetches images only from Label Studio itself")
