@@ -274,7 +274,8 @@ def test_a_task_that_points_anywhere_but_label_studio_is_never_fetched(shared, i
     refused = served.status()["images_refused"]
 
     response = httpx.post(served.url + "/predict", headers=auth(), timeout=30, json={
-        "tasks": [{"id": 10 ** 9, "data": {"image": image}}], "project": "1.1"})
+        "tasks": [{"id": 10 ** 9, "data": {"image": image}}],
+        "project": f"{served.project_id}.1"})
 
     assert response.status_code == 200
     assert response.json()["results"] == [{"result": [], "score": 0.0, "model_version":

@@ -373,8 +373,8 @@ class Backend:
             pushed = push(self.db, self.client, stored, source, title=self.project.title)
             record.pushed_tasks = pushed.predictions_added + pushed.tasks_created
             self.show_version(stored.name)
-        self.status.last_learn = record
-        self.status.auto_accept_share = self.auto_accept_share()
+        share = self.auto_accept_share()
+        self.status.last_learn, self.status.auto_accept_share = record, share  # seen together
         self.log(f"learned from {record.reviews} reviews: zero-shot "
                  f"{record.zero_shot_accuracy:.1%}, probe {record.probe_accuracy:.1%}"
                  + (f"; {record.stored_version} sent to Label Studio"
