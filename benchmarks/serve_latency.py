@@ -7,9 +7,10 @@ It starts a Label Studio (labelassist.studio), pre-labels toy-world pictures wit
 vague descriptions, pushes them, and starts `labelassist serve --learn-every 20`. Then:
 1. predict for known tasks: single-task requests, as Label Studio sends them when a
    reviewer opens a task; p50 and p95 over --requests of them;
-2. the loop: 20 reviews are submitted through Label Studio's API in uncertainty order
-   (lowest margin first); the clock runs from the 20th submission until Label Studio's
-   project shows the probe's model_version and an unreviewed task carries its prediction.
+2. the loop: reviews are submitted through Label Studio's API in uncertainty order
+   (lowest score first), 20 at a time, until a learn stores the probe; the clock runs
+   from the review that triggered that learn until Label Studio's project shows the
+   probe's model_version and an unreviewed task carries its prediction.
 """
 
 from __future__ import annotations
@@ -95,27 +96,37 @@ def main() -> None:
         scores = {t["id"]: min(p["score"] for p in t["predictions"]) for t in tasks}
         first = ls.get(f"/api/projects/{project}").json().get("model_version")
         order = sorted(tasks, key=lambda t: scores[t["id"]])  # least sure first
-        for task in order[:20]:
-            name = task["data"]["image"].rsplit("%2F", 1)[-1].rsplit("/", 1)[-1]
-            label = "warm" if name.split("_")[0] in WARM else "cool"
-            ls.post(f"/api/tasks/{task['id']}/annotations", json={"result": [
-                {"from_name": "label", "to_name": "image", "type": "choices",
-                 "value": {"choices": [label]}}]}).raise_for_status()
-        submitted = time.perf_counter()
         last = order[-1]["id"]
-        while time.perf_counter() - submitted < 300:
-            shown = ls.get(f"/api/projects/{project}").json().get("model_version")
-            if shown and shown != first and shown.startswith("probe@"):
-                versions = {p["model_version"] for p in
-                            ls.get(f"/api/tasks/{last}").json()["predictions"]}
-                if shown in versions:
+        for done in range(20, 201, 20):  # review in rounds of 20 until the probe wins
+            for task in order[done - 20:done]:
+                name = task["data"]["image"].rsplit("%2F", 1)[-1].rsplit("/", 1)[-1]
+                label = "warm" if name.split("_")[0] in WARM else "cool"
+                ls.post(f"/api/tasks/{task['id']}/annotations", json={"result": [
+                    {"from_name": "label", "to_name": "image", "type": "choices",
+                     "value": {"choices": [label]}}]}).raise_for_status()
+            submitted = time.perf_counter()
+            while time.perf_counter() - submitted < 120:
+                shown = ls.get(f"/api/projects/{project}").json().get("model_version")
+                if shown and shown != first and shown.startswith("probe@") and shown in {
+                        p["model_version"] for p in
+                        ls.get(f"/api/tasks/{last}").json()["predictions"]}:
                     break
-            time.sleep(0.1)
+                status = httpx.get(url + "/", headers=auth).json()
+                learned = status["last_learn"] or {}
+                if learned.get("reviews", 0) >= done and not learned.get("stored_version"):
+                    break  # this round's learn kept zero-shot: review more
+                time.sleep(0.1)
+            else:
+                print(f"no answer within 120 s: {httpx.get(url + '/', headers=auth).json()}")
+                return
+            if shown.startswith("probe@"):
+                break
         else:
-            print("the probe did not reach Label Studio within 300 s")
+            print("the probe never beat zero-shot within 200 reviews")
             return
-        print(f"loop, {len(tasks)} tasks: from the 20th review to the probe's predictions "
-              f"shown in Label Studio: {time.perf_counter() - submitted:.1f} s ({shown})")
+        print(f"loop, {len(tasks)} tasks: from the review that triggered learn (the {done}th) "
+              f"to the probe's predictions shown in Label Studio: "
+              f"{time.perf_counter() - submitted:.1f} s ({shown})")
         status = httpx.get(url + "/", headers=auth).json()
         learned = status["last_learn"]
         print(f"learn on {learned['reviews']} reviews: zero-shot "
