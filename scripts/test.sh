@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up from a clean clone and run every test. Label Studio is installed here and started
-# by the test session itself (tests/labelstudio_server.py); PostgreSQL is expected on
+# by the test session itself (tests/conftest.py); PostgreSQL is expected on
 # 127.0.0.1:5432 (set LABELASSIST_TEST_PG to point elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
