@@ -87,14 +87,20 @@ def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSPr
         return  # an incomplete listing proves nothing: never drop a review on a guess
     if not gone:
         return
-    now = utcnow()
+    mark_tasks_deleted(db, project.id, list(gone.values()), summary)
+
+
+def mark_tasks_deleted(db: Database, project_id: int, image_ids: list[int],
+                       summary: PullSummary) -> None:
+    """Tasks deleted in Label Studio: their images' reviews in this project stop counting
+    (pull, and serve when a deleted task's event arrives)."""
     with db.write() as s:
-        for ls_task_id in gone:
+        for chunk in range(0, len(image_ids), 500):
             summary.deleted += s.execute(update(Annotation).where(
-                Annotation.project_id == project.id,
-                Annotation.image_id == gone[ls_task_id], Annotation.deleted_at.is_(None))
-                .values(deleted_at=now)).rowcount
-    summary.tasks_gone += len(gone)
+                Annotation.project_id == project_id,
+                Annotation.image_id.in_(image_ids[chunk:chunk + 500]),
+                Annotation.deleted_at.is_(None)).values(deleted_at=utcnow())).rowcount
+    summary.tasks_gone += len(image_ids)
 
 
 def _parse_time(value, what: str = "a timestamp") -> datetime | None:
