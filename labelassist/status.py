@@ -31,17 +31,23 @@ class WorkspaceStatus:
     workers: list[dict] = field(default_factory=list)
 
 
+def _images_and_errors(session) -> tuple[int, dict[str, int]]:
+    """Images with a readable file, and image errors by reason."""
+    live = select(File.image_id).where(File.error.is_(None)).distinct().subquery()
+    images = session.scalar(select(func.count()).select_from(live))
+    image_errors = dict(session.execute(select(Image.error, func.count())
+                                        .where(Image.error.is_not(None))
+                                        .group_by(Image.error)).all())
+    return images, image_errors
+
+
 def workspace_status(db: Database) -> WorkspaceStatus:
     with db.read() as session:
         files = session.scalar(select(func.count()).select_from(File))
         file_errors = dict(session.execute(select(File.error, func.count())
                                            .where(File.error.is_not(None))
                                            .group_by(File.error)).all())
-        live = select(File.image_id).where(File.error.is_(None)).distinct().subquery()
-        images = session.scalar(select(func.count()).select_from(live))
-        image_errors = dict(session.execute(select(Image.error, func.count())
-                                            .where(Image.error.is_not(None))
-                                            .group_by(Image.error)).all())
+        images, image_errors = _images_and_errors(session)
         usable = images - sum(image_errors.values())
         reviewed = session.scalar(select(func.count(func.distinct(Annotation.image_id))).where(
             Annotation.deleted_at.is_(None), Annotation.cancelled.is_(False)))
@@ -69,6 +75,5 @@ def progress_of(db: Database, model_id: str, label_set: dict) -> tuple[int, int]
             return None
         predicted = session.scalar(select(func.count()).where(
             Prediction.model_version_id == version.id))
-    s = workspace_status(db)
-    usable = s.images - sum(s.image_errors.values())
-    return predicted, max(usable, predicted)
+        images, image_errors = _images_and_errors(session)  # not the whole status: per tick
+    return predicted, max(images - sum(image_errors.values()), predicted)

@@ -58,3 +58,25 @@ def test_lines_are_spaced_by_the_interval_and_say_what_is_left(capsys):
                         lines[1]), lines
     assert [format_seconds(s) for s in (0.4, 89, 90, 3725, 5400, 90061)] == [
         "0 s", "89 s", "1 min 30 s", "62 min 05 s", "1 h 30 min", "25 h 01 min"]
+
+
+def test_predict_workers_progress_counts_the_version_being_predicted(tmp_path, photo_dir,
+                                                                    labels_file, tiny_clip_dir):
+    """What `predict --workers N` draws each second: (predicted, all usable images) of the
+    version for this model and prompt set, once a worker has registered it."""
+    from labelassist.config import load_label_file
+    from labelassist.db import open_database
+    from labelassist.status import progress_of
+
+    db_url = f"sqlite:///{tmp_path / 'p.db'}"
+    label_set = load_label_file(labels_file).to_json()
+    assert runner.invoke(app, ["ingest", str(photo_dir), "--db", db_url]).exit_code == 0
+    db = open_database(db_url)
+    assert progress_of(db, str(tiny_clip_dir), label_set) is None  # nothing registered yet
+
+    run_lines(["predict", "--labels", labels_file, "--model", tiny_clip_dir, "--db", db_url],
+              {})
+
+    assert progress_of(db, str(tiny_clip_dir), label_set) == (24, 24)
+    other = {**label_set, "templates": ["{}"]}
+    assert progress_of(db, str(tiny_clip_dir), other) is None
