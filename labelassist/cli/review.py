@@ -229,7 +229,7 @@ def suggest(
     beats a vague description). The whole procedure is cross-validated on the reviews,
     and a label file is written only when it gains on every fold. Nothing is re-encoded.
 
-    Example: labelassist suggest --vocabulary words.txt && labelassist predict --labels proposed.toml
+    Example: labelassist suggest --vocabulary words.txt  (then: predict --labels proposed.toml)
     """
     from ..model import load_model
     from ..queries import resolve_version
@@ -351,7 +351,6 @@ def serve(
 
     database = open_db(db)
     client = ls_client(ls_url, ls_token)
-    client.check_server()
     target = find_project(database, client, project)
     if secret is None:
         import secrets as tokens

@@ -24,7 +24,7 @@ from ..db.models import Annotation, File, LSProject, LSTask, ModelVersion, Predi
 from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
 from ..labelstudio.project import choice_result
-from ..labelstudio.pull import PullSummary, _store_annotations
+from ..labelstudio.pull import PullSummary, _store_annotations, mark_tasks_deleted
 from .fetch import RefusedImage, fetch_image
 
 ANNOTATION_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED",
@@ -96,6 +96,7 @@ class Backend:
         self.load_model, self.fetch_dir = load_model, fetch_dir
         self.learn_every, self.target_precision, self.log = learn_every, target_precision, log
         self.status_file = status_file  # `labelassist status` reads it
+        self._saved_at = float("-inf")
         self.status = ServeStatus(project.title, self.newest_version_name(),
                                   learn_every=learn_every)
         self._model = None
@@ -116,12 +117,14 @@ class Backend:
         self._worker.join(timeout=30)
         self.save_status(running=False)
 
-    def save_status(self, running: bool = True) -> None:
+    def save_status(self, running: bool = True, at_most_every: float = 0.0) -> None:
         """The status as JSON beside the ledger, written whole (temp file, rename)."""
-        if self.status_file is None:
+        if self.status_file is None or time.monotonic() - self._saved_at < at_most_every:
             return
         import json
         import os
+
+        self._saved_at = time.monotonic()
 
         data = {**self.status.to_json(), "running": running, "pid": os.getpid(),
                 "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -156,27 +159,31 @@ class Backend:
                 .order_by(ModelVersion.id.desc()).limit(1))
 
     def predict(self, tasks: list[dict]) -> list[dict]:
-        """One answer per task, in order: the newest prediction of its image."""
+        """One answer per task, in order: the newest prediction of its image among the
+        versions whose classes this project offers (an image may also be predicted for
+        another label set, whose labels this project has no choice for)."""
         images = self._images_of(tasks)
-        answers = []
         with self.db.read() as s:
-            for task in tasks:
-                image_id = images.get(task["id"])
-                row = None if image_id is None else s.execute(
-                    select(Prediction, ModelVersion.name)
-                    .join(ModelVersion, ModelVersion.id == Prediction.model_version_id)
-                    .where(Prediction.image_id == image_id)
-                    .order_by(Prediction.model_version_id.desc()).limit(1)).first()
-                if row is None:
-                    answers.append({"result": [], "score": 0.0,
-                                    "model_version": self.status.model_version or ""})
-                    continue
-                prediction, name = row
-                answers.append({"result": choice_result(prediction.label),
-                                "score": round(prediction.confidence, 6),
-                                "model_version": name})
-                self.status.predictions_served += 1
-        self.save_status()
+            versions = {v.id: v.name for v in s.scalars(select(ModelVersion))
+                        if set(v.label_set["classes"]) <= set(self.project.classes)}
+            newest: dict[int, Prediction] = {}
+            for p in s.scalars(select(Prediction).where(
+                    Prediction.image_id.in_(sorted(set(images.values()))),
+                    Prediction.model_version_id.in_(list(versions)))):
+                if p.model_version_id > getattr(newest.get(p.image_id), "model_version_id", 0):
+                    newest[p.image_id] = p
+        answers = []
+        for task in tasks:
+            prediction = newest.get(images.get(task["id"]))
+            if prediction is None:
+                answers.append({"result": [], "score": 0.0,
+                                "model_version": self.status.model_version or ""})
+                continue
+            answers.append({"result": choice_result(prediction.label),
+                            "score": round(prediction.confidence, 6),
+                            "model_version": versions[prediction.model_version_id]})
+            self.status.predictions_served += 1
+        self.save_status(at_most_every=1.0)  # not a file write per request
         return answers
 
     def _images_of(self, tasks: list[dict]) -> dict[int, int]:
@@ -330,17 +337,10 @@ class Backend:
 
     def _forget(self, task_ids: list[int], summary: PullSummary) -> None:
         """A task deleted in Label Studio: its reviews no longer count (as in pull)."""
-        from sqlalchemy import update
-
-        from ..db.models import utcnow
-
-        with self.db.write() as s:
+        with self.db.read() as s:
             images = s.scalars(select(LSTask.image_id).where(
                 LSTask.project_id == self.project.id, LSTask.ls_task_id.in_(task_ids))).all()
-            summary.deleted += s.execute(update(Annotation).where(
-                Annotation.project_id == self.project.id, Annotation.image_id.in_(images),
-                Annotation.deleted_at.is_(None)).values(deleted_at=utcnow())).rowcount
-            summary.tasks_gone += len(images)
+        mark_tasks_deleted(self.db, self.project.id, list(images), summary)
 
     def learn(self) -> LearnRecord | None:
         with self._learn_lock:
