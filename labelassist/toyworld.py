@@ -1,13 +1,17 @@
 """Toy world: a CLIP that really does zero-shot classification, trained on a CPU in
-about two minutes, for tests and the demo (no pretrained weights exist offline).
+about three minutes, for tests and the demo (no pretrained weights exist offline). Its
+trained weights ship in labelassist/data/toyworld (fp16, 7 MB), so nobody waits for the
+training; a test checks that training again reproduces them.
 
 Pictures are coloured shapes on textured grey backgrounds. Captions name the colour,
 the shape or both ("a photo of a red circle."). Six colour-shape pairs never appear
 in training, so classifying them is true zero-shot composition. The tokenizer is the
 real CLIP BPE, so prompts are tokenised exactly as for a real CLIP.
 
-    python -m labelassist.toyworld train models/toyworld      # ~2 min on 2 cores
-    python -m labelassist.toyworld images photos/ --count 300  # a labelled folder
+    python -m labelassist.toyworld train ~/.cache/labelassist  # the model dir (seconds)
+    python -m labelassist.toyworld train models/t --retrain     # train it (~3 min, 2 cores)
+    python -m labelassist.toyworld ship                         # retrain, store as shipped
+    python -m labelassist.toyworld images photos/ --count 300   # a labelled folder
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ SIZE = 32  # small pictures with 4-pixel patches: a tiny ViT learns shapes fast
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 POOL = 8192  # pre-rendered training pictures
+TRAIN_THREADS = 2  # torch threads while training: fixed, so the weights are reproducible
 RECIPE_VERSION = 5  # bump when anything below changes what training produces
+# The trained weights, shipped so that nobody waits for training: python -m
+# labelassist.toyworld ship (re)writes them, and a test checks that training reproduces them.
+SHIPPED = Path(__file__).parent / "data" / "toyworld"
 
 
 def render(colour: str, shape: str, rng: random.Random, size: int = SIZE) -> Image.Image:
@@ -118,18 +126,41 @@ def model_config():
                       projection_dim=64)
 
 
-def recipe_hash(steps: int, seed: int) -> str:
-    """Everything that changes the trained weights: the recipe, this module's and the
-    tokenizer builder's code, and the torch and transformers versions."""
-    import torch
-    import transformers
+RECIPE_PARTS = {
+    "labelassist.toyworld": ("render", "combos", "Caption", "training_captions", "model_config",
+                             "_to_tensor", "_pick_caption", "train", "_train", "_soft_ce"),
+    "labelassist.tinymodels": ("save_clip_tokenizer", "_bpe_lines", "_bytes_to_unicode"),
+}
+
+
+def recipe_code() -> str:
+    """What training does, in code: the functions and constants that change the weights,
+    not the rest of this module (so shipping or evaluating code can change freely). The
+    code is read from the files, so a function replaced at run time changes nothing."""
+    import ast
+    import importlib
 
     from . import tinymodels
 
-    code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
-            for m in (sys.modules[__name__], tinymodels)]
-    text = json.dumps([RECIPE_VERSION, steps, seed, sorted(HELD_OUT), code,
-                       torch.__version__, transformers.__version__])
+    code = []
+    for module, names in RECIPE_PARTS.items():
+        text = Path(importlib.import_module(module).__file__).read_text()
+        defs = {node.name: ast.get_source_segment(text, node) for node in ast.parse(text).body
+                if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+        code += [defs[name] for name in names]
+    text = json.dumps([RECIPE_VERSION, code,
+                       [COLOURS, SHAPES, sorted(HELD_OUT), SIZE, MEAN, STD, POOL,
+                        TRAIN_THREADS, tinymodels.N_MERGES]])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def recipe_hash(steps: int, seed: int) -> str:
+    """Everything that changes the trained weights: the recipe's code and the torch and
+    transformers versions."""
+    import torch
+    import transformers
+
+    text = json.dumps([recipe_code(), steps, seed, torch.__version__, transformers.__version__])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -155,13 +186,25 @@ def train(out_dir: str | Path, steps: int = 1600, batch: int = 64, seed: int = 0
           log=print) -> Path:
     """Train contrastively with multi-positive targets, then save_pretrained to out_dir."""
     import torch
-    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    threads = torch.get_num_threads()
+    # Sums split across threads add in another order: the same seed on another thread
+    # count gives other weights (0.003 apart after 60 steps). Pinned, training reproduces.
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return _train(Path(out_dir), steps, batch, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: Path, steps: int, batch: int, seed: int, log) -> Path:
+    import torch
+    from transformers import CLIPModel
 
     from .tinymodels import save_clip_tokenizer
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    out = Path(out_dir)
     tokenizer = save_clip_tokenizer(out)
     tokenizer.model_max_length = 24
     model = CLIPModel(model_config())
@@ -204,10 +247,15 @@ def train(out_dir: str | Path, steps: int = 1600, batch: int = 64, seed: int = 0
                 f"about {spent / (step + 1) * (steps - step - 1):3.0f} s left"
             log(f"step {step + 1:5d}/{steps} ({(step + 1) / steps:4.0%})  loss "
                 f"{loss.item():.3f}  {spent:5.1f} s, {left}")
+    return _save(model.eval(), tokenizer, out)
+
+
+def _save(model, tokenizer, out: Path) -> Path:
+    from transformers import CLIPImageProcessorPil
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar is noise in a log
-    model.eval().save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     CLIPImageProcessorPil(size={"shortest_edge": SIZE},
                           crop_size={"height": SIZE, "width": SIZE}).save_pretrained(out)
@@ -220,24 +268,84 @@ def _soft_ce(logits, match):
 
 
 def cached_model(cache_root: str | Path, steps: int = 1600, seed: int = 0, log=print) -> Path:
-    """The trained model, trained once per recipe and reused from cache_root afterwards.
-    Safe for several processes at once: one trains under a lock while the others wait,
+    """The trained model in cache_root: the weights shipped with labelassist when they come
+    from this very recipe (seconds), else trained once per recipe (minutes) and reused.
+    Safe for several processes at once: one writes under a lock while the others wait,
     into a temp folder of its own that is renamed into place when complete."""
     root = Path(cache_root)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"toyworld-{recipe_hash(steps, seed)}"
+    shipped = shipped_manifest(steps, seed)
+    target = root / (f"toyworld-shipped-{shipped['sha256'][:12]}" if shipped
+                     else f"toyworld-{recipe_hash(steps, seed)}")
     if (target / "model.safetensors").is_file():
         return target
     with _exclusive(root / f"{target.name}.lock"):
         if (target / "model.safetensors").is_file():
-            return target  # another process trained it while this one waited
+            return target  # another process wrote it while this one waited
         for stale in root.glob(f"{target.name}.partial*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed run's: we hold the lock
         partial = root / f"{target.name}.partial-{os.getpid()}"
-        train(partial, steps=steps, seed=seed, log=log)
+        if shipped:
+            unpack_shipped(partial)
+        else:
+            train(partial, steps=steps, seed=seed, log=log)
         shutil.rmtree(target, ignore_errors=True)  # a folder without weights is no model
-        partial.rename(target)  # atomic: a killed training run never leaves a half model
+        partial.rename(target)  # atomic: a killed run never leaves a half model
     return target
+
+
+def shipped_manifest(steps: int | None = None, seed: int | None = None) -> dict | None:
+    """What the shipped weights are (recipe, versions, metrics), or None when there are none
+    or they come from another recipe, steps or seed than asked for."""
+    path = SHIPPED / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if steps is not None and (manifest["steps"], manifest["seed"]) != (steps, seed):
+        return None
+    return manifest if manifest["recipe_code"] == recipe_code() else None
+
+
+def unpack_shipped(out: str | Path) -> Path:
+    """The shipped weights (fp16 on disk) as a full fp32 model directory in out."""
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    from .tinymodels import save_clip_tokenizer
+
+    out = Path(out)
+    tokenizer = save_clip_tokenizer(out)
+    tokenizer.model_max_length = 24
+    model = CLIPModel(model_config())
+    state = {name: value.float() if value.is_floating_point() else value
+             for name, value in load_file(SHIPPED / "model.safetensors").items()}
+    model.load_state_dict(state, strict=True)
+    return _save(model.eval(), tokenizer, out)
+
+
+def ship(model_dir: str | Path, steps: int, seed: int) -> dict:
+    """Store a trained model's weights in fp16 as the shipped ones, with a manifest of the
+    recipe and versions they come from and their metrics (measured after the rounding)."""
+    import tempfile
+
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(model_dir)
+    state = {name: (value.half() if value.is_floating_point() else value).contiguous()
+             for name, value in model.state_dict().items()}
+    SHIPPED.mkdir(parents=True, exist_ok=True)
+    save_file(state, SHIPPED / "model.safetensors")
+    manifest = {"steps": steps, "seed": seed, "recipe_code": recipe_code(),
+                "sha256": hashlib.sha256((SHIPPED / "model.safetensors").read_bytes()).hexdigest(),
+                "torch": torch.__version__, "transformers": transformers.__version__,
+                "cpu": torch.backends.cpu.get_cpu_capability()}
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest["metrics"] = evaluate(unpack_shipped(tmp))
+    (SHIPPED / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 @contextmanager
@@ -259,29 +367,43 @@ def _exclusive(lock_path: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m labelassist.toyworld")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the toy CLIP into a directory")
+    t = sub.add_parser("train", help="the toy CLIP in a cache directory: the shipped weights "
+                       "when they fit the recipe, else trained (about 3 min on 2 cores)")
     t.add_argument("out")
     t.add_argument("--steps", type=int, default=1600)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--retrain", action="store_true",
+                   help="train into OUT even when shipped weights fit (OUT is the model)")
+    s = sub.add_parser("ship", help="train (or take --model) and store the weights as the "
+                       "shipped ones, with their manifest (for developers)")
+    s.add_argument("--model", help="a model directory trained by this recipe")
+    s.add_argument("--steps", type=int, default=1600)
+    s.add_argument("--seed", type=int, default=0)
     i = sub.add_parser("images", help="write labelled toy-world pictures")
     i.add_argument("out")
     i.add_argument("--count", type=int, default=300)
     i.add_argument("--seed", type=int, default=1)
     i.add_argument("--held-out-only", action="store_true")
     args = parser.parse_args()
-    if args.cmd == "train":
-        import sys
 
-        log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    if args.cmd == "train" and args.retrain:
+        print(train(args.out, steps=args.steps, seed=args.seed, log=log))
+    elif args.cmd == "train":
         print(cached_model(args.out, steps=args.steps, seed=args.seed, log=log))
+    elif args.cmd == "ship":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model = args.model or train(tmp, steps=args.steps, seed=args.seed, log=log)
+            print(json.dumps(ship(model, args.steps, args.seed), indent=2))
     else:
         written = write_images(args.out, args.count, seed=args.seed,
                                held_out_only=args.held_out_only)
         print(f"wrote {len(written)} pictures to {args.out}")
 
-
-if __name__ == "__main__":
-    main()
 
 
 def evaluate(model_dir: str | Path, count: int = 240, seed: int = 99) -> dict[str, float]:
@@ -316,3 +438,7 @@ def evaluate(model_dir: str | Path, count: int = 240, seed: int = 99) -> dict[st
 
 def _temp(colour: str) -> str:
     return "warm" if colour in WARM else "cool"
+
+
+if __name__ == "__main__":
+    main()

@@ -2,8 +2,8 @@
 # From a clean clone: install, make an example folder and a workspace (demo/), pre-label it,
 # print the predictions, compare a vague description of the classes with one by their
 # members, and say what's next.
-# Without a model hub (as on an offline machine) it trains the toy-world CLIP (~2 min,
-# cached); set LABELASSIST_MODEL to a hub id or directory to use a real CLIP instead, with
+# Without a model hub (as on an offline machine) it uses the toy-world CLIP, whose weights
+# ship with labelassist (a few seconds to unpack); set LABELASSIST_MODEL to a hub id or directory to use a real CLIP instead, with
 # your own folder in DEMO_PHOTOS and label file in DEMO_LABELS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ if [ -z "${DEMO_PHOTOS:-}" ] && [ ! -d demo/photos ]; then
   python -m labelassist.toyworld images demo/photos --count 300
 fi
 if [ -z "${LABELASSIST_MODEL:-}" ]; then
-  echo "training (or reusing) the toy-world CLIP in ~/.cache/labelassist ..." >&2
+  echo "unpacking the toy-world CLIP (shipped with labelassist) into ~/.cache/labelassist ..." >&2
   LABELASSIST_MODEL="$(python -m labelassist.toyworld train "$HOME/.cache/labelassist")"
 fi
 # One workspace: every labelassist command run in demo/ finds this database, label file,

@@ -54,7 +54,7 @@ def labels_file(tmp_path):
 
 @pytest.fixture(scope="session")
 def toy_model_dir():
-    """The toy-world CLIP, trained once (about 2 minutes) and cached across sessions."""
+    """The toy-world CLIP: its shipped weights, unpacked once into a cache (seconds)."""
     from pathlib import Path
 
     from labelassist.toyworld import cached_model

@@ -26,7 +26,10 @@ from .bigledger import TaskServer, add_images, add_predictions_and_reviews
 pytestmark = pytest.mark.slow
 
 WARM, SMALL, BIG = 1_000, 20_000, 60_000
-ALLOWED = 2 ** 20  # bytes of growth for 40,000 more images: 26 bytes an image
+# Bytes of growth allowed per image more: 26. A Python object per image (a tuple, a dict
+# entry, a float in a list) costs 32 to 100. (The audit's sorted confidences, 8 bytes a
+# prediction in numpy, with their copies, come close: export keeps the larger sizes.)
+PER_IMAGE = 26
 
 
 def collect(done: int, total: int) -> None:
@@ -44,10 +47,9 @@ def peak_allocated(fn) -> int:
         tracemalloc.stop()
 
 
-@pytest.fixture(scope="module")
-def ledgers(tmp_path_factory):
+def make_ledgers(tmp_path_factory, sizes):
     urls = {}
-    for size in (WARM, SMALL, BIG):
+    for size in sizes:
         url = f"sqlite:///{tmp_path_factory.mktemp(f'big{size}') / 'ledger.db'}"
         open_database(url).dispose()
         add_images(url, size)
@@ -56,9 +58,21 @@ def ledgers(tmp_path_factory):
     return urls
 
 
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory):
+    return make_ledgers(tmp_path_factory, (WARM, SMALL, BIG))
+
+
+@pytest.fixture(scope="module")
+def smaller_ledgers(tmp_path_factory):
+    """For pull, whose every task is a JSON object served and parsed: 24,000 more images
+    show a leak as well as 40,000 do, in half the time."""
+    return make_ledgers(tmp_path_factory, (WARM, 12_000, 36_000))
+
+
 def growth(ledgers, run) -> int:
-    """Peak at BIG minus peak at SMALL, after a first run on a small ledger has paid the
-    one-time costs (imports, caches) that would otherwise count against SMALL."""
+    """Bytes of growth per image from the second ledger to the third, after a run on the
+    first has paid the one-time costs (imports, caches) that would count against it."""
     peaks = {}
     for size, url in ledgers.items():
         gc.collect()
@@ -67,7 +81,8 @@ def growth(ledgers, run) -> int:
             peaks[size] = peak_allocated(lambda: run(db, size))
         finally:
             db.dispose()
-    return peaks[BIG] - peaks[SMALL]
+    _, small, big = ledgers
+    return (peaks[big] - peaks[small]) / (big - small)
 
 
 def test_export_streams(ledgers, tmp_path):
@@ -77,8 +92,8 @@ def test_export_streams(ledgers, tmp_path):
         assert summary.per_source["auto"] > (size - 500) // 2  # most really are exported
 
     grown = growth(ledgers, run)
-    print(f"grew {grown / 2 ** 20:.2f} MiB")
-    assert grown < ALLOWED
+    print(f"grew {grown:.1f} bytes an image")
+    assert grown < PER_IMAGE
 
 
 def test_accept_streams(ledgers):
@@ -86,12 +101,12 @@ def test_accept_streams(ledgers):
         assert sum(accept_trusted(db, target_precision=0.9).accepted.values()) > (size - 500) // 2
 
     grown = growth(ledgers, run)
-    print(f"grew {grown / 2 ** 20:.2f} MiB")
-    assert grown < ALLOWED
+    print(f"grew {grown:.1f} bytes an image")
+    assert grown < PER_IMAGE
 
 
-def test_pull_streams(ledgers):
-    servers = {size: TaskServer(url).__enter__() for size, url in ledgers.items()}
+def test_pull_streams(smaller_ledgers):
+    servers = {size: TaskServer(url).__enter__() for size, url in smaller_ledgers.items()}
 
     def run(db, size):  # the servers hold their tasks outside what is measured
         client = LabelStudioClient(Connection(servers[size].url, "t"), retries=1)
@@ -100,12 +115,12 @@ def test_pull_streams(ledgers):
         assert summary.new + summary.updated + summary.unchanged == 500
 
     try:
-        grown = growth(ledgers, run)
+        grown = growth(smaller_ledgers, run)
     finally:
         for server in servers.values():
             server.__exit__(None, None, None)
-    print(f"grew {grown / 2 ** 20:.2f} MiB")
-    assert grown < ALLOWED
+    print(f"grew {grown:.1f} bytes an image")
+    assert grown < PER_IMAGE
 
 
 def test_ingest_streams(tmp_path):
@@ -113,7 +128,7 @@ def test_ingest_streams(tmp_path):
 
     image = shape_image(1)
     peaks = {}
-    for size in (300, 3_000, 23_000):  # the first pays the one-time costs
+    for size in (300, 3_000, 13_000):  # the first pays the one-time costs
         root = tmp_path / f"photos{size}"
         for i in range(size):
             folder = root / f"{i // 1000:03d}"
@@ -123,5 +138,6 @@ def test_ingest_streams(tmp_path):
         db = open_database(f"sqlite:///{tmp_path / f'{size}.db'}")
         peaks[size] = peak_allocated(lambda: ingest(db, [root], on_progress=collect))
         db.dispose()
-    print(f"grew {(peaks[23_000] - peaks[3_000]) / 2 ** 20:.2f} MiB")
-    assert peaks[23_000] - peaks[3_000] < ALLOWED
+    grown = (peaks[13_000] - peaks[3_000]) / 10_000
+    print(f"grew {grown:.1f} bytes an image")
+    assert grown < PER_IMAGE

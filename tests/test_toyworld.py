@@ -92,3 +92,58 @@ def test_the_cache_key_changes_with_the_code_and_versions(monkeypatch):
     assert toyworld.recipe_hash(1600, 1) != key
     monkeypatch.setattr(transformers, "__version__", "0.0.0")
     assert toyworld.recipe_hash(1600, 0) != key
+
+
+def test_the_toy_model_comes_from_the_shipped_weights_without_training(tmp_path, monkeypatch):
+    """The demo and the tests need the model at once: with the recipe unchanged, the cache
+    is filled from the weights shipped in the package, and nothing is trained."""
+    manifest = toyworld.shipped_manifest(1600, 0)
+    assert manifest, "no shipped weights for this recipe: run python -m labelassist.toyworld ship"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although shipped weights fit the recipe")
+
+    monkeypatch.setattr(toyworld, "train", no_training)
+    model_dir = toyworld.cached_model(tmp_path, log=lambda message: None)
+    assert model_dir.name == f"toyworld-shipped-{manifest['sha256'][:12]}"
+    assert toyworld.cached_model(tmp_path) == model_dir  # the second time, from the cache
+    scores = toyworld.evaluate(model_dir)
+    assert scores == pytest.approx(manifest["metrics"], abs=1e-9)
+    assert scores["warm_cool_members"] > scores["warm_cool_vague"] + 0.2
+
+
+def test_a_changed_recipe_never_uses_the_shipped_weights(monkeypatch):
+    assert toyworld.shipped_manifest(1600, 0)
+    assert toyworld.shipped_manifest(1600, 1) is None  # another seed: another model
+    assert toyworld.shipped_manifest(800, 0) is None
+    monkeypatch.setattr(toyworld, "RECIPE_VERSION", toyworld.RECIPE_VERSION + 1)
+    assert toyworld.shipped_manifest(1600, 0) is None
+
+
+@pytest.mark.slow
+def test_training_reproduces_the_shipped_weights(tmp_path):
+    """The shipped weights are the project's own deterministic output: training again
+    (about 3 minutes) gives them back, to fp16 rounding, and the same metrics. Before
+    training pinned its thread count, two runs in one test session gave weights 0.1 apart
+    (a test had changed torch's threads), and suggest's proposal changed with them."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    manifest = toyworld.shipped_manifest(1600, 0)
+    trained_dir = toyworld.train(tmp_path / "trained", steps=1600, seed=0,
+                                 log=lambda message: None)
+    trained = load_file(trained_dir / "model.safetensors")
+    shipped = load_file(toyworld.SHIPPED / "model.safetensors")
+    assert set(trained) <= set(shipped)
+    same_versions = (torch.__version__, transformers.__version__,
+                     torch.backends.cpu.get_cpu_capability()) == (
+        manifest["torch"], manifest["transformers"], manifest["cpu"])
+    for name, value in trained.items():
+        if same_versions:  # bit for bit, after the rounding that shipping does
+            assert torch.equal(value.half(), shipped[name]), name
+        else:  # another torch or CPU kernel may sum in another order: close, not equal
+            assert torch.allclose(value, shipped[name].float(), atol=0.05), name
+    # accuracies on 240 pictures: the fp16 rounding may move one or two of them
+    tolerance = 0.01 if same_versions else 0.03
+    assert toyworld.evaluate(trained_dir) == pytest.approx(manifest["metrics"], abs=tolerance)
