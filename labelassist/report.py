@@ -43,18 +43,22 @@ def learning_sections(db) -> list[dict]:
     return sections
 
 
-def report_json(audits: list[VersionAudit], learning: list[dict] | None = None) -> dict:
+def report_json(audits: list[VersionAudit], learning: list[dict] | None = None,
+                session: list[dict] | None = None) -> dict:
     """The first audit's fields at the top level (the contract), every version in
-    `versions` for comparison, and what `learn` found in `learning`."""
+    `versions` for comparison, what `learn` found in `learning`, and the review session
+    replayed (labelassist.session) in `session`."""
     primary = audits[0].to_json()
     return {**primary, "versions": [a.to_json() for a in audits], "learning": learning or [],
+            "session": session or [],
             "generated_at": datetime.now(timezone.utc).isoformat(),
             "labelassist": __version__}
 
 
 def write_json(audits: list[VersionAudit], path: str | Path,
-               learning: list[dict] | None = None) -> None:
-    text = json.dumps(_finite(report_json(audits, learning)), indent=2, ensure_ascii=False)
+               learning: list[dict] | None = None, session: list[dict] | None = None) -> None:
+    text = json.dumps(_finite(report_json(audits, learning, session)), indent=2,
+                      ensure_ascii=False)
     if str(path) == "-":
         print(text)
     else:
@@ -72,7 +76,8 @@ def _finite(value):
     return value
 
 
-def render_html(audits: list[VersionAudit], learning: list[dict] | None = None) -> str:
+def render_html(audits: list[VersionAudit], learning: list[dict] | None = None,
+                session: list[dict] | None = None) -> str:
     env = Environment(loader=FileSystemLoader(str(resources.files("labelassist._templates"))),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
                       lstrip_blocks=True)
@@ -87,13 +92,14 @@ def render_html(audits: list[VersionAudit], learning: list[dict] | None = None) 
                    for i in section.get("label_issues", [])[:THUMBNAILS] if i.get("path")})
     return template.render(audits=[_finite(a.to_json()) for a in audits], thumbs=thumbs,
                            learning=_finite(learning or []),
+                           session=_finite(session or []),
                            heat=heat_colour, generated=datetime.now(timezone.utc),
                            version=__version__, max_rows=THUMBNAILS)
 
 
 def write_html(audits: list[VersionAudit], path: str | Path,
-               learning: list[dict] | None = None) -> None:
-    _write(path, render_html(audits, learning), "--html")
+               learning: list[dict] | None = None, session: list[dict] | None = None) -> None:
+    _write(path, render_html(audits, learning, session), "--html")
 
 
 def _write(path: str | Path, text: str, flag: str) -> None:

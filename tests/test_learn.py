@@ -179,6 +179,10 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
     learning = json.loads(js.read_text())["learning"]
     assert learning and learning[0]["learning_curve"]
     assert 'class="chart learning-curve"' in (tmp_path / "r.html").read_text()
+    (session,) = json.loads(js.read_text())["session"]
+    assert [p["reviews"] for p in session["points"]] == [0, 100]
+    assert 'class="chart session-curve"' in (tmp_path / "r.html").read_text()
+    assert "session from " in report.output
     exported = runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
                                    "--include-auto", "--target-precision", "0.5",
                                    "--min-support", "5"])
@@ -226,3 +230,54 @@ def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_di
         assert versions == {s.scalar(select(ModelVersion.id).where(ModelVersion.name == base))}
     bad = runner.invoke(app, ["accept", "--db", db_url, "--resolve", "loudest"])
     assert bad.exit_code == 1 and "--resolve 'loudest'" in bad.output
+
+
+def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(toy_workspace):
+    """A session in random order, learning every 20 reviews: each version's accuracy
+    on the images reviewed later equals the toy world's own truth, and its auto-accept
+    share uses only earlier reviews (wrong later labels change accuracy, never the share)."""
+    from labelassist.db.models import Annotation
+    from labelassist.queries import first_paths
+    from labelassist.session import session_sections
+
+    db, model, _ = toy_workspace
+    base = resolve_version(db, None)
+    with db.read() as s:
+        order = s.scalars(select(Prediction.image_id).where(
+            Prediction.model_version_id == base.id).order_by(Prediction.image_id)).all()
+        paths = first_paths(s, order)
+    random.Random(1).shuffle(order)  # reviewers take tasks in random order
+    for n, image_id in enumerate(order[:60]):
+        add_annotation(db, image_id, truth_of(paths[image_id]), n=n + 1)
+        if (n + 1) % 20 == 0:
+            L.learn(db, model, base)
+    for n, image_id in enumerate(order[60:], start=61):  # the rest, reviewed later
+        add_annotation(db, image_id, truth_of(paths[image_id]), n=n)
+
+    (section,) = session_sections(db, target_precision=0.95, min_support=5)
+    points = section["points"]
+    assert section["base"] == base.name and section["reviews"] == 150
+    assert [p["reviews"] for p in points][0] == 0 and len(points) >= 2
+    assert [p["reviews"] for p in points] == sorted(p["reviews"] for p in points)
+    for p in points:
+        with db.read() as s:
+            shown = dict(s.execute(select(Prediction.image_id, Prediction.label).join(
+                ModelVersion).where(ModelVersion.name == p["model_version"])).all())
+        later = order[p["reviews"]:]
+        right = [shown[i] == truth_of(paths[i]) for i in later]
+        assert p["later_reviewed"] == len(later)
+        assert p["accuracy_later_reviewed"] == pytest.approx(sum(right) / len(right))
+    zero_shot, newest = points[0], points[-1]
+    assert zero_shot["accept_share"] == 0.0  # no reviews: no threshold
+    assert newest["accuracy_later_reviewed"] > zero_shot["accuracy_later_reviewed"] + 0.15
+    assert newest["accept_share"] > 0.5 and newest["accept_precision"] >= 0.95
+
+    with db.write() as s:  # later reviewers disagree with everything: no version saw them
+        for a in s.scalars(select(Annotation).where(Annotation.ls_annotation_id > 60)):
+            a.label = "cool" if a.label == "warm" else "warm"
+    (flipped,) = session_sections(db, target_precision=0.95, min_support=5)
+    for before, after in zip(points, flipped["points"]):
+        assert after["accept_share"] == before["accept_share"]
+        assert after["thresholds"] == before["thresholds"]
+        assert after["accuracy_later_reviewed"] < before["accuracy_later_reviewed"] or \
+            before["accuracy_later_reviewed"] == 0

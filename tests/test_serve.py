@@ -168,8 +168,9 @@ def test_a_restart_catches_up_on_reviews_made_while_it_was_down(served, tmp_path
 
 def test_a_kill_during_a_burst_of_reviews_loses_nothing_and_doubles_nothing(
         served, tmp_path, label_studio):
-    """Events live in memory until stored; what a SIGKILL drops, the restart's catch-up
-    (a delta pull) brings back, and the ledger's keys keep every review once."""
+    """Events are journaled before Label Studio gets its answer; what a SIGKILL drops
+    before that, the restart's catch-up (a delta pull) brings back, and the ledger's keys
+    keep every review once."""
     tasks = served.tasks()
     made = []
     for n, task in enumerate(tasks):
@@ -187,6 +188,50 @@ def test_a_kill_during_a_burst_of_reviews_loses_nothing_and_doubles_nothing(
         assert sorted(stored) == sorted(made)  # every review once
     finally:
         stop(again)
+
+
+def test_events_are_journaled_so_label_studio_down_loses_nothing(served, tmp_path):
+    """An event arrives and Label Studio then can't be read: the event stays journaled in
+    the ledger with its error, and is stored when Label Studio answers again, in order,
+    once: no pull involved."""
+    from labelassist.db.models import ReviewEventRecord
+    from labelassist.labelstudio import Connection, LabelStudioClient
+    from labelassist.serve import Backend, find_project
+
+    stop(served)  # from here on, backends run in this process
+    first, second = served.tasks()[:2]
+    made = [served.annotate(first["id"], "cool"), served.annotate(second["id"], "warm")]
+    db = open_database(served.db_url)
+    live = LabelStudioClient(Connection(served.ls.url, served.ls.token), retries=0)
+    project = find_project(db, live, served.title)
+    down = LabelStudioClient(Connection(f"http://127.0.0.1:{free_port()}", "x"), retries=0)
+
+    def backend(client):
+        return Backend(db, client, project, load_model=None, fetch_dir=tmp_path,
+                       learn_every=0, log=lambda line: None)
+
+    unreachable = backend(down)
+    for annotation, task in zip(made, (first, second)):
+        assert unreachable.event({"action": "ANNOTATION_CREATED", "task": {"id": task["id"]},
+                                  "annotation": {"id": annotation, "task": task["id"]}}) == 1
+    with pytest.raises(Exception):
+        unreachable.replay()
+    with db.read() as s:
+        journal = s.execute(select(ReviewEventRecord.tasks, ReviewEventRecord.attempts,
+                                   ReviewEventRecord.last_error, ReviewEventRecord.done_at)
+                            .order_by(ReviewEventRecord.id)).all()
+    assert [row.tasks for row in journal] == [[first["id"]], [second["id"]]]  # in order
+    assert all(row.attempts == 1 and row.last_error and row.done_at is None
+               for row in journal)
+    assert served.count(Annotation) == 0
+
+    assert backend(live).replay() == 2  # Label Studio is back (or a restart)
+    assert backend(live).replay() == 0  # nothing left, nothing done twice
+    with db.read() as s:
+        stored = s.execute(select(Annotation.ls_annotation_id, Annotation.label)).all()
+        assert s.scalar(select(func.count()).where(ReviewEventRecord.done_at.is_(None))) == 0
+    assert sorted(stored) == sorted(zip(made, ("cool", "warm")))
+    db.dispose()
 
 
 def test_an_unsigned_caller_gets_401_and_nothing_is_written(served):

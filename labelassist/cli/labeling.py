@@ -183,6 +183,10 @@ def print_serve_status(out: Console, db: str) -> None:
               f"{s['model_version']}; {s['reviews_recorded']:,} reviews recorded live, "
               f"{s['predictions_served']:,} predictions served, {s['images_fetched']:,} "
               "images fetched", markup=False)
+    if s.get("events_waiting"):
+        out.print(f"  {s['events_waiting']:,} review events journaled and not yet stored "
+                  f"(Label Studio unreachable?): {(s.get('errors') or ['?'])[-1]}",
+                  markup=False)
     learned = s.get("last_learn")
     if learned:
         share = s.get("auto_accept_share")

@@ -37,19 +37,40 @@ def report(
     """
     from ..audit import audit
     from ..report import learning_sections, write_html, write_json
+    from ..session import session_sections
 
     database = open_db(db)
     audits = audit(database, version, target_precision=target_precision,
                    min_support=min_support, policy=resolve)
     learning = learning_sections(database)
+    session = session_sections(database, target_precision=target_precision,
+                               min_support=min_support, policy=resolve)
     out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
     for a in audits:
         print_audit(out, a)
+    for section in session:
+        print_session(out, section)
     if json_out:
-        write_json(audits, json_out, learning)
+        write_json(audits, json_out, learning, session)
     if html:
-        write_html(audits, html, learning)
+        write_html(audits, html, learning, session)
         err.print(f"wrote {html}", markup=False)
+
+
+def print_session(out: Console, section: dict) -> None:
+    """The review session replayed: per version, how it did on what was reviewed later."""
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    out.print(f"session from {section['base']} ({section['reviews']:,} reviews; accuracy on "
+              "the images reviewed later, and what accept would have taken then):",
+              markup=False)
+    for p in section["points"]:
+        out.print(f"  {p['reviews']:>6,} reviews  {p['model_version']:<24} accuracy "
+                  f"{pct(p['accuracy_later_reviewed'])} of {p['later_reviewed']:,}; accept "
+                  f"{pct(p['accept_share'])} of {p['unreviewed']:,} at measured precision "
+                  f"{pct(p['accept_precision'])} ({p['accept_checked']:,} checked)",
+                  markup=False)
 
 
 def print_audit(out: Console, a) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -215,6 +216,25 @@ class LSPushJournal(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     image_ids: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReviewEventRecord(Base):
+    """What a Label Studio webhook named (tasks to re-read, annotations by id), journaled
+    before `serve` answers it, and marked done once the reviews are stored: a crash, or a
+    Label Studio that is down, loses nothing, and the events are replayed in order."""
+
+    __tablename__ = "ls_review_events"
+    __table_args__ = (Index("ix_ls_review_events_pending", "project_id", "done_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("ls_projects.id"))
+    action: Mapped[str] = mapped_column(String(32))
+    tasks: Mapped[list] = mapped_column(JSON)
+    orphans: Mapped[list] = mapped_column(JSON)
+    expect: Mapped[dict] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Lock(Base):

@@ -3,24 +3,26 @@
 - predict: a task labelassist pushed is answered from the ledger (the newest prediction
   of its image); a task imported straight into Label Studio has its image fetched through
   Label Studio, registered by content hash, encoded and predicted like any other image;
-- reviews: annotation events name tasks; those tasks are re-read from Label Studio and
-  stored by the same rules as `pull` (accepted vs fixed, annotator, deletions, skips);
+- reviews: annotation events name tasks; each event is journaled in the ledger before
+  Label Studio gets its answer, then those tasks are re-read from Label Studio and stored
+  by the same rules as `pull` (accepted vs fixed, annotator, deletions, skips). Events not
+  yet stored (a crash, Label Studio down) are replayed in order, at the next try or start;
 - learning: every `learn_every` new reviews `learn` runs; when the probe wins, its
   predictions go to Label Studio as a new model_version, which reviewers see next.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 
 from ..db import Database, insert_ignoring_duplicates
-from ..db.models import Annotation, File, LSProject, LSTask, ModelVersion, Prediction
+from ..db.models import (Annotation, File, LSProject, LSTask, ModelVersion, Prediction,
+                         ReviewEventRecord)
 from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
 from ..labelstudio.project import choice_result
@@ -76,6 +78,7 @@ class ServeStatus:
     model_version: str | None
     reviews_recorded: int = 0
     reviews_since_learn: int = 0
+    events_waiting: int = 0  # journaled, not yet stored (Label Studio unreachable?)
     learn_every: int = 0
     predictions_served: int = 0
     images_fetched: int = 0
@@ -102,7 +105,8 @@ class Backend:
         self._model = None
         self._model_lock = threading.Lock()  # one encode at a time; the model loads once
         self._learn_lock = threading.Lock()  # /train and the review thread: one learn
-        self._events: queue.Queue[ReviewEvent | None] = queue.Queue()
+        self._wake = threading.Event()  # a new event is journaled, or stop()
+        self._stopping = False
         self._users: dict = {}
         self._worker = threading.Thread(target=self._record_events, name="reviews",
                                         daemon=True)
@@ -110,10 +114,19 @@ class Backend:
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the review thread, which first replays what an earlier run journaled and
+        did not store. Events stored more than a week ago are dropped from the journal."""
+        from datetime import timedelta
+
+        with self.db.write() as s:
+            s.execute(delete(ReviewEventRecord).where(
+                ReviewEventRecord.done_at < datetime.now(timezone.utc) - timedelta(days=7)))
+        self._wake.set()
         self._worker.start()
 
     def stop(self) -> None:
-        self._events.put(None)
+        self._stopping = True
+        self._wake.set()
         self._worker.join(timeout=30)
         self.save_status(running=False)
 
@@ -253,8 +266,9 @@ class Backend:
     # ---- reviews as they happen ----------------------------------------------------------
 
     def event(self, payload: dict) -> int:
-        """Queue what an event names; it is stored by a background thread, so Label Studio
-        (which waits 1 s for a webhook) is answered at once. Returns the tasks named."""
+        """Journal what an event names, in the ledger, before Label Studio (which waits 1 s
+        for a webhook) gets its answer; a background thread stores the reviews. Returns the
+        tasks and annotations named."""
         if payload.get("action") not in ANNOTATION_ACTIONS:
             return 0
         event = ReviewEvent()
@@ -272,23 +286,78 @@ class Backend:
             else:
                 event.orphans.add(item["id"])  # a deletion may name the annotation only
             if payload["action"] != "ANNOTATIONS_DELETED":
-                event.expect[item["id"]] = str(item.get("updated_at") or "")
-        if event.tasks or event.orphans:
-            self._events.put(event)
+                event.expect[item["id"]] = str(item.get("updated_at") or "")[:64]
+        if not (event.tasks or event.orphans):
+            return 0
+        with self.db.write() as s:
+            s.add(ReviewEventRecord(
+                project_id=self.project.id, action=payload["action"],
+                tasks=sorted(event.tasks), orphans=sorted(event.orphans),
+                expect={str(k): v for k, v in event.expect.items()}, attempts=0))
+        self._wake.set()
         return len(event.tasks) + len(event.orphans)
 
-    def _record_events(self) -> None:
-        while (event := self._events.get()) is not None:
-            while not self._events.empty():  # a burst of events: one read, one write
-                more = self._events.get_nowait()
-                if more is None:
-                    self._events.put(None)
-                    break
-                event.merge(more)
+    def pending_events(self, limit: int = 500) -> tuple[list[int], ReviewEvent]:
+        """The oldest journaled events not yet stored, merged into one (one read of their
+        tasks, one write): their ids, in the order they arrived, and what they name."""
+        merged = ReviewEvent()
+        with self.db.read() as s:
+            rows = s.execute(select(ReviewEventRecord.id, ReviewEventRecord.tasks,
+                                    ReviewEventRecord.orphans, ReviewEventRecord.expect)
+                             .where(ReviewEventRecord.project_id == self.project.id,
+                                    ReviewEventRecord.done_at.is_(None))
+                             .order_by(ReviewEventRecord.id).limit(limit)).all()
+        for _, tasks, orphans, expect in rows:
+            merged.merge(ReviewEvent(set(tasks), set(orphans),
+                                     {int(k): v for k, v in expect.items()}))
+        return [row[0] for row in rows], merged
+
+    def replay(self) -> int:
+        """Store the reviews of every journaled event not yet stored, oldest first. Raises
+        (and leaves them journaled, with the error) when Label Studio can't be read."""
+        stored = 0
+        while not self._stopping:
+            ids, event = self.pending_events()
+            if not ids:
+                break
             try:
                 self.record(event)
-            except Exception as exc:  # noqa: BLE001 - the server goes on; pull catches up
-                self._note(f"recording reviews of tasks {sorted(event.tasks)[:5]}: {exc}")
+            except Exception as exc:
+                with self.db.write() as s:
+                    s.execute(update(ReviewEventRecord).where(ReviewEventRecord.id.in_(ids))
+                              .values(attempts=ReviewEventRecord.attempts + 1,
+                                      last_error=str(exc)[:500]))
+                raise
+            with self.db.write() as s:
+                s.execute(update(ReviewEventRecord).where(ReviewEventRecord.id.in_(ids))
+                          .values(done_at=datetime.now(timezone.utc)))
+            stored += len(ids)
+        return stored
+
+    def _count_waiting(self) -> int:
+        with self.db.read() as s:
+            return s.scalar(select(func.count()).where(
+                ReviewEventRecord.project_id == self.project.id,
+                ReviewEventRecord.done_at.is_(None)))
+
+    def _record_events(self) -> None:
+        """The review thread: replay the journal whenever an event arrives, and retry with
+        a growing pause (1 s up to 30 s) while Label Studio can't be read."""
+        pause = None
+        while not self._stopping:
+            self._wake.wait(timeout=pause)
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                self.replay()
+                pause = None
+            except Exception as exc:  # noqa: BLE001 - the server goes on; the journal keeps it
+                pause = min(30.0, (pause or 0.5) * 2)
+                self._note(f"storing reviews (tried again in {pause:.0f} s; nothing is lost, "
+                           f"the events are journaled): {exc}")
+            self.status.events_waiting = self._count_waiting()
+            self.save_status()
 
     def record(self, event: "ReviewEvent") -> PullSummary:
         """Re-read the tasks an event names and store their annotations as `pull` would.
