@@ -44,20 +44,23 @@ def learning_sections(db) -> list[dict]:
 
 
 def report_json(audits: list[VersionAudit], learning: list[dict] | None = None,
-                session: list[dict] | None = None) -> dict:
+                session: list[dict] | None = None,
+                suggestions: list[dict] | None = None) -> dict:
     """The first audit's fields at the top level (the contract), every version in
-    `versions` for comparison, what `learn` found in `learning`, and the review session
-    replayed (labelassist.session) in `session`."""
+    `versions` for comparison, what `learn` found in `learning`, the review session
+    replayed (labelassist.session) in `session`, and what `suggest` found in
+    `suggestions`."""
     primary = audits[0].to_json()
     return {**primary, "versions": [a.to_json() for a in audits], "learning": learning or [],
-            "session": session or [],
+            "session": session or [], "suggestions": suggestions or [],
             "generated_at": datetime.now(timezone.utc).isoformat(),
             "labelassist": __version__}
 
 
 def write_json(audits: list[VersionAudit], path: str | Path,
-               learning: list[dict] | None = None, session: list[dict] | None = None) -> None:
-    text = json.dumps(_finite(report_json(audits, learning, session)), indent=2,
+               learning: list[dict] | None = None, session: list[dict] | None = None,
+               suggestions: list[dict] | None = None) -> None:
+    text = json.dumps(_finite(report_json(audits, learning, session, suggestions)), indent=2,
                       ensure_ascii=False)
     if str(path) == "-":
         print(text)
@@ -77,7 +80,8 @@ def _finite(value):
 
 
 def render_html(audits: list[VersionAudit], learning: list[dict] | None = None,
-                session: list[dict] | None = None) -> str:
+                session: list[dict] | None = None,
+                suggestions: list[dict] | None = None) -> str:
     env = Environment(loader=FileSystemLoader(str(resources.files("labelassist._templates"))),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
                       lstrip_blocks=True)
@@ -93,13 +97,16 @@ def render_html(audits: list[VersionAudit], learning: list[dict] | None = None,
     return template.render(audits=[_finite(a.to_json()) for a in audits], thumbs=thumbs,
                            learning=_finite(learning or []),
                            session=_finite(session or []),
+                           suggestions=_finite(suggestions or []),
+                           accuracy_of={a.model_version: a.accuracy for a in audits},
                            heat=heat_colour, generated=datetime.now(timezone.utc),
                            version=__version__, max_rows=THUMBNAILS)
 
 
 def write_html(audits: list[VersionAudit], path: str | Path,
-               learning: list[dict] | None = None, session: list[dict] | None = None) -> None:
-    _write(path, render_html(audits, learning, session), "--html")
+               learning: list[dict] | None = None, session: list[dict] | None = None,
+               suggestions: list[dict] | None = None) -> None:
+    _write(path, render_html(audits, learning, session, suggestions), "--html")
 
 
 def _write(path: str | Path, text: str, flag: str) -> None:

@@ -16,22 +16,24 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .config import LabelSet
 from .db import Database
-from .db.models import ModelVersion
+from .db.models import ModelVersion, Suggestion
 from .errors import ConfigError
-from .learn import FOLDS, folds_of, load_training_set
+from .learn import folds_of, load_training_set
 
 MIN_REVIEWS = 20
 MAX_MODES = 3
 PER_MODE = 3    # candidates shortlisted per mode
 MAX_ADDED = 4   # descriptions added per class, at most
 MIN_AUC = 0.75  # a description that cannot tell a mode from the other classes is no help
+SUGGEST_FOLDS = 10
+MAX_P = 0.05    # the held-out gain must be more than luck: a one-sided sign test
 
 
 @dataclass
@@ -51,6 +53,8 @@ class SuggestSummary:
     proposed_accuracy: float = 0.0     # chosen on the other folds, measured on held-out
     folds: list[dict] = field(default_factory=list)
     recall: dict[str, dict] = field(default_factory=dict)  # class -> current / proposed
+    held_out: dict = field(default_factory=dict)  # fixed, broken, folds_gaining, p_value
+    retired: list[tuple[str, str]] = field(default_factory=list)  # (class, description)
     mode: str = "keep"                 # keep, add or replace (on all reviews)
     additions: list[Addition] = field(default_factory=list)
     proposed: LabelSet | None = None   # None: no gain that holds across folds
@@ -135,6 +139,17 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return out
 
 
+def sign_test(fixed: int, broken: int) -> float:
+    """One-sided exact sign test (McNemar's, exact) on paired held-out predictions: the
+    chance of at least `fixed` wins out of fixed + broken if neither set were better."""
+    from math import comb
+
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    return sum(comb(n, k) for k in range(fixed, n + 1)) / 2 ** n
+
+
 class Scorer:
     """A prompt set on embeddings, by the classifier's own rule (softmax over descriptions;
     a class's probability is the sum over its descriptions)."""
@@ -184,15 +199,17 @@ def shortlist(x: np.ndarray, y: np.ndarray, n_classes: int, cand: np.ndarray
 
 
 def choose(x: np.ndarray, y: np.ndarray, n_classes: int, current: tuple[np.ndarray, np.ndarray],
-           cand: np.ndarray, scorer: Scorer):
+           cand: np.ndarray, scorer: Scorer, modes: tuple[str, ...] = ("add", "replace")):
     """On these reviews: which shortlisted descriptions to add, and whether to add them to
     the current ones or put them in their place. Greedy forward selection on the reviews'
-    fit (accuracy, then log-likelihood). Returns (mode, columns, owners, chosen)."""
+    fit (accuracy, then log-likelihood). When adding, a current description that the new
+    ones make a hindrance is then retired. Returns (mode, columns, owners, chosen,
+    retired: the indices of the current descriptions dropped)."""
     items = shortlist(x, y, n_classes, cand)
     cur_cols, cur_owner = current
-    best = ("keep", cur_cols, cur_owner, [])
+    best = ("keep", cur_cols, cur_owner, [], frozenset())
     best_fit = scorer.fit(x, y, cur_cols, cur_owner, n_classes)
-    for mode in ("add", "replace"):
+    for mode in modes:
         chosen: list[tuple[int, int, int, float]] = []
         if mode == "replace":  # each class starts from its best shortlisted description
             for c in range(n_classes):
@@ -216,10 +233,38 @@ def choose(x: np.ndarray, y: np.ndarray, n_classes: int, current: tuple[np.ndarr
             cols, owner = _columns(mode, cur_cols, cur_owner, cand, chosen)
         chosen, fit = _prune(x, y, n_classes, scorer, mode, cur_cols, cur_owner, cand,
                              chosen, fit)
-        cols, owner = _columns(mode, cur_cols, cur_owner, cand, chosen)
+        retired, fit = _retire(x, y, n_classes, scorer, mode, cur_cols, cur_owner, cand,
+                               chosen, fit)
+        cols, owner = _columns(mode, cur_cols, cur_owner, cand, chosen, retired)
         if chosen and fit > best_fit:
-            best, best_fit = (mode, cols, owner, chosen), fit
+            best, best_fit = (mode, cols, owner, chosen, retired), fit
     return best
+
+
+def _retire(x, y, n_classes, scorer, mode, cur_cols, cur_owner, cand, chosen, fit):
+    """After adding: drop a current description (one at a time, while it helps) when the
+    reviews fit better without it, as a vague one does beside its class's members. A
+    class never loses its last description."""
+    retired: frozenset[int] = frozenset()
+    if mode != "add" or not chosen:
+        return retired, fit
+    while True:
+        trials = []
+        for k in range(len(cur_owner)):
+            if k in retired:
+                continue
+            without = retired | {k}
+            _, owner = _columns(mode, cur_cols, cur_owner, cand, chosen, without)
+            if not (owner == cur_owner[k]).any():
+                continue
+            trials.append((scorer.fit(x, y, *_columns(mode, cur_cols, cur_owner, cand, chosen,
+                                                      without), n_classes), k))
+        if not trials:
+            return retired, fit
+        trial_fit, k = max(trials, key=lambda t: t[0])
+        if trial_fit <= (fit[0], fit[1] + 1e-3):
+            return retired, fit
+        retired, fit = retired | {k}, trial_fit
 
 
 def _prune(x, y, n_classes, scorer, mode, cur_cols, cur_owner, cand, chosen, fit):
@@ -240,10 +285,11 @@ def _prune(x, y, n_classes, scorer, mode, cur_cols, cur_owner, cand, chosen, fit
     return chosen, fit
 
 
-def _columns(mode, cur_cols, cur_owner, cand, chosen):
+def _columns(mode, cur_cols, cur_owner, cand, chosen, retired=frozenset()):
     new_cols = cand[:, [j for _, j, _, _ in chosen]]
     new_owner = np.array([c for c, _, _, _ in chosen], dtype=cur_owner.dtype)
     keep = np.ones(len(cur_owner), bool) if mode == "add" else ~np.isin(cur_owner, new_owner)
+    keep[list(retired)] = False
     return (np.concatenate([cur_cols[:, keep], new_cols], 1),
             np.concatenate([cur_owner[keep], new_owner]))
 
@@ -270,12 +316,12 @@ def suggest(db: Database, model, version: ModelVersion, vocabulary: list[str], *
     scorer = Scorer(float(text.logit_scale), None if text.logit_bias is None
                     else float(text.logit_bias))
     n = len(classes)
-    fold = folds_of(keys, FOLDS)
+    fold = folds_of(keys, SUGGEST_FOLDS)
     cur_pred = scorer.predict(x, *cur, n)
     prop_pred = np.empty_like(y)
     for f in np.unique(fold):
         train, test = fold != f, fold == f
-        _, cols, owner, _ = choose(x[train], y[train], n, cur, cand, scorer)
+        _, cols, owner, _, _ = choose(x[train], y[train], n, cur, cand, scorer)
         prop_pred[test] = scorer.predict(x[test], cols, owner, n)
         summary.folds.append({"fold": int(f), "reviews": int(test.sum()),
                               "current": float((cur_pred[test] == y[test]).mean()),
@@ -286,25 +332,32 @@ def suggest(db: Database, model, version: ModelVersion, vocabulary: list[str], *
                           "current": float((cur_pred[y == i] == i).mean()),
                           "proposed": float((prop_pred[y == i] == i).mean())}
                       for i, c in enumerate(classes) if (y == i).any()}
-    holds = all(f["proposed"] >= f["current"] for f in summary.folds) \
-        and summary.proposed_accuracy > summary.current_accuracy
-    if not holds:
+    gains = sum(f["proposed"] > f["current"] for f in summary.folds)
+    fixed = int(((prop_pred == y) & (cur_pred != y)).sum())
+    broken = int(((prop_pred != y) & (cur_pred == y)).sum())
+    summary.held_out = {"fixed": fixed, "broken": broken, "folds_gaining": gains,
+                        "p_value": sign_test(fixed, broken)}
+    if not (gains > len(summary.folds) / 2 and summary.held_out["p_value"] < MAX_P):
         summary.reason = (f"no gain that holds across folds: held-out accuracy "
                           f"{summary.current_accuracy:.1%} now, {summary.proposed_accuracy:.1%} "
-                          "proposed")
+                          f"proposed; {gains} of {len(summary.folds)} folds gain, {fixed} "
+                          f"reviews fixed against {broken} broken (one-sided sign test p = "
+                          f"{summary.held_out['p_value']:.2f}, needs < {MAX_P})")
         return summary
-    mode, _, _, additions = choose(x, y, n, cur, cand, scorer)
+    mode, _, _, additions, retired = choose(x, y, n, cur, cand, scorer)
     if mode == "keep":
         summary.reason = "on all reviews together, the current descriptions do best"
         return summary
     summary.mode = mode
     summary.additions = [Addition(classes[c], words[j], covers, score)
                          for c, j, covers, score in additions]
+    summary.retired = [current.descriptions()[k] for k in sorted(retired)]
     new = {c: [a.description for a in summary.additions if a.cls == c] for c in classes}
     proposed = {}
     for c in classes:  # a class with no new description keeps its own in either mode
         replaced = mode == "replace" and new[c]
-        proposed[c] = tuple(new[c] if replaced else [*current.classes[c], *new[c]])
+        kept = [d for d in current.classes[c] if (c, d) not in summary.retired]
+        proposed[c] = tuple(new[c] if replaced else [*kept, *new[c]])
     summary.proposed = LabelSet(classes=proposed, templates=current.templates,
                                 model=current.model)
     return summary
@@ -318,6 +371,8 @@ def write_proposal(summary: SuggestSummary, path: Path, model_id: str) -> None:
              f"{s.current_accuracy:.1%}, proposed {s.proposed_accuracy:.1%}.",
              f"# Descriptions were {'added to' if s.mode == 'add' else 'put in place of'} "
              "the current ones. Adopt with: labelassist predict --labels " + path.name,
+             *(f"# Retired {d!r} ({c}): the reviews fit better without it beside the "
+               "added descriptions." for c, d in s.retired),
              f"model = {json.dumps(model_id)}",
              f"templates = {json.dumps(list(s.proposed.templates), ensure_ascii=False)}",
              "", "[classes]"]
@@ -328,3 +383,55 @@ def write_proposal(summary: SuggestSummary, path: Path, model_id: str) -> None:
         lines.append(f"{json.dumps(cls, ensure_ascii=False)} = "
                      f"{json.dumps(list(descriptions), ensure_ascii=False)}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def store_suggestion(db: Database, version: ModelVersion, summary: SuggestSummary,
+                     out: Path | None) -> None:
+    """Keep what suggest measured, for the report's before and after (nothing is stored
+    when there were too few reviews to measure anything)."""
+    if not summary.folds:
+        return
+    with db.write() as s:
+        s.add(Suggestion(
+            model_version_id=version.id, reviews=summary.reviews,
+            vocabulary=summary.vocabulary, current_accuracy=summary.current_accuracy,
+            proposed_accuracy=summary.proposed_accuracy, folds=summary.folds,
+            recall=summary.recall, mode=summary.mode,
+            additions=[asdict(a) for a in summary.additions],
+            retired=[list(r) for r in summary.retired], held_out=summary.held_out,
+            proposed=None if summary.proposed is None else summary.proposed.to_json(),
+            reason=summary.reason, out_path=None if out is None else str(out)))
+
+
+def suggestion_sections(db: Database) -> list[dict]:
+    """The newest suggestion of each zero-shot version, and whether it was adopted: a
+    zero-shot version with exactly the proposed descriptions, and its audited accuracy
+    on the reviewed images when it has one."""
+    from sqlalchemy import select
+
+    with db.read() as s:
+        rows = s.execute(select(Suggestion, ModelVersion.name)
+                         .join(ModelVersion, ModelVersion.id == Suggestion.model_version_id)
+                         .order_by(Suggestion.id)).all()
+        zero_shot = {json.dumps(v.label_set.get("classes"), sort_keys=True): v.name
+                     for v in s.scalars(select(ModelVersion).where(
+                         ModelVersion.kind == "zeroshot").order_by(ModelVersion.id))}
+    newest = {}
+    for row, name in rows:
+        newest[name] = row
+    sections = []
+    for name, row in newest.items():
+        proposed = row.proposed or {}
+        adopted = zero_shot.get(json.dumps(proposed.get("classes"), sort_keys=True)) \
+            if row.proposed else None
+        sections.append({
+            "model_version": name, "reviews": row.reviews, "vocabulary": row.vocabulary,
+            "current_accuracy": row.current_accuracy,
+            "proposed_accuracy": row.proposed_accuracy, "folds": row.folds,
+            "recall": row.recall, "mode": row.mode, "additions": row.additions,
+            "retired": row.retired, "held_out": row.held_out,
+            "proposed": row.proposed, "reason": row.reason, "out_path": row.out_path,
+            "adopted_as": adopted,
+            "created_at": row.created_at.isoformat(timespec="seconds")})
+    return sections
+

@@ -324,6 +324,19 @@ def test_push_order_uncertain_sends_the_least_certain_first(db, tiny_model, ls_p
     assert in_task_order == sorted(in_task_order)
 
 
+def test_push_order_random_is_a_fixed_shuffle(db, tiny_model, ls_photos, client,
+                                              label_studio, request):
+    summary = push(db, client, predicted(db, tiny_model, ls_photos),
+                   ImageSource("local", label_studio.root), title=request.node.name,
+                   order="random", batch_size=4)
+    with db.read() as s:
+        image_of = dict(s.execute(select(LSTask.ls_task_id, LSTask.image_id)).all())
+    in_task_order = [image_of[t["id"]] for t in sorted(remote_tasks(client, summary),
+                                                       key=lambda t: t["id"])]
+    assert in_task_order == sorted(in_task_order, key=lambda i: i * 2654435761 % 2 ** 32)
+    assert in_task_order != sorted(in_task_order)  # not the ingest order
+
+
 @pytest.mark.slow
 def test_worker_push_sends_new_predictions_as_it_goes(db_url, db, tiny_clip_dir, ls_env,
                                                      ls_photos, tmp_path, request):

@@ -38,6 +38,7 @@ def report(
     from ..audit import audit
     from ..report import learning_sections, write_html, write_json
     from ..session import session_sections
+    from ..suggest import suggestion_sections
 
     database = open_db(db)
     audits = audit(database, version, target_precision=target_precision,
@@ -45,16 +46,28 @@ def report(
     learning = learning_sections(database)
     session = session_sections(database, target_precision=target_precision,
                                min_support=min_support, policy=resolve)
+    suggestions = suggestion_sections(database)
     out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
     for a in audits:
         print_audit(out, a)
     for section in session:
         print_session(out, section)
+    for found in suggestions:
+        print_suggestion(out, found)
     if json_out:
-        write_json(audits, json_out, learning, session)
+        write_json(audits, json_out, learning, session, suggestions)
     if html:
-        write_html(audits, html, learning, session)
+        write_html(audits, html, learning, session, suggestions)
         err.print(f"wrote {html}", markup=False)
+
+
+def print_suggestion(out: Console, found: dict) -> None:
+    """What suggest found last for a version: held-out accuracy before and after."""
+    outcome = (f"adopted as {found['adopted_as']}" if found["adopted_as"] else
+               f"proposed in {found['out_path']}" if found["proposed"] else "no proposal")
+    out.print(f"suggest for {found['model_version']} ({found['reviews']:,} reviews): held-out "
+              f"accuracy {found['current_accuracy']:.1%} now, {found['proposed_accuracy']:.1%} "
+              f"with the suggested descriptions; {outcome}", markup=False)
 
 
 def print_session(out: Console, section: dict) -> None:

@@ -38,8 +38,9 @@ def push(
              "machine with a known root, else upload.")] = "auto",
     ls_root: LsRootOpt = None,
     order: Annotated[str, typer.Option(
-        help="Which images become tasks first: ingest, uncertain (lowest margin first: "
-             "reviewers start where the model is weakest) or confident.")] = "ingest",
+        help="Which images become tasks first: ingest, random (a fixed shuffle: reviews "
+             "that are a fair sample, which accept's thresholds need), uncertain (lowest "
+             "margin first: where the model is weakest) or confident.")] = "ingest",
     batch_size: Annotated[int, typer.Option(min=1, max=5000, help="Tasks per import request "
                                             "(Label Studio handles ~1,000 in 1.5 s).")] = 500,
 ) -> None:
@@ -233,7 +234,8 @@ def suggest(
     """
     from ..model import load_model
     from ..queries import resolve_version
-    from ..suggest import load_vocabulary, suggest as run_suggest, write_proposal
+    from ..suggest import load_vocabulary, store_suggestion, write_proposal
+    from ..suggest import suggest as run_suggest
 
     database = open_db(db)
     base = resolve_version(database, version)
@@ -255,12 +257,17 @@ def suggest(
             out_console.print(f"  recall {cls}: {r['current']:.1%} -> {r['proposed']:.1%} "
                               f"({r['reviews']} reviews)", markup=False)
     if s.proposed is None:
+        store_suggestion(database, base, s, None)
         out_console.print(f"no proposal: {s.reason}", markup=False)
         return
     write_proposal(s, out, model or base.model_id)
+    store_suggestion(database, base, s, out.absolute())
     for a in s.additions:
         out_console.print(f"  {a.cls} += {a.description!r}: picks out {a.covers} reviewed "
                           f"images (AUC {a.auc:.2f})", markup=False)
+    for cls, description in s.retired:
+        out_console.print(f"  {cls} -= {description!r}: the reviews fit better without it",
+                          markup=False)
     out_console.print(f"wrote {out} ({'added to' if s.mode == 'add' else 'in place of'} "
                       f"the current descriptions); adopt it with: labelassist predict "
                       f"--labels {out}", markup=False)

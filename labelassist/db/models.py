@@ -237,6 +237,30 @@ class ReviewEventRecord(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
+class Suggestion(Base):
+    """What `suggest` found for a zero-shot version: held-out accuracy and per-class recall
+    of the current descriptions against the proposed ones, and the proposal (None: no gain
+    that held across folds, with the reason)."""
+
+    __tablename__ = "suggestions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    reviews: Mapped[int] = mapped_column(Integer)
+    vocabulary: Mapped[int] = mapped_column(Integer)
+    current_accuracy: Mapped[float] = mapped_column(Float)
+    proposed_accuracy: Mapped[float] = mapped_column(Float)
+    folds: Mapped[list] = mapped_column(JSON)
+    recall: Mapped[dict] = mapped_column(JSON)
+    mode: Mapped[str] = mapped_column(String(16))
+    additions: Mapped[list] = mapped_column(JSON)
+    retired: Mapped[list] = mapped_column(JSON)   # [class, description] dropped
+    held_out: Mapped[dict] = mapped_column(JSON)  # fixed, broken, folds_gaining, p_value
+    proposed: Mapped[dict | None] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(Text)
+    out_path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Lock(Base):
     """A named lease: who holds it and until when (locks.py)."""
 
