@@ -75,6 +75,7 @@ def simulate(db_url: str, photos: Path, model_dir: Path, order: str, args) -> li
     from labelassist.config import load_label_file
     from labelassist.db import open_database
     from labelassist.db.models import Annotation, LSProject, ModelVersion, Prediction
+    from labelassist.errors import LabelAssistError
     from labelassist.ingest import ingest
     from labelassist.learn import learn
     from labelassist.model import load_model
@@ -124,7 +125,10 @@ def simulate(db_url: str, photos: Path, model_dir: Path, order: str, args) -> li
                                  model_version_id=shown.id,
                                  accepted_prediction=None))
                 reviewed.append(image_id)
-        summary = learn(db, model, base)
+        try:
+            summary = learn(db, model, base)
+        except LabelAssistError:  # one class only so far (serve tries again, too)
+            continue
         if summary.stored_version:
             with db.read() as s:
                 shown = s.scalars(select(ModelVersion).where(

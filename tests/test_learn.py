@@ -281,3 +281,56 @@ def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(to
         assert after["thresholds"] == before["thresholds"]
         assert after["accuracy_later_reviewed"] < before["accuracy_later_reviewed"] or \
             before["accuracy_later_reviewed"] == 0
+
+
+def test_sample_bias_agrees_with_scipy_and_scikit_learn():
+    """The accept guard's statistic: AUC as scikit-learn's roc_auc_score, p-value as
+    scipy's Mann-Whitney U (normal approximation, tie-corrected, no continuity correction)."""
+    from scipy.stats import mannwhitneyu
+    from sklearn.metrics import roc_auc_score
+
+    from labelassist import accept as A
+
+    rng = np.random.default_rng(0)
+    for shift in (0.0, 0.1, 0.6):
+        reviewed = np.round(rng.random(40) * (1 - shift), 2)  # margins: in [0, 1], ties
+        others = np.round(rng.random(300), 2)
+        stats = A.rank_test(reviewed, others)
+        expected_auc = roc_auc_score([1] * 40 + [0] * 300, np.concatenate([reviewed, others]))
+        expected_p = mannwhitneyu(reviewed, others, method="asymptotic",
+                                  use_continuity=False).pvalue
+        assert stats["auc"] == pytest.approx(expected_auc)
+        assert stats["p_value"] == pytest.approx(expected_p, rel=1e-6)
+
+
+def test_accept_refuses_thresholds_from_reviews_chosen_by_uncertainty(toy_workspace, db_url,
+                                                                      toy_model_dir):
+    """Reviews in uncertainty order, then learn: the audit's thresholds look fine on them
+    and fail on the rest. accept says so, and writes nothing, unless told to go on."""
+    db, model, _ = toy_workspace
+    base = resolve_version(db, None)
+    from labelassist.queries import first_paths
+
+    with db.read() as s:
+        order = s.scalars(select(Prediction.image_id).where(
+            Prediction.model_version_id == base.id).order_by(Prediction.margin)).all()
+        paths = first_paths(s, order)
+    for n, image_id in enumerate(order[:60]):
+        add_annotation(db, image_id, truth_of(paths[image_id]), n=n)
+    L.learn(db, model, base)
+    runner = CliRunner()
+    args = ["accept", "--db", db_url, "--target-precision", "0.9", "--min-support", "5"]
+
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1
+    assert "not a fair sample" in refused.output and "--allow-biased-sample" in refused.output
+    assert "Traceback" not in refused.output
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(AutoAccept)) == 0
+
+    allowed = runner.invoke(app, args + ["--allow-biased-sample"])
+    assert allowed.exit_code == 0, allowed.output
+    with db.read() as s:
+        taken = s.execute(select(AutoAccept.image_id, AutoAccept.label)).all()
+    wrong = sum(label != truth_of(paths[i]) for i, label in taken)
+    print(f"\naccepted anyway: {len(taken)}, of which {wrong} wrong")

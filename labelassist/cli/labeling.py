@@ -197,6 +197,8 @@ def print_serve_status(out: Console, db: str) -> None:
                      if learned["stored_version"] else "zero-shot kept")
                   + (f"; accept would now take {share:.0%} of the rest"
                      if share is not None else ""), markup=False)
+        if s.get("accept_refused"):
+            out.print(f"  accept refuses: {s['accept_refused']}", markup=False)
 
 
 PREDICT_HELP = """Classify every ingested image that has no prediction for this model_version.

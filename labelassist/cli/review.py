@@ -283,6 +283,10 @@ def accept(
                                              "must rest on.")] = 30,
     resolve: Annotated[str, typer.Option(help="majority or latest (see report).")] =
     "majority",
+    allow_biased_sample: Annotated[bool, typer.Option(
+        "--allow-biased-sample", help="Accept even when the reviewed images are not a fair "
+        "sample of the rest (reviewed in uncertainty order), where thresholds may not "
+        "hold.")] = False,
 ) -> None:
     """Mark unreviewed predictions as auto-accepted where their class's audited threshold
     says they can be trusted. They are recorded with provenance (source 'auto' in the
@@ -293,7 +297,8 @@ def accept(
     from ..accept import accept_trusted
 
     s = accept_trusted(open_db(db), version, target_precision=target_precision,
-                       min_support=min_support, policy=resolve)
+                       min_support=min_support, policy=resolve,
+                       allow_biased_sample=allow_biased_sample)
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"{s.model_version}: {sum(s.accepted.values()):,} predictions auto-accepted at "
               f"{target_precision:.1%} target precision", markup=False)

@@ -85,6 +85,7 @@ class ServeStatus:
     images_refused: int = 0
     last_learn: LearnRecord | None = None
     auto_accept_share: float | None = None
+    accept_refused: str | None = None  # why accept would refuse, when it would
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -468,6 +469,18 @@ class Backend:
             (result,) = audit(self.db, name, target_precision=self.target_precision)
         except LabelAssistError:
             return None
+        from ..accept import review_sample_bias
+        from ..reviews import load_reviews
+
+        with self.db.read() as s:
+            version = s.scalars(select(ModelVersion).where(ModelVersion.name == name)).one()
+        bias = review_sample_bias(self.db, version, load_reviews(self.db))
+        self.status.accept_refused = None
+        if bias and bias["biased"]:  # accept would refuse these thresholds
+            self.status.accept_refused = (
+                f"reviews are not a fair sample of the rest (zero-shot margin AUC "
+                f"{bias['auc']:.2f}): review some tasks at random")
+            return 0.0
         with self.db.read() as s:
             counts = dict(s.execute(select(Prediction.label, func.count())
                                     .join(ModelVersion)
