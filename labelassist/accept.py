@@ -48,16 +48,8 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
     (result,) = audit(db, version.name, target_precision=target_precision,
                       min_support=min_support, policy=policy)
     reviews = load_reviews(db, policy)
-    bias = review_sample_bias(db, version, reviews)
-    if bias and bias["biased"] and not allow_biased_sample:
-        raise ConfigError(
-            f"the {bias['reviewed']:,} reviewed images are not a fair sample of the "
-            f"{bias['unreviewed']:,} others: their zero-shot margins rank "
-            f"{'below' if bias['auc'] < 0.5 else 'above'} the others' (AUC {bias['auc']:.2f}, "
-            f"p = {bias['p_value']:.0e}), as when tasks are reviewed in uncertainty order. "
-            "Thresholds set from such reviews can fail on the rest (in "
-            "benchmarks/session.py they held 80% precision where 99% was asked). Review a "
-            "random sample too (push --order random), or pass --allow-biased-sample")
+    if not allow_biased_sample:
+        require_fair_sample(db, version, reviews)
     summary = AcceptSummary(version.name)
     for cls, t in result.thresholds["per_class"].items():
         summary.thresholds[cls] = t["threshold"]
@@ -86,6 +78,21 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
         with db.write() as s:
             insert_ignoring_duplicates(s, AutoAccept, rows)
         summary.accepted.update(r["label"] for r in rows)
+
+
+def require_fair_sample(db: Database, version: ModelVersion, reviews) -> None:
+    """Refuse to trust thresholds (accept, export --include-auto) set from reviews that the
+    model chose: they can fail on the rest."""
+    bias = review_sample_bias(db, version, reviews)
+    if bias and bias["biased"]:
+        raise ConfigError(
+            f"the {bias['reviewed']:,} reviewed images are not a fair sample of the "
+            f"{bias['unreviewed']:,} others: their zero-shot margins rank "
+            f"{'below' if bias['auc'] < 0.5 else 'above'} the others' (AUC {bias['auc']:.2f}, "
+            f"p = {bias['p_value']:.0e}), as when tasks are reviewed in uncertainty order. "
+            "Thresholds set from such reviews can fail on the rest (in "
+            "benchmarks/session.py they held 80% precision where 99% was asked). Review a "
+            "random sample too (push --order random), or pass --allow-biased-sample")
 
 
 def review_sample_bias(db: Database, version: ModelVersion, reviews) -> dict | None:

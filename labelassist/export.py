@@ -128,11 +128,15 @@ class _Plan:
 
 
 def plan_export(db: Database, *, include_auto: bool, version: str | None, policy: str,
-                target_precision: float, min_support: int) -> _Plan:
+                target_precision: float, min_support: int,
+                allow_biased_sample: bool = False) -> _Plan:
+    from .accept import require_fair_sample
     from .queries import resolve_version
 
     reviews = load_reviews(db, policy)
     chosen = resolve_version(db, version)
+    if include_auto and not allow_biased_sample:
+        require_fair_sample(db, chosen, reviews)  # before anything is written
     with db.read() as s:
         versions = s.execute(select(ModelVersion.id, ModelVersion.name,
                                     ModelVersion.label_set)).all()
@@ -225,7 +229,8 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
            split: str = "0.8,0.1,0.1", seed: int = 0, link: str = "copy",
            policy: str = "majority", version: str | None = None,
            target_precision: float = 0.99, min_support: int = 30, overwrite: bool = False,
-           on_progress: Progress | None = None) -> ExportSummary:
+           on_progress: Progress | None = None,
+           allow_biased_sample: bool = False) -> ExportSummary:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: use {', '.join(FORMATS)}")
     if link not in LINKS:
@@ -235,7 +240,8 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
     fractions = parse_split(split)
     summary = ExportSummary(out, fmt)
     plan = plan_export(db, include_auto=include_auto, version=version, policy=policy,
-                       target_precision=target_precision, min_support=min_support)
+                       target_precision=target_precision, min_support=min_support,
+                       allow_biased_sample=allow_biased_sample)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:

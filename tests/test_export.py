@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import labelassist.export as E
 from labelassist.cli import app
+from labelassist.errors import ConfigError
 from labelassist.config import parse_label_text
 from labelassist.db.models import Image, ModelVersion, Prediction
 from labelassist.errors import ExportError
@@ -161,8 +162,13 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
     for label in ("cat", "dog"):  # the threshold sits at the lowest confirmed confidence
         assert result.thresholds["per_class"][label]["threshold"] is not None
 
+    # The middle of the range was reviewed on purpose: not a fair sample, and said so
+    with pytest.raises(ConfigError, match="not a fair sample"):
+        E.export(db, tmp_path / "refused", "jsonl", include_auto=True,
+                 target_precision=0.99, min_support=2)
+    assert not (tmp_path / "refused").exists()
     summary = E.export(db, tmp_path / "out", "jsonl", include_auto=True,
-                       target_precision=0.99, min_support=2)
+                       target_precision=0.99, min_support=2, allow_biased_sample=True)
 
     expected = {p.image_id: p for label in top for p in top[label]}
     assert len(expected) >= 6
@@ -179,10 +185,11 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
     assert shas[lowest["cat"].image_id] not in {r["sha256"] for r in manifest(tmp_path / "out")}
 
     # accept records the same trust; the export then carries it without re-auditing
-    accepted = accept_trusted(db, version, target_precision=0.99, min_support=2)
+    accepted = accept_trusted(db, version, target_precision=0.99, min_support=2,
+                              allow_biased_sample=True)
     assert sum(accepted.accepted.values()) == len(expected)
     again = E.export(db, tmp_path / "again", "jsonl", include_auto=True,
-                     target_precision=0.99, min_support=2)
+                     target_precision=0.99, min_support=2, allow_biased_sample=True)
     assert again.per_source == summary.per_source
 
 

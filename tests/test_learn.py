@@ -304,7 +304,7 @@ def test_sample_bias_agrees_with_scipy_and_scikit_learn():
 
 
 def test_accept_refuses_thresholds_from_reviews_chosen_by_uncertainty(toy_workspace, db_url,
-                                                                      toy_model_dir):
+                                                                      tmp_path):
     """Reviews in uncertainty order, then learn: the audit's thresholds look fine on them
     and fail on the rest. accept says so, and writes nothing, unless told to go on."""
     db, model, _ = toy_workspace
@@ -328,9 +328,18 @@ def test_accept_refuses_thresholds_from_reviews_chosen_by_uncertainty(toy_worksp
     with db.read() as s:
         assert s.scalar(select(func.count()).select_from(AutoAccept)) == 0
 
-    allowed = runner.invoke(app, args + ["--allow-biased-sample"])
+    allowed = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.9",
+                                  "--min-support", "5", "--allow-biased-sample"])
     assert allowed.exit_code == 0, allowed.output
     with db.read() as s:
         taken = s.execute(select(AutoAccept.image_id, AutoAccept.label)).all()
     wrong = sum(label != truth_of(paths[i]) for i, label in taken)
     print(f"\naccepted anyway: {len(taken)}, of which {wrong} wrong")
+
+    refused = runner.invoke(app, ["export", str(tmp_path / "refused"), "--db", db_url,
+                                  "--include-auto", "--min-support", "5"])
+    assert refused.exit_code == 1 and "not a fair sample" in refused.output
+    assert not (tmp_path / "refused").exists()
+    assert runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
+                               "--include-auto", "--min-support", "5",
+                               "--allow-biased-sample"]).exit_code == 0

@@ -131,6 +131,9 @@ def export(
                                                     "class threshold must reach.")] = 0.99,
     min_support: Annotated[int, typer.Option(min=1)] = 30,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT (atomically).")] = False,
+    allow_biased_sample: Annotated[bool, typer.Option(
+        "--allow-biased-sample", help="With --include-auto: trust thresholds even from "
+        "reviews that are not a fair sample of the rest (see accept).")] = False,
 ) -> None:
     """Export the labeled dataset: human-reviewed labels, plus trusted predictions with
     --include-auto. Every row records its provenance (human or auto, annotators,
@@ -145,7 +148,8 @@ def export(
         summary = run_export(open_db(db), out, format, include_auto=include_auto, split=split,
                              seed=seed, link=link, policy=resolve, version=version,
                              target_precision=target_precision, min_support=min_support,
-                             overwrite=overwrite, on_progress=on_progress)
+                             overwrite=overwrite, on_progress=on_progress,
+                             allow_biased_sample=allow_biased_sample)
     splits = sorted({s for c in summary.per_class_split.values() for s in c},
                     key=["train", "validation", "test"].index)
     table = Table("class", *splits, "total")
