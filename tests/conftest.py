@@ -11,61 +11,6 @@ from labelassist.tinymodels import save_random_clip, tiny_clip_config  # noqa: E
 from .imagegen import write_shape_images  # noqa: E402
 
 
-RETRAIN_TEST = "test_training_reproduces_the_shipped_weights"
-
-
-class Retraining:
-    """The toy model trained again from scratch, in a background process at low priority:
-    about 2.5 minutes of CPU, spent while the other tests mostly wait on servers and
-    subprocesses. The test that compares the result with the shipped weights waits for it."""
-
-    def __init__(self):
-        import subprocess
-        import sys
-        import tempfile
-        from pathlib import Path
-
-        self.root = Path(tempfile.mkdtemp(prefix="toy-retrain-"))
-        self.out, self.log = self.root / "model", self.root / "train.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "labelassist.toyworld", "train", str(self.out),
-                 "--retrain"], stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=lambda: os.nice(10))
-
-    def wait(self, timeout: float = 1200):
-        code = self.proc.wait(timeout=timeout)
-        assert code == 0, self.log.read_text()[-3000:]
-        return self.out
-
-    def close(self):
-        import shutil
-
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    if any(item.name == RETRAIN_TEST for item in items):
-        config.toy_retraining = Retraining()  # from the start: it overlaps the others
-
-
-def pytest_unconfigure(config):
-    if getattr(config, "toy_retraining", None) is not None:
-        config.toy_retraining.close()
-
-
-@pytest.fixture
-def toy_retrained(request):
-    """The directory of the toy model trained again, once training has finished."""
-    job = getattr(request.config, "toy_retraining", None)
-    if job is None:
-        job = request.config.toy_retraining = Retraining()
-    return job.wait()
-
-
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP with the real CLIP tokenizer, saved like any user model."""

@@ -121,10 +121,9 @@ def test_a_changed_recipe_never_uses_the_shipped_weights(monkeypatch):
 
 
 @pytest.mark.slow
-def test_training_reproduces_the_shipped_weights(toy_retrained):
+def test_training_reproduces_the_shipped_weights(tmp_path):
     """The shipped weights are the project's own deterministic output: training again
-    (about 3 minutes, in the background from the start of the session: conftest.py)
-    gives them back, to fp16 rounding, and the same metrics. Before
+    (about 2.5 minutes) gives them back, to fp16 rounding, and the same metrics. Before
     training pinned its thread count, two runs in one test session gave weights 0.1 apart
     (a test had changed torch's threads), and suggest's proposal changed with them."""
     import torch
@@ -132,7 +131,8 @@ def test_training_reproduces_the_shipped_weights(toy_retrained):
     from safetensors.torch import load_file
 
     manifest = toyworld.shipped_manifest(1600, 0)
-    trained_dir = toy_retrained  # python -m labelassist.toyworld train DIR --retrain
+    trained_dir = toyworld.train(tmp_path / "trained", steps=1600, seed=0,
+                                 log=lambda message: None)
     trained = load_file(trained_dir / "model.safetensors")
     shipped = load_file(toyworld.SHIPPED / "model.safetensors")
     assert set(trained) <= set(shipped)
