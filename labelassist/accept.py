@@ -38,18 +38,25 @@ class AcceptSummary:
     accepted: Counter = field(default_factory=Counter)
     thresholds: dict[str, float | None] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    unreviewed: int = 0  # the version's predictions of images nobody reviewed (or skipped)
+
+
+class BiasedSample(ConfigError):
+    """The reviews are not a fair sample of the rest: their thresholds are not trusted."""
 
 
 def accept_trusted(db: Database, version_name: str | None = None, *,
                    target_precision: float = 0.99, min_support: int = 30,
-                   policy: str = "majority", allow_biased_sample: bool = False
-                   ) -> AcceptSummary:
+                   policy: str = "majority", allow_biased_sample: bool = False,
+                   write: bool = True) -> AcceptSummary:
+    """Record the unreviewed predictions that clear their class's audited threshold.
+    write=False is a dry run: what accept would take (serve's status)."""
     version = resolve_version(db, version_name)
-    (result,) = audit(db, version.name, target_precision=target_precision,
-                      min_support=min_support, policy=policy)
     reviews = load_reviews(db, policy)
     if not allow_biased_sample:
-        require_fair_sample(db, version, reviews)
+        require_fair_sample(db, version, reviews)  # before the audit: a refusal is cheap
+    (result,) = audit(db, version.name, target_precision=target_precision,
+                      min_support=min_support, policy=policy)
     summary = AcceptSummary(version.name)
     for cls, t in result.thresholds["per_class"].items():
         summary.thresholds[cls] = t["threshold"]
@@ -57,26 +64,27 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
             summary.reasons[cls] = t["reason"]
     reviewed = set(reviews.labels) | reviews.skipped
     trusted = {c: t for c, t in summary.thresholds.items() if t is not None}
-    if not trusted:
-        return summary
     last = 0
     while True:  # in chunks, by id: a million predictions never sit in memory at once
         with db.read() as s:
             chunk = s.execute(select(Prediction.id, Prediction.image_id, Prediction.label,
                                      Prediction.confidence)
                               .where(Prediction.model_version_id == version.id,
-                                     Prediction.id > last, Prediction.label.in_(trusted))
+                                     Prediction.id > last)
                               .order_by(Prediction.id).limit(CHUNK)).all()
         if not chunk:
             return summary
         last = chunk[-1][0]
+        fresh = [row for row in chunk if row[1] not in reviewed]
+        summary.unreviewed += len(fresh)
         rows = [{"image_id": image_id, "model_version_id": version.id, "label": label,
                  "confidence": confidence, "threshold": trusted[label],
                  "target_precision": target_precision, "created_at": utcnow()}
-                for _, image_id, label, confidence in chunk
-                if image_id not in reviewed and confidence >= trusted[label]]
-        with db.write() as s:
-            insert_ignoring_duplicates(s, AutoAccept, rows)
+                for _, image_id, label, confidence in fresh
+                if label in trusted and confidence >= trusted[label]]
+        if write and rows:
+            with db.write() as s:
+                insert_ignoring_duplicates(s, AutoAccept, rows)
         summary.accepted.update(r["label"] for r in rows)
 
 
@@ -85,7 +93,7 @@ def require_fair_sample(db: Database, version: ModelVersion, reviews) -> None:
     model chose: they can fail on the rest."""
     bias = review_sample_bias(db, version, reviews)
     if bias and bias["biased"]:
-        raise ConfigError(
+        raise BiasedSample(
             f"the {bias['reviewed']:,} reviewed images are not a fair sample of the "
             f"{bias['unreviewed']:,} others: their zero-shot margins rank "
             f"{'below' if bias['auc'] < 0.5 else 'above'} the others' (AUC {bias['auc']:.2f}, "

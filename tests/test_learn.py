@@ -232,20 +232,27 @@ def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_di
     assert bad.exit_code == 1 and "--resolve 'loudest'" in bad.output
 
 
+def images_of_the_base_version(db, order_by):
+    """The zero-shot version, its images in the given order, and their paths."""
+    from labelassist.queries import first_paths
+
+    base = resolve_version(db, None)
+    with db.read() as s:
+        order = list(s.scalars(select(Prediction.image_id).where(
+            Prediction.model_version_id == base.id).order_by(order_by, Prediction.image_id)))
+        paths = first_paths(s, order)
+    return base, order, paths
+
+
 def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(toy_workspace):
     """A session in random order, learning every 20 reviews: each version's accuracy
     on the images reviewed later equals the toy world's own truth, and its auto-accept
     share uses only earlier reviews (wrong later labels change accuracy, never the share)."""
     from labelassist.db.models import Annotation
-    from labelassist.queries import first_paths
     from labelassist.session import session_sections
 
     db, model, _ = toy_workspace
-    base = resolve_version(db, None)
-    with db.read() as s:
-        order = s.scalars(select(Prediction.image_id).where(
-            Prediction.model_version_id == base.id).order_by(Prediction.image_id)).all()
-        paths = first_paths(s, order)
+    base, order, paths = images_of_the_base_version(db, Prediction.image_id)
     random.Random(1).shuffle(order)  # reviewers take tasks in random order
     for n, image_id in enumerate(order[:60]):
         add_annotation(db, image_id, truth_of(paths[image_id]), n=n + 1)
@@ -308,13 +315,7 @@ def test_accept_refuses_thresholds_from_reviews_chosen_by_uncertainty(toy_worksp
     """Reviews in uncertainty order, then learn: the audit's thresholds look fine on them
     and fail on the rest. accept says so, and writes nothing, unless told to go on."""
     db, model, _ = toy_workspace
-    base = resolve_version(db, None)
-    from labelassist.queries import first_paths
-
-    with db.read() as s:
-        order = s.scalars(select(Prediction.image_id).where(
-            Prediction.model_version_id == base.id).order_by(Prediction.margin)).all()
-        paths = first_paths(s, order)
+    base, order, paths = images_of_the_base_version(db, Prediction.margin)  # least sure first
     for n, image_id in enumerate(order[:60]):
         add_annotation(db, image_id, truth_of(paths[image_id]), n=n)
     L.learn(db, model, base)

@@ -119,7 +119,9 @@ def make_app(backend: Backend, secret: str) -> Starlette:
         return {"results": results, "model_version": backend.status.model_version or ""}
 
     async def webhook(request: Request):
-        queued = backend.event(await read_json(request))
+        # A ledger write: in the thread pool, so a busy database never stalls the event
+        # loop (and with it /health, which Label Studio gives 1 s)
+        queued = await run_in_threadpool(backend.event, await read_json(request))
         return {"status": "ok", "tasks_queued": queued}
 
     async def train(request: Request):

@@ -459,41 +459,23 @@ class Backend:
         self.status.model_version = name
 
     def auto_accept_share(self) -> float | None:
-        """The share of this version's unreviewed predictions that `accept` would take."""
-        from ..audit import audit
+        """The share of this version's unreviewed predictions that `accept` would take: its
+        own dry run. 0 when accept would refuse the reviews (and status says why)."""
+        from ..accept import BiasedSample, accept_trusted
 
         name = self.status.model_version
         if name is None:
             return None
-        try:
-            (result,) = audit(self.db, name, target_precision=self.target_precision)
-        except LabelAssistError:
-            return None
-        from ..accept import review_sample_bias
-        from ..reviews import load_reviews
-
-        with self.db.read() as s:
-            version = s.scalars(select(ModelVersion).where(ModelVersion.name == name)).one()
-        bias = review_sample_bias(self.db, version, load_reviews(self.db))
         self.status.accept_refused = None
-        if bias and bias["biased"]:  # accept would refuse these thresholds
-            self.status.accept_refused = (
-                f"reviews are not a fair sample of the rest (zero-shot margin AUC "
-                f"{bias['auc']:.2f}): review some tasks at random")
+        try:
+            would = accept_trusted(self.db, name, target_precision=self.target_precision,
+                                   write=False)
+        except BiasedSample as exc:
+            self.status.accept_refused = str(exc)
             return 0.0
-        with self.db.read() as s:
-            counts = dict(s.execute(select(Prediction.label, func.count())
-                                    .join(ModelVersion)
-                                    .where(ModelVersion.name == name)
-                                    .group_by(Prediction.label)).all())
-            reviewed = s.scalar(select(func.count(func.distinct(Annotation.image_id))).where(
-                Annotation.deleted_at.is_(None)))
-        total = sum(counts.values())
-        if not total:
+        except LabelAssistError:  # no reviews of this version yet
             return None
-        trusted = sum(t["coverage"] * counts.get(c, 0)
-                      for c, t in result.thresholds["per_class"].items())
-        return max(0.0, min(1.0, trusted / max(total - reviewed, 1)))
+        return sum(would.accepted.values()) / would.unreviewed if would.unreviewed else None
 
     def _note(self, message: str) -> None:
         self.log(message)
