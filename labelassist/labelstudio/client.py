@@ -3,6 +3,7 @@ one clear line for every failure a user can fix. The token lives only in memory.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -129,10 +130,17 @@ class LabelStudioClient:
 
     def get_json(self, path: str, what: str, **params):
         def get():
-            response = self.http.get(path, params=params)
-            response.raise_for_status()
+            # The body is read into bytes of our own, never kept on the response: httpx's
+            # response and its stream refer to each other, so a body kept there lives
+            # until the cyclic collector runs, which in a process holding torch's objects
+            # can be many pages later (pull's memory grew with the project).
+            with self.http.stream("GET", path, params=params) as response:
+                if not response.is_success:
+                    response.read()  # an error's body goes into its message: keep it
+                    response.raise_for_status()
+                body = b"".join(response.iter_bytes())
             try:
-                return response.json()
+                return json.loads(body)
             except ValueError:
                 kind = response.headers.get("content-type", "no content type").split(";")[0]
                 raise NotJSON(f"{self.conn.url}{path} answered {response.status_code} with "

@@ -124,6 +124,12 @@ def _store_annotations(db: Database, project: LSProject, tasks: list[dict], user
                        [t["id"] for t in tasks], scalars=True)}
         for name, vid in s.execute(select(ModelVersion.name, ModelVersion.id)):
             versions_by_name[name] = vid
+        # The page's stored annotations in one query per chunk, not one per task
+        stored_by_image: dict[int, dict] = {}
+        for row in rows_in_chunks(s, lambda chunk: select(Annotation).where(
+                Annotation.project_id == project.id, Annotation.image_id.in_(chunk)),
+                [t.image_id for t in local_tasks.values()], scalars=True):
+            stored_by_image.setdefault(row.image_id, {})[row.ls_annotation_id] = row
         for task in tasks:
             summary.tasks_seen += 1
             local = local_tasks.get(task["id"])
@@ -131,8 +137,7 @@ def _store_annotations(db: Database, project: LSProject, tasks: list[dict], user
                 summary.unknown_tasks += 1  # made in Label Studio by hand: not ours to audit
                 continue
             predictions = {p["id"]: p for p in task.get("predictions", [])}
-            stored = {a.ls_annotation_id: a for a in s.scalars(select(Annotation).where(
-                Annotation.project_id == project.id, Annotation.image_id == local.image_id))}
+            stored = stored_by_image.get(local.image_id, {})
             seen = set()
             for remote in task.get("annotations", []):
                 seen.add(remote["id"])
