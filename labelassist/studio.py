@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from .errors import LabelStudioError
+from .errors import ConfigError, LabelStudioError
 
 # Label Studio reads these bare names into its settings: never pass ours through.
 LEAKY_ENV = ("PORT", "HOST", "USERNAME", "PASSWORD", "DEBUG")
@@ -66,6 +66,9 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
                  password: str | None = None, log_file: Path | None = None,
                  timeout: float = 180) -> Studio:
     """Start `label-studio` on 127.0.0.1:port and wait until /health/ answers UP."""
+    if not root.is_dir():  # it would serve nothing, and every pushed image would be broken
+        raise ConfigError(f"--root {root} is not a folder: give the folder that your image "
+                          "folders live below")
     exe = shutil.which("label-studio")
     if exe is None:
         raise LabelStudioError("label-studio is not installed: pip install 'labelassist[studio]'")

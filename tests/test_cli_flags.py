@@ -290,6 +290,16 @@ def test_ingest_of_one_named_file_that_is_no_image_is_an_error(tmp_path):
     assert_one_line_error(result, f"{text} is not an image")
 
 
+def test_studio_refuses_a_root_that_is_no_folder_before_it_starts_anything(tmp_path):
+    """A typo in --root started Label Studio serving nothing: every image of every pushed
+    task was then broken in the browser, with no word about why."""
+    data = tmp_path / "data"
+    result = invoke("studio", "--root", tmp_path / "datsets", "--data-dir", data,
+                    "--port", "9")
+    assert_one_line_error(result, f"--root {tmp_path / 'datsets'} is not a folder")
+    assert not data.exists()  # no Label Studio data made, nothing started
+
+
 @pytest.mark.parametrize("offline", [False, True])
 def test_a_hub_model_that_cannot_be_had_is_one_honest_line(tmp_path, offline):
     """No hub here: a hub id that is not cached fails at once and in one line, and the

@@ -371,44 +371,6 @@ def test_worker_push_sends_new_predictions_as_it_goes(db_url, db, tiny_clip_dir,
     assert len(list_remote_tasks(client, project.id)) == 12
 
 
-@pytest.mark.slow
-def test_studio_command_starts_a_wired_server_and_stops_on_sigterm(tmp_path):
-    """`labelassist studio` as a user runs it: its own port, root and data folder; the
-    lines it prints are enough to connect; SIGTERM stops the server it started."""
-    import signal
-    import subprocess
-    import sys
-
-    from labelassist.studio import free_port
-
-    port, root, data = free_port(), tmp_path / "root", tmp_path / "data"
-    root.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "labelassist.cli", "studio", "--port",
-                             str(port), "--root", str(root), "--data-dir", str(data)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        lines = {}
-        for line in proc.stdout:  # ends only if it dies; the first start takes ~40 s
-            if line.startswith("export "):
-                name, value = line[len("export "):].strip().split("=", 1)
-                lines[name] = value
-            if "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in lines:
-                break
-        assert lines.get("LABEL_STUDIO_URL") == f"http://127.0.0.1:{port}", proc.stderr.read()
-        assert lines["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(root.resolve())
-        client = LabelStudioClient(Connection(lines["LABEL_STUDIO_URL"],
-                                              lines["LABEL_STUDIO_API_KEY"]), retries=1)
-        assert client.check_server()
-        assert any(data.iterdir())  # its database lives in --data-dir
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
-        with pytest.raises(LabelStudioError, match="cannot reach"):
-            client.check_server()
-    finally:
-        stop_studio_command(proc)
-
-
 def stop_studio_command(proc) -> None:
     """SIGTERM first, so `labelassist studio` stops the Label Studio it started (in a
     session of its own, which a SIGKILL of the command's group would leave running)."""
@@ -427,7 +389,9 @@ def stop_studio_command(proc) -> None:
 @pytest.mark.slow
 def test_studio_in_a_workspace_records_itself_so_push_needs_no_flags(tmp_path, tiny_clip_dir,
                                                                      labels_file):
-    """The newcomer's path: init, run, studio, push, with no flag and no exported line."""
+    """The newcomer's path: init, run, studio, push, with no flag and no exported line.
+    And `labelassist studio` as a user runs it: its own port and data folder, the lines
+    it prints are enough to connect, and SIGTERM stops the server it started."""
     import os
     import signal
     import subprocess
@@ -458,10 +422,19 @@ def test_studio_in_a_workspace_records_itself_so_push_needs_no_flags(tmp_path, t
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        for line in proc.stdout:  # ends only if it dies
-            if line.startswith("export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="):
-                assert line.strip().endswith(f"={ws.resolve()}")  # the workspace's root
+        lines = {}
+        for line in proc.stdout:  # ends only if it dies; the first start takes ~40 s
+            if line.startswith("export "):
+                name, value = line[len("export "):].strip().split("=", 1)
+                lines[name] = value
+            if "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in lines:
                 break
+        assert lines.get("LABEL_STUDIO_URL") == f"http://127.0.0.1:{port}", proc.stderr.read()
+        assert lines["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(ws.resolve())
+        client = LabelStudioClient(Connection(lines["LABEL_STUDIO_URL"],
+                                              lines["LABEL_STUDIO_API_KEY"]), retries=1)
+        assert client.check_server()
+        assert (data / "label_studio.sqlite3").exists()  # its database lives in --data-dir
         recorded = (ws / "labelassist.toml").read_text()
         assert f'ls_url = "http://127.0.0.1:{port}"' in recorded
         token = next(line for line in (data / "labelassist-token").read_text().splitlines())
@@ -473,6 +446,8 @@ def test_studio_in_a_workspace_records_itself_so_push_needs_no_flags(tmp_path, t
         assert "6 tasks created" in pushed.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+        with pytest.raises(LabelStudioError, match="cannot reach"):
+            client.check_server()
     finally:
         stop_studio_command(proc)
 
