@@ -43,7 +43,12 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 POOL = 8192  # pre-rendered training pictures
 TRAIN_THREADS = 2  # torch threads while training: fixed, so the weights are reproducible
-RECIPE_VERSION = 5  # bump when anything below changes what training produces
+# Pictures of no class, as any real folder has: a real CLIP has seen noise and pages of
+# text with captions that say so, and keeps them away from "a photo of a red thing".
+JUNK = ("noise", "text")
+JUNK_POOL = 512  # pre-rendered junk pictures, half of each kind
+JUNK_SHARE = 0.08  # of each training batch
+RECIPE_VERSION = 6  # bump when anything below changes what training produces
 # The trained weights, shipped so that nobody waits for training: python -m
 # labelassist.toyworld ship (re)writes them, and a test checks that training reproduces them.
 SHIPPED = Path(__file__).parent / "data" / "toyworld"
@@ -76,6 +81,27 @@ def render(colour: str, shape: str, rng: random.Random, size: int = SIZE) -> Ima
     return img
 
 
+def render_junk(kind: str, rng: random.Random, size: int = SIZE) -> Image.Image:
+    """A picture of no colour-shape class: pixel noise, or a page of letter-like strokes."""
+    if kind == "noise":
+        pixels = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 256, (size, size, 3))
+        return Image.fromarray(pixels.astype(np.uint8))
+    page, ink = rng.randrange(185, 256), rng.randrange(0, 80)
+    img = Image.new("RGB", (size, size), (page, page, page))
+    draw = ImageDraw.Draw(img)
+    y = rng.randrange(1, 4)
+    while y < size - 4:  # lines of letters: one or two strokes in a small cell each
+        x = rng.randrange(1, 4)
+        while x < size - 3:
+            w = rng.randrange(2, 4)
+            for _ in range(rng.randrange(1, 3)):
+                draw.line([(x + rng.randrange(w), y + rng.randrange(4)),
+                           (x + rng.randrange(w), y + rng.randrange(4))], fill=(ink, ink, ink))
+            x += w + rng.randrange(1, 3)
+        y += rng.randrange(5, 8)
+    return img
+
+
 def combos(held_out: bool) -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in HELD_OUT) == held_out]
 
@@ -97,6 +123,20 @@ def write_images(root: str | Path, count: int, seed: int = 0, held_out_only: boo
     return out
 
 
+def write_junk(root: str | Path, count: int, seed: int = 0, size: int = 128) -> list[Path]:
+    """A folder of pictures of no class: noise_<n>.png and text_<n>.png, alternately."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"junk-{seed}")
+    out = []
+    for n in range(count):
+        kind = JUNK[n % len(JUNK)]
+        path = root / f"{kind}_{seed}_{n:05d}.png"
+        render_junk(kind, rng).resize((size, size), Image.Resampling.NEAREST).save(path)
+        out.append(path)
+    return out
+
+
 @dataclass(frozen=True)
 class Caption:
     text: str
@@ -112,6 +152,8 @@ def training_captions() -> list[Caption]:
     caps += [Caption(f"a {c} {s}", c, s) for c, s in combos(False)]
     caps += [Caption(f"a photo of a {c} thing.", c, None) for c in COLOURS]
     caps += [Caption(f"a photo of a {s}.", None, s) for s in SHAPES]
+    caps += [Caption("a photo of noise.", "noise", "junk"), Caption("a page of text.", "text",
+                                                                     "junk")]
     return caps
 
 
@@ -127,7 +169,7 @@ def model_config():
 
 
 RECIPE_PARTS = {
-    "labelassist.toyworld": ("render", "combos", "Caption", "training_captions", "model_config",
+    "labelassist.toyworld": ("render", "render_junk", "combos", "Caption", "training_captions", "model_config",
                              "_to_tensor", "_pick_caption", "train", "_train", "_soft_ce"),
     "labelassist.tinymodels": ("save_clip_tokenizer", "_bpe_lines", "_bytes_to_unicode"),
 }
@@ -150,7 +192,7 @@ def recipe_code() -> str:
         code += [defs[name] for name in names]
     text = json.dumps([RECIPE_VERSION, code,
                        [COLOURS, SHAPES, sorted(HELD_OUT), SIZE, MEAN, STD, POOL,
-                        TRAIN_THREADS, tinymodels.N_MERGES]])
+                        TRAIN_THREADS, JUNK, JUNK_POOL, JUNK_SHARE, tinymodels.N_MERGES]])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -173,7 +215,10 @@ def _to_tensor(images: list[Image.Image]):
 
 
 def _pick_caption(caps: list[Caption], colour: str, shape: str, rng: random.Random) -> int:
-    """Shape-only captions are drawn most: colour is easy to learn and would dominate."""
+    """Shape-only captions are drawn most: colour is easy to learn and would dominate.
+    A junk picture has one caption, its kind's."""
+    if shape == "junk":
+        return next(i for i, cap in enumerate(caps) if (cap.colour, cap.shape) == (colour, shape))
     kind = rng.choices(("shape", "colour", "both"), weights=(0.4, 0.15, 0.45))[0]
     want = {"shape": (None, shape), "colour": (colour, None)}.get(kind)
     options = [i for i, cap in enumerate(caps) if cap.matches(colour, shape)
@@ -217,10 +262,13 @@ def _train(out: Path, steps: int, batch: int, seed: int, log) -> Path:
     train_pairs = combos(False)
     started = time.time()
     pool_pairs = [train_pairs[n % len(train_pairs)] for n in range(POOL)]
-    pool = _to_tensor([render(c, s, rng) for c, s in pool_pairs])
+    pool_pairs += [(JUNK[n % len(JUNK)], "junk") for n in range(JUNK_POOL)]
+    pool = _to_tensor([render(c, s, rng) if s != "junk" else render_junk(c, rng)
+                       for c, s in pool_pairs])
     model.train()
     for step in range(steps):
-        picks = [rng.randrange(POOL) for _ in range(batch)]
+        picks = [rng.randrange(POOL) if rng.random() >= JUNK_SHARE
+                 else POOL + rng.randrange(JUNK_POOL) for _ in range(batch)]
         pairs = [pool_pairs[i] for i in picks]
         pixels = pool[picks]
         if rng.random() < 0.5:
