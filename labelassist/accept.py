@@ -12,13 +12,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from sqlalchemy import select
+from sqlalchemy.orm import aliased
 
 from .audit import audit
 from .db import Database, insert_ignoring_duplicates
 from .db.models import AutoAccept, ModelVersion, Prediction, utcnow
 from .errors import ConfigError
+from .outofset import base_version, class_bars, flagged
 from .queries import resolve_version
 from .reviews import load_reviews
 
@@ -39,6 +40,7 @@ class AcceptSummary:
     thresholds: dict[str, float | None] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     unreviewed: int = 0  # the version's predictions of images nobody reviewed (or skipped)
+    out_of_set: int = 0  # unreviewed images that match no class well: never accepted
 
 
 class BiasedSample(ConfigError):
@@ -64,11 +66,16 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
             summary.reasons[cls] = t["reason"]
     reviewed = set(reviews.labels) | reviews.skipped
     trusted = {c: t for c, t in summary.thresholds.items() if t is not None}
+    bars = class_bars(db, version, reviews)
+    base = aliased(Prediction)  # the zero-shot prediction whose similarity flags the image
+    base_id = base_version(db, version).id
     last = 0
     while True:  # in chunks, by id: a million predictions never sit in memory at once
         with db.read() as s:
             chunk = s.execute(select(Prediction.id, Prediction.image_id, Prediction.label,
-                                     Prediction.confidence)
+                                     Prediction.confidence, base.label, base.similarity)
+                              .outerjoin(base, (base.image_id == Prediction.image_id)
+                                         & (base.model_version_id == base_id))
                               .where(Prediction.model_version_id == version.id,
                                      Prediction.id > last)
                               .order_by(Prediction.id).limit(CHUNK)).all()
@@ -77,11 +84,13 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
         last = chunk[-1][0]
         fresh = [row for row in chunk if row[1] not in reviewed]
         summary.unreviewed += len(fresh)
+        odd = {row[1] for row in fresh if flagged(row[4], row[5], bars)}
+        summary.out_of_set += len(odd)
         rows = [{"image_id": image_id, "model_version_id": version.id, "label": label,
                  "confidence": confidence, "threshold": trusted[label],
                  "target_precision": target_precision, "created_at": utcnow()}
-                for _, image_id, label, confidence in fresh
-                if label in trusted and confidence >= trusted[label]]
+                for _, image_id, label, confidence, _, _ in fresh
+                if label in trusted and confidence >= trusted[label] and image_id not in odd]
         if write and rows:
             with db.write() as s:
                 insert_ignoring_duplicates(s, AutoAccept, rows)

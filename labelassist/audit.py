@@ -220,16 +220,18 @@ def audit_version(db: Database, version: ModelVersion, reviews, target: float,
 
 
 def class_confidences(db: Database, version_id: int, classes: list[str],
-                      chunk: int = 10_000) -> dict[str, np.ndarray]:
-    """Per class, the sorted confidences of all its predictions (reviewed or not), read a
-    chunk at a time: 8 bytes a prediction, not a Python row each."""
+                      chunk: int = 10_000, column=Prediction.confidence
+                      ) -> dict[str, np.ndarray]:
+    """Per class, the sorted confidences (or another column: outofset reads similarity) of
+    all its predictions, reviewed or not, nulls left out, read a chunk at a time: 8 bytes
+    a prediction, not a Python row each."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in classes}
     last = 0
     while True:
         with db.read() as s:
-            rows = s.execute(select(Prediction.id, Prediction.label, Prediction.confidence)
+            rows = s.execute(select(Prediction.id, Prediction.label, column)
                              .where(Prediction.model_version_id == version_id,
-                                    Prediction.id > last)
+                                    Prediction.id > last, column.is_not(None))
                              .order_by(Prediction.id).limit(chunk)).all()
         if not rows:
             break

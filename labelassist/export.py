@@ -35,6 +35,7 @@ from .claims import pid_alive
 from .db import Database
 from .db.models import AutoAccept, File, Image, ModelVersion, Prediction
 from .errors import ConfigError, ExportError
+from .outofset import OTHER, base_version, class_bars, flagged
 from .queries import first_files
 from .reviews import load_reviews
 
@@ -125,6 +126,8 @@ class _Plan:
     reviews: object  # reviews.Reviews
     thresholds: dict[str, float] | None  # None: unreviewed predictions stay out
     labels: frozenset[str]
+    base_id: int  # the zero-shot version whose similarities flag images out of set
+    bars: dict  # outofset.class_bars: flagged images are never exported as "auto"
 
 
 def plan_export(db: Database, *, include_auto: bool, version: str | None, policy: str,
@@ -141,11 +144,13 @@ def plan_export(db: Database, *, include_auto: bool, version: str | None, policy
         versions = s.execute(select(ModelVersion.id, ModelVersion.name,
                                     ModelVersion.label_set)).all()
     classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
-    labels = frozenset(classes | {h.label for h in reviews.labels.values()})
+    labels = frozenset(classes | {h.label for h in reviews.labels.values()
+                                  if h.label != OTHER or OTHER in classes})
     thresholds = trust_thresholds(db, chosen.name, target_precision, min_support) \
         if include_auto else None
+    bars = class_bars(db, chosen, reviews) if include_auto else {}
     return _Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
-                 thresholds, labels)
+                 thresholds, labels, base_version(db, chosen).id, bars)
 
 
 def trust_thresholds(db: Database, version: str, target_precision: float,
@@ -188,10 +193,16 @@ def iter_rows(db: Database, plan: _Plan, summary: ExportSummary,
                 s.execute(select(AutoAccept.image_id, AutoAccept.label, AutoAccept.confidence,
                                  AutoAccept.model_version_id).where(
                     AutoAccept.image_id.in_(ids)).order_by(AutoAccept.id))}
+            odd = set() if plan.thresholds is None else {
+                i for i, label, similarity in s.execute(
+                    select(Prediction.image_id, Prediction.label, Prediction.similarity).where(
+                        Prediction.model_version_id == plan.base_id,
+                        Prediction.image_id.in_(ids)))
+                if flagged(label, similarity, plan.bars)}
             files = first_files(s, ids)
         for image_id, sha, error in images:
             row = _row_of(plan, image_id, sha, preds.get(image_id), accepted.get(image_id),
-                          summary)
+                          summary, image_id in odd)
             if row is None:
                 continue
             if error is not None or image_id not in files:
@@ -205,14 +216,20 @@ def iter_rows(db: Database, plan: _Plan, summary: ExportSummary,
 
 
 def _row_of(plan: _Plan, image_id: int, sha: str, pred, accepted,
-            summary: ExportSummary) -> Row | None:
+            summary: ExportSummary, out_of_set: bool = False) -> Row | None:
     """The image's row (without its file), or None with the reason counted."""
     human = plan.reviews.labels.get(image_id)
+    if human is not None and human.label not in plan.labels:
+        summary.excluded[f"reviewed as {OTHER!r} (none of the classes)"] += 1
+        return None
     if human is not None:
         return Row(image_id, sha, "", human.label, "human", human.annotators,
                    plan.version_name if pred else None, pred[1] if pred else None)
     if image_id in plan.reviews.skipped:
         return None  # counted once, up front
+    if plan.thresholds is not None and out_of_set:
+        summary.excluded["unreviewed, matches none of the classes well (out of set)"] += 1
+        return None
     if plan.thresholds is not None:
         if accepted is not None:
             label, confidence, version_name = accepted
@@ -251,8 +268,10 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
             for row in iter_rows(db, plan, summary, on_progress):
                 writer.add(row)
         if not summary.rows:
+            left = "; ".join(f"{n:,} {why}" for why, n in summary.excluded.items() if n)
             raise ExportError("nothing to export: no reviewed images yet (push, review, "
-                              "pull), or --include-auto with trusted predictions")
+                              "pull), or --include-auto with trusted predictions"
+                              + (f". Left out: {left}" if left else ""))
         _swap_into_place(tmp, out)
     except OSError as exc:
         raise ExportError(f"export failed, {out} was left untouched: {exc}") from None

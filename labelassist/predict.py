@@ -201,7 +201,7 @@ class _Run:
             paths.setdefault(image_id, []).append((raw or path, size, mtime))
         return paths
 
-    def write_batch(self, batch: Batch, vectors: torch.Tensor | None, probs: torch.Tensor | None,
+    def write_batch(self, batch: Batch, vectors: torch.Tensor | None, probs: tuple | None,
                     *, store_embeddings: bool) -> None:
         started = time.perf_counter()
         retrying(self.db, self._write_batch_once, batch, vectors, probs,
@@ -218,13 +218,14 @@ class _Run:
         self.progress()
 
     def _write_batch_once(self, batch: Batch, vectors: torch.Tensor | None,
-                          probs: torch.Tensor | None, *, store_embeddings: bool) -> None:
-        """One transaction: embeddings, predictions, failures, and the claims released."""
+                          probs: tuple | None, *, store_embeddings: bool) -> None:
+        """One transaction: embeddings, predictions, failures, and the claims released.
+        probs: (probabilities, similarities) of the batch's images."""
         version, ids = self.version, batch.ids
         now = utcnow()
         with self.db.write() as session:
             if ids:
-                preds = to_predictions(probs, self.classifier.class_names)
+                preds = to_predictions(probs[0], self.classifier.class_names, probs[1])
                 if store_embeddings:
                     array = vectors.numpy().astype(np.float32, copy=False)
                     insert_ignoring_duplicates(session, Embedding, [
@@ -233,7 +234,7 @@ class _Run:
                 insert_ignoring_duplicates(session, Prediction, [
                     {"image_id": i, "model_version_id": version.id, "label": p.label,
                      "confidence": p.confidence, "margin": p.margin, "scores": p.scores,
-                     "created_at": now} for i, p in zip(ids, preds)])
+                     "similarity": p.similarity, "created_at": now} for i, p in zip(ids, preds)])
             final = [(i, e) for i, e in batch.bad if e.final]
             for image_id, error in final:
                 session.execute(update(Image).where(Image.id == image_id)
@@ -255,7 +256,9 @@ class _Writer:
 
     def submit(self, batch: Batch, vectors: torch.Tensor | None, *,
                store_embeddings: bool) -> None:
-        probs = self.run.classifier.probabilities(vectors) if batch.ids else None
+        classifier = self.run.classifier
+        probs = (classifier.probabilities(vectors), classifier.similarities(vectors)) \
+            if batch.ids else None
         self.pending.append(self.pool.submit(self.run.write_batch, batch, vectors, probs,
                                              store_embeddings=store_embeddings))
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):

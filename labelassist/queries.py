@@ -61,7 +61,7 @@ def first_paths(session, image_ids) -> dict[int, str]:
 
 def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:
     """The prediction record (README, "File formats"): path, sha256, label, confidence,
-    margin, scores, model_version."""
+    margin, scores, model_version, similarity."""
     last_id = 0
     while True:
         with db.read() as session:
@@ -76,5 +76,5 @@ def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -
             yield {"path": paths.get(prediction.image_id), "sha256": sha,
                    "label": prediction.label, "confidence": prediction.confidence,
                    "margin": prediction.margin, "scores": prediction.scores,
-                   "model_version": version.name}
+                   "model_version": version.name, "similarity": prediction.similarity}
         last_id = rows[-1][0].id

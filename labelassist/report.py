@@ -43,25 +43,25 @@ def learning_sections(db) -> list[dict]:
     return sections
 
 
-def report_json(audits: list[VersionAudit], learning: list[dict] | None = None,
-                session: list[dict] | None = None,
-                suggestions: list[dict] | None = None) -> dict:
+# The report's sections beyond the audits, each a list of dicts: what `learn` found, the
+# review session replayed (labelassist.session), what `suggest` found, and the images
+# flagged as matching no class (labelassist.outofset).
+SECTIONS = ("learning", "session", "suggestions", "out_of_set")
+
+
+def report_json(audits: list[VersionAudit], sections: dict[str, list] | None = None) -> dict:
     """The first audit's fields at the top level (the contract), every version in
-    `versions` for comparison, what `learn` found in `learning`, the review session
-    replayed (labelassist.session) in `session`, and what `suggest` found in
-    `suggestions`."""
+    `versions` for comparison, then each of SECTIONS (empty when not given)."""
     primary = audits[0].to_json()
-    return {**primary, "versions": [a.to_json() for a in audits], "learning": learning or [],
-            "session": session or [], "suggestions": suggestions or [],
+    return {**primary, "versions": [a.to_json() for a in audits],
+            **{name: (sections or {}).get(name) or [] for name in SECTIONS},
             "generated_at": datetime.now(timezone.utc).isoformat(),
             "labelassist": __version__}
 
 
 def write_json(audits: list[VersionAudit], path: str | Path,
-               learning: list[dict] | None = None, session: list[dict] | None = None,
-               suggestions: list[dict] | None = None) -> None:
-    text = json.dumps(_finite(report_json(audits, learning, session, suggestions)), indent=2,
-                      ensure_ascii=False)
+               sections: dict[str, list] | None = None) -> None:
+    text = json.dumps(_finite(report_json(audits, sections)), indent=2, ensure_ascii=False)
     if str(path) == "-":
         print(text)
     else:
@@ -79,9 +79,8 @@ def _finite(value):
     return value
 
 
-def render_html(audits: list[VersionAudit], learning: list[dict] | None = None,
-                session: list[dict] | None = None,
-                suggestions: list[dict] | None = None) -> str:
+def render_html(audits: list[VersionAudit], sections: dict[str, list] | None = None) -> str:
+    sections = {name: _finite((sections or {}).get(name) or []) for name in SECTIONS}
     env = Environment(loader=FileSystemLoader(str(resources.files("labelassist._templates"))),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True,
                       lstrip_blocks=True)
@@ -92,21 +91,17 @@ def render_html(audits: list[VersionAudit], learning: list[dict] | None = None,
     template = env.get_template("report.html.j2")
     thumbs = {d["path"]: thumbnail(d["path"]) for a in audits
               for d in a.disagreements[:THUMBNAILS] if d["path"]}
-    thumbs.update({i["path"]: thumbnail(i["path"]) for section in learning or []
+    thumbs.update({i["path"]: thumbnail(i["path"]) for section in sections["learning"]
                    for i in section.get("label_issues", [])[:THUMBNAILS] if i.get("path")})
     return template.render(audits=[_finite(a.to_json()) for a in audits], thumbs=thumbs,
-                           learning=_finite(learning or []),
-                           session=_finite(session or []),
-                           suggestions=_finite(suggestions or []),
-                           accuracy_of={a.model_version: a.accuracy for a in audits},
+                           **sections, accuracy_of={a.model_version: a.accuracy for a in audits},
                            heat=heat_colour, generated=datetime.now(timezone.utc),
                            version=__version__, max_rows=THUMBNAILS)
 
 
 def write_html(audits: list[VersionAudit], path: str | Path,
-               learning: list[dict] | None = None, session: list[dict] | None = None,
-               suggestions: list[dict] | None = None) -> None:
-    _write(path, render_html(audits, learning, session, suggestions), "--html")
+               sections: dict[str, list] | None = None) -> None:
+    _write(path, render_html(audits, sections), "--html")
 
 
 def _write(path: str | Path, text: str, flag: str) -> None:

@@ -380,7 +380,9 @@ def ship(model_dir: str | Path, steps: int, seed: int) -> dict:
     import transformers
     from safetensors.torch import save_file
     from transformers import CLIPModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a log
     model = CLIPModel.from_pretrained(model_dir)
     state = {name: (value.half() if value.is_floating_point() else value).contiguous()
              for name, value in model.state_dict().items()}

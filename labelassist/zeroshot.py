@@ -27,6 +27,7 @@ class Prediction:
     confidence: float
     margin: float  # top-1 minus top-2 class probability: low means "look at me"
     scores: dict[str, float]
+    similarity: float | None = None  # cosine to the closest description (outofset.py)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ class TextClassifier:
                             device=per_description.device)
         return probs.index_add_(1, self.description_class, per_description).cpu()
 
+    @torch.inference_mode()
+    def similarities(self, image_embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B,) cosine of each image to its closest description, on the CPU: how well
+        the best class matches at all (an image of none of the classes matches none)."""
+        if isinstance(image_embeddings, np.ndarray):
+            image_embeddings = torch.from_numpy(image_embeddings)
+        x = image_embeddings.to(self.weights.device, torch.float32)
+        return (x @ self.weights).amax(dim=-1).cpu()
+
 
 def build_text_classifier(model: LoadedModel, label_set: LabelSet) -> TextClassifier:
     """Encode every prompt once; average the templates of each description."""
@@ -69,8 +79,11 @@ def build_text_classifier(model: LoadedModel, label_set: LabelSet) -> TextClassi
     return TextClassifier(names, weights, index, model.logit_scale, model.logit_bias)
 
 
-def to_predictions(probs: torch.Tensor | np.ndarray, class_names: Sequence[str]) -> list[Prediction]:
+def to_predictions(probs: torch.Tensor | np.ndarray, class_names: Sequence[str],
+                   similarities: torch.Tensor | np.ndarray | None = None) -> list[Prediction]:
     probs = np.asarray(probs, dtype=np.float64)
+    sims = [None] * len(probs) if similarities is None else \
+        [float(v) for v in np.asarray(similarities, dtype=np.float64)]
     if probs.shape[1] > 1:
         top2 = np.sort(probs, axis=1)[:, -2:]
         margins = top2[:, 1] - top2[:, 0]
@@ -78,8 +91,8 @@ def to_predictions(probs: torch.Tensor | np.ndarray, class_names: Sequence[str])
         margins = probs[:, 0]
     best = probs.argmax(axis=1)
     return [Prediction(label=class_names[b], confidence=float(row[b]), margin=float(m),
-                       scores={c: float(p) for c, p in zip(class_names, row)})
-            for row, b, m in zip(probs, best, margins)]
+                       scores={c: float(p) for c, p in zip(class_names, row)}, similarity=sim)
+            for row, b, m, sim in zip(probs, best, margins, sims)]
 
 
 class ZeroShotClassifier:
@@ -98,4 +111,5 @@ class ZeroShotClassifier:
         return self.classify_embeddings(self.model.encode_images(pixels))
 
     def classify_embeddings(self, embeddings: torch.Tensor) -> list[Prediction]:
-        return to_predictions(self.text.probabilities(embeddings), self.text.class_names)
+        return to_predictions(self.text.probabilities(embeddings), self.text.class_names,
+                              self.text.similarities(embeddings))

@@ -10,7 +10,7 @@ def columns(db, table):
 
 
 def test_empty_database_upgrades_to_head(db):
-    assert schema_revision(db) == "0006"
+    assert schema_revision(db) == "0007"
     tables = set(inspect(db.engine).get_table_names())
     assert {"images", "files", "model_versions", "embeddings", "predictions", "ls_projects",
             "ls_tasks", "ls_predictions", "annotations", "auto_accepts", "workers",
@@ -21,7 +21,7 @@ def test_empty_database_upgrades_to_head(db):
     assert {"sha256", "size_bytes", "width", "height", "error"} <= columns(db, "images")
     assert {"path", "raw_path", "image_id", "sha256", "size_bytes", "mtime_ns",
             "error"} <= columns(db, "files")
-    assert {"label", "confidence", "margin", "scores", "model_version_id"} <= columns(
+    assert {"label", "confidence", "margin", "scores", "similarity", "model_version_id"} <= columns(
         db, "predictions")
 
 
@@ -36,7 +36,7 @@ def test_older_database_is_upgraded_on_open(db_url):
 
     db = open_database(db_url)
 
-    assert schema_revision(db) == "0006"
+    assert schema_revision(db) == "0007"
     assert {"model_version_id", "image_id", "worker_id", "expires_at"} <= columns(db, "claims")
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT sha256 FROM images")).scalar() == "ab"

@@ -522,3 +522,60 @@ def test_reviews_from_a_real_label_studio_flow_into_audit_learn_accept_and_expor
     right = sum(("warm" if r["path"].rsplit("/", 1)[-1].split("_")[0] in toyworld.WARM
                  else "cool") == r["label"] for r in auto)
     assert right / len(auto) >= 0.9
+
+
+@pytest.mark.slow
+def test_junk_goes_to_reviewers_first_and_their_other_comes_back(db_url, db, toy_model_dir,
+                                                                 ls_env, tmp_path, request):
+    """None of these, through a real Label Studio: the project offers `other`, the junk
+    becomes the first tasks whatever the order, and reviewers' `other` comes back through
+    pull into the report and out of the export."""
+    import json
+
+    from labelassist import toyworld
+    from labelassist.db.models import Prediction
+    from labelassist.outofset import class_bars, flagged
+    from labelassist.queries import first_paths
+
+    photos = ls_env.root / "junky"
+    toyworld.write_images(photos, 40, seed=51)
+    toyworld.write_junk(photos / "zz-junk", 6, seed=52)  # ingested last
+    members = tmp_path / "labels.toml"
+    members.write_text('templates = ["a photo of a {} thing."]\n[classes]\n'
+                       'warm = ["red", "orange", "yellow"]\ncool = ["green", "blue", "purple"]\n')
+    runner = CliRunner()
+    title = request.node.name[:40]
+    assert runner.invoke(app, ["run", str(photos), "--labels", str(members), "--model",
+                               str(toy_model_dir), "--db", db_url]).exit_code == 0
+    pushed = runner.invoke(app, ["push", "--db", db_url, "--project", title, "--order",
+                                 "random"])
+    assert pushed.exit_code == 0 and "46 tasks created" in pushed.output, pushed.output
+
+    client = LabelStudioClient(Connection(ls_env.url, ls_env.token), retries=1)
+    project = next(p for p in client.sdk.projects.list() if p.title == title)
+    assert '<Choice value="other"/>' in client.sdk.projects.get(id=project.id).label_config
+    tasks = sorted(list_remote_tasks(client, project.id), key=lambda t: t["id"])
+    with db.read() as s:
+        rows = s.execute(select(Prediction.image_id, Prediction.label, Prediction.similarity)
+                         ).all()
+        paths = first_paths(s, [r[0] for r in rows])
+    bars = class_bars(db, resolve_version(db))
+    odd = {paths[i] for i, label, sim in rows if flagged(label, sim, bars)}
+    is_odd = [t["data"]["path"] in odd for t in tasks]
+    assert is_odd == sorted(is_odd, reverse=True)  # reviewers meet the flagged ones first
+    junk = [t for t in tasks if "/zz-junk/" in t["data"]["path"]]
+    assert len(junk) == 6 and all(t["data"]["path"] in odd for t in junk)
+    assert len(odd) <= 6 + 2  # and few real pictures among them (here 40)
+    for task in junk:
+        annotate(client, task, "other")
+
+    assert runner.invoke(app, ["pull", "--db", db_url]).exit_code == 0
+    report = runner.invoke(app, ["report", "--db", db_url, "--json", str(tmp_path / "r.json")])
+    assert report.exit_code == 0, report.output
+    (section,) = json.loads((tmp_path / "r.json").read_text())["out_of_set"]
+    assert (section["flagged_reviewed"], section["flagged_reviewed_other"]) == (6, 6)
+    exported = runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
+                                   "--format", "csv"])
+    assert exported.exit_code == 1, exported.output  # six reviews, all "other"
+    assert "nothing to export" in exported.output
+    assert "6 reviewed as 'other' (none of the classes)" in exported.output

@@ -149,7 +149,7 @@ def test_classes_with_quotes_and_tabs_survive_every_push(db, tiny_model, ls_phot
         push(db, client, version, source, title=request.node.name)
     after = client.sdk.projects.get(id=summary.project_id).label_config
     assert after == config
-    assert choice_values(after) == ['say "hi"', "a\tb", "x & <y>"]
+    assert choice_values(after) == ['say "hi"', "a\tb", "x & <y>", "other"]
 
 
 def test_a_customised_config_keeps_its_other_controls(db, tiny_model, ls_photos, client,
@@ -167,7 +167,7 @@ def test_a_customised_config_keeps_its_other_controls(db, tiny_model, ls_photos,
     config = client.sdk.projects.get(id=project.id).label_config
     assert '<TextArea name="notes" toName="image" placeholder="anything odd?"' in config
     assert 'hotkey="w"' in config and 'alias="W"' in config and 'hotkey="c"' in config
-    assert choice_values(config) == ["warm", "cool", "plain"]
+    assert choice_values(config) == ["warm", "cool", "plain", "other"]
 
 
 def choice_values(config: str) -> list[str]:

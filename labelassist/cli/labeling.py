@@ -313,7 +313,8 @@ def predictions(
         for record in records:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         return
-    fields = ["path", "sha256", "label", "confidence", "margin", "scores", "model_version"]
+    fields = ["path", "sha256", "label", "confidence", "margin", "scores", "model_version",
+              "similarity"]
     writer = csv.DictWriter(sys.stdout, fieldnames=fields)
     writer.writeheader()
     for record in records:

@@ -12,6 +12,8 @@ from rich.table import Table
 from ..config import DEFAULT_DB
 from . import DbOpt, VersionOpt, command, err, open_db, progress_bar
 
+OTHER_WORD = "other"  # labelassist.outofset.OTHER, without importing numpy for --help
+
 
 @command()
 def report(
@@ -36,6 +38,7 @@ def report(
     Example: labelassist report --html audit.html --json audit.json
     """
     from ..audit import audit
+    from ..outofset import out_of_set_sections
     from ..report import learning_sections, write_html, write_json
     from ..session import session_sections
     from ..suggest import suggestion_sections
@@ -43,22 +46,41 @@ def report(
     database = open_db(db)
     audits = audit(database, version, target_precision=target_precision,
                    min_support=min_support, policy=resolve)
-    learning = learning_sections(database)
-    session = session_sections(database, target_precision=target_precision,
-                               min_support=min_support, policy=resolve)
-    suggestions = suggestion_sections(database)
+    sections = {
+        "learning": learning_sections(database),
+        "session": session_sections(database, target_precision=target_precision,
+                                    min_support=min_support, policy=resolve),
+        "suggestions": suggestion_sections(database),
+        "out_of_set": out_of_set_sections(database, [a.model_version for a in audits],
+                                          policy=resolve)}
     out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
     for a in audits:
         print_audit(out, a)
-    for section in session:
+    for flagged in sections["out_of_set"]:
+        print_out_of_set(out, flagged)
+    for section in sections["session"]:
         print_session(out, section)
-    for found in suggestions:
+    for found in sections["suggestions"]:
         print_suggestion(out, found)
     if json_out:
-        write_json(audits, json_out, learning, session, suggestions)
+        write_json(audits, json_out, sections)
     if html:
-        write_html(audits, html, learning, session, suggestions)
+        write_html(audits, html, sections)
         err.print(f"wrote {html}", markup=False)
+
+
+def print_out_of_set(out: Console, flagged: dict) -> None:
+    """Images that match none of the classes: flagged, and what reviewers said of them."""
+    if flagged["without_similarity"]:
+        out.print(f"out of set for {flagged['model_version']}: {flagged['without_similarity']:,} "
+                  "predictions were made before labelassist measured how well an image "
+                  "matches its class: they are never flagged", markup=False)
+    said = (f"; reviewers said {OTHER_WORD!r} for {flagged['flagged_reviewed_other']:,} of the "
+            f"{flagged['flagged_reviewed']:,} flagged they saw" if flagged["flagged_reviewed"]
+            else "")
+    out.print(f"out of set for {flagged['model_version']}: {flagged['flagged']:,} images match "
+              "none of the classes well (never auto-accepted; push sends them first)" + said,
+              markup=False)
 
 
 def print_suggestion(out: Console, found: dict) -> None:

@@ -308,6 +308,9 @@ def accept(
         else:
             out.print(f"  {cls}: {s.accepted[cls]:,} at confidence >= {threshold:.3f}",
                       markup=False)
+    if s.out_of_set:
+        out.print(f"  {s.out_of_set:,} unreviewed images match none of the classes well (out "
+                  "of set): never accepted; push sends them to reviewers first", markup=False)
 
 
 

@@ -105,6 +105,8 @@ class Prediction(Base):
     confidence: Mapped[float] = mapped_column(Float)
     margin: Mapped[float] = mapped_column(Float)
     scores: Mapped[dict] = mapped_column(JSON)
+    # Zero-shot only: cosine of the image to its closest class description (outofset.py).
+    similarity: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -28,8 +28,17 @@ NO_SDK_RETRIES = {"max_retries": 0}
 Progress = Callable[[int, int], None]
 
 
+def with_other(classes: list[str]) -> list[str]:
+    """The classes and the reviewers' "none of these" (outofset.OTHER), unless a class has
+    that name already."""
+    from ..outofset import OTHER
+
+    return list(classes) + ([] if OTHER in classes else [OTHER])
+
+
 def label_config(classes: list[str]) -> str:
-    """An Image plus one single-choice Choices named `label`, from the classes."""
+    """An Image plus one single-choice Choices named `label`, from the classes (pass
+    with_other(classes) to offer "other")."""
     choices = "\n    ".join(f"<Choice value={quoteattr(c)}/>" for c in classes)
     return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
             f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single-radio" '
@@ -89,11 +98,11 @@ def ensure_project(db: Database, client: LabelStudioClient, version: ModelVersio
             client.sdk.projects.list(title=title))) if p.title == title), None)
     if remote is None:
         remote = client.call("creating the project", client.sdk.projects.create, title=title,
-                             label_config=label_config(classes),
+                             label_config=label_config(with_other(classes)),
                              description="Pre-labelled by labelassist; model_version shows "
                                          "which prompt set made each prediction.")
     else:
-        _add_missing_choices(client, remote, classes)
+        _add_missing_choices(client, remote, with_other(classes))
     with db.write() as session:
         row = session.scalars(select(LSProject).where(
             LSProject.url == client.conn.url, LSProject.ls_project_id == remote.id)).first()

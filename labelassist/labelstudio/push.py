@@ -136,12 +136,17 @@ class _Pusher:
                        for q in (self.new_task_query(), self.new_prediction_query()))
 
     def batches(self, order: str, batch_size: int):
+        """In `order`, after the images that match none of the classes well (outofset.py):
+        reviewers answer "other" for those first, and each answer sharpens the flag."""
+        from ..outofset import class_bars, flagged_first
+
+        odd_first = flagged_first(self.db, self.version, class_bars(self.db, self.version))
         sort = ORDERS[order]
         for kind, query in (("tasks", self.new_task_query()),
                             ("predictions", self.new_prediction_query())):
             while True:
                 with self.db.read() as s:
-                    rows = s.execute(query.order_by(sort, Prediction.image_id)
+                    rows = s.execute(query.order_by(odd_first, sort, Prediction.image_id)
                                      .limit(batch_size)).all()
                 if not rows:
                     break

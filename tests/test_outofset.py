@@ -1,0 +1,152 @@
+"""The out-of-set flag ("none of these"): junk in a folder is flagged from the reviews of
+real pictures, never auto-accepted, reviewed first, and counted in the report."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from labelassist import toyworld
+from labelassist.accept import accept_trusted
+from labelassist.cli import app
+from labelassist.config import load_label_file
+from labelassist.db.models import AutoAccept, Prediction
+from labelassist.ingest import ingest
+from labelassist.model import load_model
+from labelassist.outofset import OTHER, class_bars, flagged, flagged_first, out_of_set_summary
+from labelassist.predict import predict
+from labelassist.queries import first_paths, resolve_version
+
+from .conftest import add_annotation
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "toyworld"
+
+
+def kind_of(path: str) -> str:
+    name = Path(path).name.split("_")[0]
+    return "junk" if name in toyworld.JUNK else "warm" if name in toyworld.WARM else "cool"
+
+
+@pytest.fixture
+def junky_folder(db, toy_model_dir, tmp_path):
+    """300 toy pictures and 40 pictures of no class (noise, pages of text), predicted with
+    the member descriptions; 40 real pictures reviewed, a random sample."""
+    toyworld.write_images(tmp_path / "photos", 300, seed=41)
+    toyworld.write_junk(tmp_path / "photos" / "junk", 40, seed=42)
+    ingest(db, [tmp_path / "photos"])
+    model = load_model(str(toy_model_dir), device="cpu", dtype="fp32")
+    predict(db, model, load_label_file(EXAMPLES / "labels.toml"))
+    with db.read() as s:
+        rows = s.execute(select(Prediction.image_id, Prediction.label,
+                                Prediction.similarity)).all()
+        paths = first_paths(s, [r[0] for r in rows])
+    real = sorted(i for i, _, _ in rows if kind_of(paths[i]) != "junk")
+    for n, image_id in enumerate(random.Random(0).sample(real, 40)):
+        add_annotation(db, image_id, kind_of(paths[image_id]), n=n)
+    return db, {i: (label, sim, kind_of(paths[i])) for i, label, sim in rows}
+
+
+def caught(db, rows):
+    bars = class_bars(db, resolve_version(db))
+    junk = [flagged(label, sim, bars) for label, sim, kind in rows.values() if kind == "junk"]
+    real = [flagged(label, sim, bars) for label, sim, kind in rows.values() if kind != "junk"]
+    return sum(junk) / len(junk), sum(real) / len(real), bars
+
+
+def test_junk_is_flagged_and_real_pictures_are_not(junky_folder):
+    db, rows = junky_folder
+    junk, real, bars = caught(db, rows)
+    print(f"junk flagged {junk:.1%}, real pictures flagged {real:.1%}")
+    assert junk >= 0.90 and real <= 0.05
+    assert {bar.reference for bar in bars.values()} == {"reviews"}  # 40 reviews: ~20 a class
+
+
+def test_before_any_review_every_prediction_of_a_class_sets_its_bar(junky_folder):
+    from labelassist.db.models import Annotation
+
+    db, rows = junky_folder
+    with db.write() as s:
+        s.execute(Annotation.__table__.delete())
+    junk, real, bars = caught(db, rows)
+    print(f"before any review: junk flagged {junk:.1%}, real pictures flagged {real:.1%}")
+    assert {bar.reference for bar in bars.values()} == {"predictions"}
+    assert junk >= 0.90 and real <= 0.05
+
+
+def test_an_other_review_raises_the_bar_of_its_class_to_cover_it(junky_folder):
+    db, rows = junky_folder
+    version = resolve_version(db)
+    before = class_bars(db, version)
+    # The least similar real picture above its class's bar: reviewers call it "other" (a
+    # red circle may be out of scope for them). The bar rises to cover it, but never past
+    # the reviewed pictures' 5th percentile.
+    image_id, (label, sim, _) = min(
+        ((i, r) for i, r in rows.items() if r[2] != "junk" and r[1] >= before[r[0]].threshold),
+        key=lambda item: item[1][1])
+    add_annotation(db, image_id, OTHER, n=1000)
+    after = class_bars(db, version)
+    assert after[label].other_reviews == 1
+    assert before[label].threshold < after[label].threshold <= after[label].low
+    assert after[label].threshold == min(after[label].low, math.nextafter(sim, math.inf))
+
+
+def test_flagged_images_are_never_auto_accepted_and_come_first(junky_folder):
+    db, rows = junky_folder
+    version = resolve_version(db)
+    summary = accept_trusted(db, target_precision=0.9, min_support=5)
+    with db.read() as s:
+        accepted = set(s.scalars(select(AutoAccept.image_id)).all())
+        order = s.scalars(select(Prediction.image_id).where(
+            Prediction.model_version_id == version.id).order_by(
+            flagged_first(db, version, class_bars(db, version)), Prediction.image_id)).all()
+    bars = class_bars(db, version)
+    is_flagged = {i: flagged(label, sim, bars) for i, (label, sim, _) in rows.items()}
+    assert accepted and not any(is_flagged[i] for i in accepted)
+    assert summary.out_of_set == sum(is_flagged.values()) >= 36
+    n = sum(is_flagged.values())
+    assert all(is_flagged[i] for i in order[:n]) and not any(is_flagged[i] for i in order[n:])
+
+
+def test_the_report_counts_them_and_what_reviewers_said(junky_folder, db_url, tmp_path):
+    db, rows = junky_folder
+    junk_ids = sorted(i for i, r in rows.items() if r[2] == "junk")
+    for n, image_id in enumerate(junk_ids[:5]):
+        add_annotation(db, image_id, OTHER, n=500 + n)
+    accepted = CliRunner().invoke(app, ["accept", "--db", db_url, "--target-precision", "0.9",
+                                        "--min-support", "5"])
+    assert accepted.exit_code == 0, accepted.output
+    assert "unreviewed images match none of the classes well" in accepted.output
+    result = CliRunner().invoke(app, ["report", "--db", db_url, "--json", str(tmp_path / "r.json"),
+                                      "--html", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    (section,) = json.loads((tmp_path / "r.json").read_text())["out_of_set"]
+    summary = out_of_set_summary(db, resolve_version(db))
+    assert section["flagged"] == summary["flagged"] >= 36
+    assert (section["flagged_reviewed"], section["flagged_reviewed_other"]) == (5, 5)
+    assert section["other_reviews"] == 5
+    assert f"{summary['flagged']} images match none of the classes well" in result.output
+    assert "images flagged out of set" in (tmp_path / "r.html").read_text()
+
+
+def test_export_leaves_out_junk_and_what_reviewers_called_other(junky_folder, tmp_path):
+    import csv
+
+    from labelassist.export import export
+
+    db, rows = junky_folder
+    junk_ids = sorted(i for i, r in rows.items() if r[2] == "junk")
+    for n, image_id in enumerate(junk_ids[:3]):
+        add_annotation(db, image_id, OTHER, n=700 + n)
+    summary = export(db, tmp_path / "out", "csv", include_auto=True, target_precision=0.9,
+                     min_support=5)
+    with open(tmp_path / "out" / "labels.csv", newline="") as fh:
+        exported = list(csv.DictReader(fh))
+    assert exported and not any(Path(r["path"]).name.split("_")[0] in toyworld.JUNK
+                                for r in exported)
+    assert {r["label"] for r in exported} == {"warm", "cool"}
+    assert summary.excluded["reviewed as 'other' (none of the classes)"] == 3
+    assert summary.excluded["unreviewed, matches none of the classes well (out of set)"] >= 33
