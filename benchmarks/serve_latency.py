@@ -45,6 +45,7 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     work = Path(tempfile.mkdtemp(prefix="serve-latency-"))
     model = cached_model(Path.home() / ".cache" / "labelassist", log=print)
+    (work / "root").mkdir()
     studio = start_studio(free_port(), work / "root", work / "ls-data")
     serve = None
     try:

@@ -5,7 +5,7 @@ and how much can `accept` then take, depending on the order in which tasks are r
     python benchmarks/session.py --html session.html  # and the report of the last order
 
 1,000 toy-world pictures are pre-labelled with the vague prompts (warm colour / cool
-colour, about 65% right). A simulated reviewer, who is always right (the toy world's own
+colour, about 62% right). A simulated reviewer, who is always right (the toy world's own
 truth), then reviews 20 tasks at a time, and `learn` runs after each 20, as
 `serve --learn-every 20` does. The next 20 are taken by the order under test, from the
 version Label Studio would show at that moment (the newest stored probe):

@@ -343,7 +343,7 @@ def test_bad_payloads_are_refused_with_a_reason(shared, body, status):
 
 def test_reviews_teach_the_model_and_reviewers_see_the_better_guess_next(
         tmp_path, label_studio, toy_model_dir):
-    """The loop closed, on the toy world: a vague prompt set (about 67% right), 48 reviews
+    """The loop closed, on the toy world: a vague prompt set (about 62% right), 48 reviews
     made in Label Studio in a random order, learn runs by itself at 48, the probe wins on
     held-out reviews, and its predictions reach Label Studio as the version reviewers
     now see."""

@@ -84,7 +84,8 @@ def test_vague_descriptions_get_members_that_are_right_on_unreviewed_images(tmp_
     members = accuracy_on_unreviewed()  # what a person who knew the lesson would write
     invoke("predict", "--labels", out, "--db", db_url)  # adopting it: a new model_version
     right = accuracy_on_unreviewed()
-    print(f"\nunreviewed: vague {vague:.1%}, suggested {right:.1%}, members {members:.1%}")
+    print(f"\nproposed {proposed.classes}; {re.search(r'held-out accuracy: current.*', said)[0]}"
+          f"\nunreviewed: vague {vague:.1%}, suggested {right:.1%}, members {members:.1%}")
     assert right >= 0.95, right
     assert right - vague >= 0.9 * (members - vague)  # closes 90% of the gap, or more
 
