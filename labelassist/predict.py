@@ -54,6 +54,7 @@ class PredictSummary:
     write_seconds: float = 0.0  # inside database writes (overlapped with encoding)
     image_encoder_calls: int = 0
     feed: str = ""
+    measured: int = 0  # earlier predictions whose similarity was measured (outofset.py)
 
     @property
     def predicted(self) -> int:
@@ -130,6 +131,8 @@ def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
     try:
         run.rescore_stored()
         run.encode_pending()
+        if only is None:  # a whole run, not serve's few tasks: one scan of the version
+            run.measure_similarities()
     finally:
         stop_worker(db, worker_id)
         summary.seconds = time.perf_counter() - started
@@ -161,6 +164,32 @@ class _Run:
                 vectors = torch.from_numpy(np.stack([np.frombuffer(v, dtype=np.float32)
                                                      for _, v in rows]))
                 writer.submit(Batch([i for i, _ in rows]), vectors, store_embeddings=False)
+
+    def measure_similarities(self) -> None:
+        """Predictions stored before the ledger kept their similarity (revision 0007) are
+        never flagged out of set: measure them from their stored embeddings (nothing is
+        decoded), a chunk at a time."""
+        last = 0
+        while not self.stop.is_set():
+            with self.db.read() as session:
+                rows = session.execute(
+                    select(Prediction.id, Embedding.vector)
+                    .join(Embedding, (Embedding.image_id == Prediction.image_id)
+                          & (Embedding.model_key == self.version.model_key))
+                    .where(Prediction.model_version_id == self.version.id,
+                           Prediction.similarity.is_(None), Prediction.id > last)
+                    .order_by(Prediction.id).limit(RESCORE_CHUNK)).all()
+            if not rows:
+                return
+            last = rows[-1][0]
+            vectors = torch.from_numpy(np.stack([np.frombuffer(v, dtype=np.float32)
+                                                 for _, v in rows]))
+            similarities = self.classifier.similarities(vectors).tolist()
+            with self.db.write() as session:
+                session.execute(update(Prediction), [
+                    {"id": prediction_id, "similarity": similarity}
+                    for (prediction_id, _), similarity in zip(rows, similarities)])
+            self.summary.measured += len(rows)
 
     def encode_pending(self) -> None:
         jobs = self.jobs()

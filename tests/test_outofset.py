@@ -150,3 +150,32 @@ def test_export_leaves_out_junk_and_what_reviewers_called_other(junky_folder, tm
     assert {r["label"] for r in exported} == {"warm", "cool"}
     assert summary.excluded["reviewed as 'other' (none of the classes)"] == 3
     assert summary.excluded["unreviewed, matches none of the classes well (out of set)"] >= 33
+
+
+def test_predict_again_measures_predictions_stored_before_similarity_was(junky_folder,
+                                                                       toy_model_dir):
+    """A ledger from before revision 0007 has predictions without similarity: never
+    flagged. Running predict again with the same label file measures them from the
+    stored embeddings (nothing is decoded), and the flags come back."""
+    from sqlalchemy import update
+
+    db, rows = junky_folder
+    with db.write() as s:
+        s.execute(update(Prediction).values(similarity=None))
+    assert out_of_set_summary(db, resolve_version(db))["without_similarity"] == len(rows)
+
+    url = str(db.engine.url)
+    said = CliRunner().invoke(app, ["report", "--db", url])
+    assert "run labelassist predict again with the same label file" in said.output
+
+    again = CliRunner().invoke(app, ["predict", "--db", url, "--labels",
+                                     str(EXAMPLES / "labels.toml"), "--model", str(toy_model_dir)])
+
+    assert again.exit_code == 0, again.output
+    assert "0 predicted (0 encoded, 0 re-scored" in again.output
+    assert f"measured the similarity of {len(rows)} earlier predictions" in again.output
+    with db.read() as s:
+        again = dict(s.execute(select(Prediction.image_id, Prediction.similarity)).all())
+    # the CLI loads the model in bf16 on this CPU: the text tower rounds a little
+    assert again == pytest.approx({i: sim for i, (_, sim, _) in rows.items()}, abs=0.005)
+    assert out_of_set_summary(db, resolve_version(db))["without_similarity"] == 0

@@ -287,6 +287,9 @@ def print_predict_summary(summary) -> None:
     for reason, count in summary.failed.most_common():
         err.print(f"  skipped {count:,} ({reason}), e.g. {summary.failed_examples[reason]}",
                   markup=False)
+    if summary.measured:
+        err.print(f"  measured the similarity of {summary.measured:,} earlier predictions (from "
+                  "stored embeddings), so the out-of-set flag covers them", markup=False)
 
 
 @command()

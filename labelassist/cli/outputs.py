@@ -74,7 +74,8 @@ def print_out_of_set(out: Console, flagged: dict) -> None:
     if flagged["without_similarity"]:
         out.print(f"out of set for {flagged['model_version']}: {flagged['without_similarity']:,} "
                   "predictions were made before labelassist measured how well an image "
-                  "matches its class: they are never flagged", markup=False)
+                  "matches its class, and are never flagged: run labelassist predict again "
+                  "with the same label file to measure them (seconds)", markup=False)
     said = (f"; reviewers said {OTHER_WORD!r} for {flagged['flagged_reviewed_other']:,} of the "
             f"{flagged['flagged_reviewed']:,} flagged they saw" if flagged["flagged_reviewed"]
             else "")
