@@ -117,7 +117,7 @@ def review_sample_bias(db: Database, version: ModelVersion, reviews) -> dict | N
     version itself, or of the zero-shot version a probe was learned from) of reviewed and
     unreviewed images with a rank test. Margins are counted in bins of 1e-4, a chunk at a
     time: memory stays flat. None when either side has under 10 images."""
-    base_name = version.label_set.get("probe", {}).get("base") or version.name
+    base_id = base_version(db, version).id
     reviewed = np.fromiter(reviews.labels, dtype=np.int64)
     reviewed.sort()
     counts = np.zeros((2, BINS + 1), dtype=np.int64)  # row 1: reviewed
@@ -125,8 +125,8 @@ def review_sample_bias(db: Database, version: ModelVersion, reviews) -> dict | N
     while True:
         with db.read() as s:
             rows = s.execute(select(Prediction.id, Prediction.image_id, Prediction.margin)
-                             .join(ModelVersion)
-                             .where(ModelVersion.name == base_name, Prediction.id > last)
+                             .where(Prediction.model_version_id == base_id,
+                                    Prediction.id > last)
                              .order_by(Prediction.id).limit(CHUNK)).all()
         if not rows:
             break

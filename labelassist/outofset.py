@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sqlalchemy import and_, false, or_, select
+from sqlalchemy import and_, case, exists, false, func, or_, select
 from sqlalchemy.orm import aliased
 
 from .audit import class_confidences
@@ -42,7 +42,6 @@ OTHER = "other"  # the reviewers' "none of these" choice in Label Studio
 MIN_REFERENCE = 10  # reviews of a class before they, not all its predictions, set the bar
 SEPARATION = 8.0  # toy world: junk and pictures 17 apart; pictures alone split at most 5
 LOW_PERCENTILE = 5
-CHUNK = 10_000  # predictions read at a time
 
 
 @dataclass(frozen=True)
@@ -142,8 +141,6 @@ def flag_clause(prediction, bars: dict[str, ClassBar]):
 def flagged_first(db: Database, version: ModelVersion, bars: dict[str, ClassBar]):
     """An ORDER BY term for a query over `version`'s predictions: 0 for images whose base
     prediction is flagged, 1 for the rest."""
-    from sqlalchemy import case, exists
-
     base = base_version(db, version)
     if base.id == version.id:  # a zero-shot version: its own columns, no subquery a row
         return case((flag_clause(Prediction, bars), 0), else_=1)
@@ -161,23 +158,13 @@ def out_of_set_summary(db: Database, version: ModelVersion, reviews: Reviews | N
     reviews = load_reviews(db) if reviews is None else reviews
     base = base_version(db, version)
     bars = class_bars(db, base, reviews)
-    total, missing, last = 0, 0, 0
-    flagged_ids: list[int] = []
-    while True:
-        with db.read() as s:
-            rows = s.execute(select(Prediction.id, Prediction.image_id, Prediction.label,
-                                    Prediction.similarity)
-                             .where(Prediction.model_version_id == base.id, Prediction.id > last)
-                             .order_by(Prediction.id).limit(CHUNK)).all()
-        if not rows:
-            break
-        last = rows[-1][0]
-        for _, image_id, label, sim in rows:
-            missing += sim is None
-            if flagged(label, sim, bars):
-                total += 1
-                if image_id in reviews.labels:
-                    flagged_ids.append(image_id)
+    of_base = Prediction.model_version_id == base.id
+    with db.read() as s:
+        total = s.scalar(select(func.count()).where(of_base, flag_clause(Prediction, bars)))
+        missing = s.scalar(select(func.count()).where(of_base, Prediction.similarity.is_(None)))
+        flagged_ids = rows_in_chunks(s, lambda chunk: select(Prediction.image_id).where(
+            of_base, Prediction.image_id.in_(chunk), flag_clause(Prediction, bars)),
+            list(reviews.labels), scalars=True)
     said = [reviews.labels[i].label for i in flagged_ids]
     other_reviews = sum(r.label == OTHER for r in reviews.labels.values())
     return {"model_version": base.name, "flagged": total,

@@ -285,9 +285,7 @@ class _Writer:
 
     def submit(self, batch: Batch, vectors: torch.Tensor | None, *,
                store_embeddings: bool) -> None:
-        classifier = self.run.classifier
-        probs = (classifier.probabilities(vectors), classifier.similarities(vectors)) \
-            if batch.ids else None
+        probs = self.run.classifier.scores(vectors) if batch.ids else None
         self.pending.append(self.pool.submit(self.run.write_batch, batch, vectors, probs,
                                              store_embeddings=store_embeddings))
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):

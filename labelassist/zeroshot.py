@@ -40,29 +40,33 @@ class TextClassifier:
     logit_scale: float
     logit_bias: float | None
 
-    @torch.inference_mode()
     def probabilities(self, image_embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, D) unit image embeddings, from any device or numpy -> (B, n_classes)
         float32 probabilities on the CPU."""
+        return self.scores(image_embeddings)[0]
+
+    def similarities(self, image_embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B,) cosine of each image to its closest description, on the CPU: how well
+        the best class matches at all (an image of none of the classes matches none)."""
+        return self.scores(image_embeddings)[1]
+
+    @torch.inference_mode()
+    def scores(self, image_embeddings: torch.Tensor | np.ndarray
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities (B, n_classes) and similarities (B,), on the CPU, from one
+        product of the images with the descriptions, on their device."""
         if isinstance(image_embeddings, np.ndarray):
             image_embeddings = torch.from_numpy(image_embeddings)
         x = image_embeddings.to(self.weights.device, torch.float32)
-        logits = self.logit_scale * x @ self.weights
+        cosine = x @ self.weights
+        logits = self.logit_scale * cosine
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         per_description = logits.softmax(dim=-1)
         probs = torch.zeros(per_description.shape[0], len(self.class_names),
                             device=per_description.device)
-        return probs.index_add_(1, self.description_class, per_description).cpu()
-
-    @torch.inference_mode()
-    def similarities(self, image_embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B,) cosine of each image to its closest description, on the CPU: how well
-        the best class matches at all (an image of none of the classes matches none)."""
-        if isinstance(image_embeddings, np.ndarray):
-            image_embeddings = torch.from_numpy(image_embeddings)
-        x = image_embeddings.to(self.weights.device, torch.float32)
-        return (x @ self.weights).amax(dim=-1).cpu()
+        probs.index_add_(1, self.description_class, per_description)
+        return probs.cpu(), cosine.amax(dim=-1).cpu()
 
 
 def build_text_classifier(model: LoadedModel, label_set: LabelSet) -> TextClassifier:
@@ -111,5 +115,5 @@ class ZeroShotClassifier:
         return self.classify_embeddings(self.model.encode_images(pixels))
 
     def classify_embeddings(self, embeddings: torch.Tensor) -> list[Prediction]:
-        return to_predictions(self.text.probabilities(embeddings), self.text.class_names,
-                              self.text.similarities(embeddings))
+        probs, similarities = self.text.scores(embeddings)
+        return to_predictions(probs, self.text.class_names, similarities)

@@ -12,8 +12,6 @@ from rich.table import Table
 from ..config import DEFAULT_DB
 from . import DbOpt, VersionOpt, command, err, open_db, progress_bar
 
-OTHER_WORD = "other"  # labelassist.outofset.OTHER, without importing numpy for --help
-
 
 @command()
 def report(
@@ -71,12 +69,14 @@ def report(
 
 def print_out_of_set(out: Console, flagged: dict) -> None:
     """Images that match none of the classes: flagged, and what reviewers said of them."""
+    from ..outofset import OTHER
+
     if flagged["without_similarity"]:
         out.print(f"out of set for {flagged['model_version']}: {flagged['without_similarity']:,} "
                   "predictions were made before labelassist measured how well an image "
                   "matches its class, and are never flagged: run labelassist predict again "
                   "with the same label file to measure them (seconds)", markup=False)
-    said = (f"; reviewers said {OTHER_WORD!r} for {flagged['flagged_reviewed_other']:,} of the "
+    said = (f"; reviewers said {OTHER!r} for {flagged['flagged_reviewed_other']:,} of the "
             f"{flagged['flagged_reviewed']:,} flagged they saw" if flagged["flagged_reviewed"]
             else "")
     out.print(f"out of set for {flagged['model_version']}: {flagged['flagged']:,} images match "
