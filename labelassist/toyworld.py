@@ -169,8 +169,9 @@ def model_config():
 
 
 RECIPE_PARTS = {
-    "labelassist.toyworld": ("render", "render_junk", "combos", "Caption", "training_captions", "model_config",
-                             "_to_tensor", "_pick_caption", "train", "_train", "_soft_ce"),
+    "labelassist.toyworld": ("render", "render_junk", "combos", "Caption", "training_captions",
+                             "model_config", "_to_tensor", "_pick_caption", "train", "_train",
+                             "_soft_ce"),
     "labelassist.tinymodels": ("save_clip_tokenizer", "_bpe_lines", "_bytes_to_unicode"),
 }
 
