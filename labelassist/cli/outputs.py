@@ -31,7 +31,8 @@ def report(
 ) -> None:
     """Audit model-human agreement per model_version: accuracy, Cohen's kappa, per-class
     precision/recall/F1, confusion matrix, calibration (ECE), the confidence above which
-    each class reaches --target-precision, review effort and the disagreements.
+    each class reaches --target-precision, review effort and the disagreements; and the
+    images that match none of the classes well (out of set: never auto-accepted).
 
     Example: labelassist report --html audit.html --json audit.json
     """

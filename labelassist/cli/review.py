@@ -290,7 +290,8 @@ def accept(
 ) -> None:
     """Mark unreviewed predictions as auto-accepted where their class's audited threshold
     says they can be trusted. They are recorded with provenance (source 'auto' in the
-    export) and Label Studio is never told: nothing is passed off as human work.
+    export) and Label Studio is never told: nothing is passed off as human work. Images
+    that match none of the classes well (out of set) are never accepted.
 
     Example: labelassist accept --target-precision 0.99 && labelassist export out/ --include-auto
     """
