@@ -11,6 +11,15 @@ from labelassist.tinymodels import save_random_clip, tiny_clip_config  # noqa: E
 from .imagegen import write_shape_images  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """The longest test first (retraining the toy model, about 3 minutes): with
+    pytest-xdist (scripts/test.sh) it then runs beside the others instead of alone at the
+    end. The rest keep their order, which mixes tests that compute with tests that wait
+    on servers. Putting every slow test first made both workers compute at once: the
+    retraining (two threads, pinned) was still running after 14 minutes."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIP with the real CLIP tokenizer, saved like any user model."""

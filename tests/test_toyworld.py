@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from labelassist import toyworld
 from labelassist.cli import app
+from labelassist.model import cpu_identity
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "toyworld"
 
@@ -121,6 +122,7 @@ def test_a_changed_recipe_never_uses_the_shipped_weights(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_training_reproduces_the_shipped_weights(tmp_path):
     """The shipped weights are the project's own deterministic output. Training again
     (about 3 minutes) on the kind of CPU they were trained on gives them back bit for bit,
@@ -143,7 +145,7 @@ def test_training_reproduces_the_shipped_weights(tmp_path):
     trained = load_file(trained_dir / "model.safetensors")
     shipped = load_file(toyworld.SHIPPED / "model.safetensors")
     assert set(trained) <= set(shipped)
-    same_kind = (torch.__version__, transformers.__version__, toyworld.cpu_identity()) == (
+    same_kind = (torch.__version__, transformers.__version__, cpu_identity()) == (
         manifest["torch"], manifest["transformers"], manifest["cpu"])
     metrics = toyworld.evaluate(trained_dir)
     if same_kind:
