@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +37,21 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    # Another runtime's image tower (runtimes/): normalised float pixels -> features. Its
+    # name is part of model_key, so its embeddings are never mixed with torch's.
+    tower: Callable[[torch.Tensor], torch.Tensor] | None = None
+    runtime: str = ""  # "" for torch (every dtype), else e.g. "ov-bf16", "ov-int8.<calib>"
     _normaliser_on: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def model_key(self) -> str:
         """Key of stored embeddings: same weights, same vectors, whatever the prompts."""
-        return f"{self.name}@{self.revision[:12]}"
+        return f"{self.name}@{self.revision[:12]}" + (f"+{self.runtime}" if self.runtime else "")
+
+    @property
+    def identity(self) -> str:
+        """The weights and the runtime that runs them: what a model_version's name hashes."""
+        return self.revision + (f"+{self.runtime}" if self.runtime else "")
 
     @property
     def logit_scale(self) -> float:
@@ -60,6 +70,8 @@ class LoadedModel:
         if pixels.dtype == torch.uint8:
             scale, shift = self._normaliser()
             pixels = pixels.float() * scale - shift
+        if self.tower is not None:
+            return _normalise(self.tower(pixels.float()))
         features = self.model.get_image_features(pixel_values=pixels.to(self.dtype))
         return _normalise(_features(features)).cpu()
 
@@ -117,7 +129,27 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
+def cpu_identity() -> str:
+    """The kind of CPU, as far as torch's results and speed depend on it: its vector ISA,
+    the vendor (MKL and oneDNN pick other kernels on AMD and Intel) and AMX. "AVX512"
+    alone matched an Intel Xeon with AMX against an AMD EPYC, where training the toy
+    model summed in another order and runtimes run at other speeds."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    vendor = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                   if line.startswith("vendor_id")), "")
+    amx = " amx" if " amx_tile" in info else ""
+    return f"{torch.backends.cpu.get_cpu_capability()} {vendor}{amx}".strip()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype.startswith("ov-"):
+        if device.type != "cpu":
+            raise ModelLoadError(f"--dtype {dtype} is a CPU runtime (OpenVINO); use bf16 or "
+                                 "fp32 on a GPU")
+        return torch.float32  # the torch model stays fp32: the reference and the text tower
     if dtype == "int8":
         if device.type != "cpu":
             raise ModelLoadError("--dtype int8 is a CPU path (dynamic quantisation); use bf16 "
@@ -130,7 +162,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
-        raise ModelLoadError(f"--dtype {dtype!r}: use auto, fp32, bf16 or int8")
+        raise ModelLoadError(f"--dtype {dtype!r}: use auto, fp32, bf16, int8, ov-bf16 or "
+                             "ov-int8")
     return DTYPES[dtype]
 
 
@@ -160,10 +193,15 @@ def load_model(model_id_or_path: str, device: str = "auto", dtype: str = "fp32")
     if dtype == "int8":
         model = quantise_int8(model)
     local_dir = source if os.path.isdir(source) else _snapshot_dir(source)
-    return LoadedModel(model=model, tokenizer=tokenizer,
-                       preprocess=Preprocess.from_processor(processor),
-                       model_id=model_id_or_path, name=model_name(model_id_or_path),
-                       revision=fingerprint_dir(local_dir), device=dev, dtype=torch_dtype)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer,
+                         preprocess=Preprocess.from_processor(processor),
+                         model_id=model_id_or_path, name=model_name(model_id_or_path),
+                         revision=fingerprint_dir(local_dir), device=dev, dtype=torch_dtype)
+    if dtype.startswith("ov-"):  # the `openvino` extra, imported only when asked for
+        from .runtimes.openvino import on_openvino
+
+        loaded = on_openvino(loaded, dtype)
+    return loaded
 
 
 def model_name(model_id_or_path: str) -> str:

@@ -81,7 +81,7 @@ def default_batch_size(device) -> int:
 
 
 def version_name(model: LoadedModel, label_set: LabelSet) -> str:
-    return f"{model.name}@{label_set.fingerprint(model.model_id, model.revision)[:8]}"
+    return f"{model.name}@{label_set.fingerprint(model.model_id, model.identity)[:8]}"
 
 
 def ensure_model_version(db: Database, model: LoadedModel, label_set: LabelSet) -> ModelVersion:
@@ -120,6 +120,12 @@ def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
                     only: Collection[int] | None = None) -> PredictSummary:
     """Predict the pending images of an existing model_version (its own prompt set);
     `only` limits the run to those images."""
+    if model.model_key != version.model_key:
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"{version.name} holds embeddings of {version.model_key}, and "
+                             f"this model makes those of {model.model_key}: load the same "
+                             "model and runtime (--dtype) to predict for it")
     started = time.perf_counter()
     classifier = build_text_classifier(model, LabelSet.from_json(version.label_set))
     summary = PredictSummary(model_version=version.name)

@@ -45,8 +45,9 @@ def learning_sections(db) -> list[dict]:
 
 # The report's sections beyond the audits, each a list of dicts: what `learn` found, the
 # review session replayed (labelassist.session), what `suggest` found, and the images
-# flagged as matching no class (labelassist.outofset).
-SECTIONS = ("learning", "session", "suggestions", "out_of_set")
+# flagged as matching no class (labelassist.outofset), and the CPU runtime that `predict
+# --dtype auto` measured and chose (labelassist.runtimes).
+SECTIONS = ("learning", "session", "suggestions", "out_of_set", "runtimes")
 
 
 def report_json(audits: list[VersionAudit], sections: dict[str, list] | None = None) -> dict:

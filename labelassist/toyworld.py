@@ -372,23 +372,6 @@ def unpack_shipped(out: str | Path) -> Path:
     return _save(model.eval(), tokenizer, out)
 
 
-def cpu_identity() -> str:
-    """What decides whether training here sums in the shipped weights' order: torch's
-    vector ISA, the CPU's vendor (MKL and oneDNN pick other kernels on AMD and Intel)
-    and AMX. "AVX512" alone matched an Intel Xeon with AMX against the AMD EPYC the
-    weights were trained on, and the retrained logit scale came out 0.002 apart."""
-    import torch
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    vendor = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                   if line.startswith("vendor_id")), "")
-    amx = " amx" if " amx_tile" in info else ""
-    return f"{torch.backends.cpu.get_cpu_capability()} {vendor}{amx}".strip()
-
-
 def ship(model_dir: str | Path, steps: int, seed: int) -> dict:
     """Store a trained model's weights in fp16 as the shipped ones, with a manifest of the
     recipe and versions they come from and their metrics (measured after the rounding)."""
@@ -399,6 +382,8 @@ def ship(model_dir: str | Path, steps: int, seed: int) -> dict:
     from safetensors.torch import save_file
     from transformers import CLIPModel
     from transformers.utils import logging as hf_logging
+
+    from .model import cpu_identity
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a log
     model = CLIPModel.from_pretrained(model_dir)

@@ -10,11 +10,13 @@ def columns(db, table):
 
 
 def test_empty_database_upgrades_to_head(db):
-    assert schema_revision(db) == "0007"
+    assert schema_revision(db) == "0008"
     tables = set(inspect(db.engine).get_table_names())
     assert {"images", "files", "model_versions", "embeddings", "predictions", "ls_projects",
             "ls_tasks", "ls_predictions", "annotations", "auto_accepts", "workers",
-            "claims", "locks", "ls_review_events", "suggestions"} <= tables
+            "claims", "locks", "ls_review_events", "suggestions", "runtime_choices"} <= tables
+    assert {"model_key", "label_fingerprint", "cpu", "software", "runtime",
+            "measurement"} <= columns(db, "runtime_choices")
     assert {"project_id", "tasks", "orphans", "expect", "received_at", "done_at",
             "attempts"} <= columns(db, "ls_review_events")
     assert {"name", "holder", "hostname", "pid", "expires_at"} <= columns(db, "locks")
@@ -36,7 +38,7 @@ def test_older_database_is_upgraded_on_open(db_url):
 
     db = open_database(db_url)
 
-    assert schema_revision(db) == "0007"
+    assert schema_revision(db) == "0008"
     assert {"model_version_id", "image_id", "worker_id", "expires_at"} <= columns(db, "claims")
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT sha256 FROM images")).scalar() == "ab"

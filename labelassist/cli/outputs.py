@@ -39,6 +39,7 @@ def report(
     from ..audit import audit
     from ..outofset import out_of_set_sections
     from ..report import learning_sections, write_html, write_json
+    from ..runtimes import describe_choice, runtime_sections
     from ..session import session_sections
     from ..suggest import suggestion_sections
 
@@ -51,12 +52,15 @@ def report(
                                     min_support=min_support, policy=resolve),
         "suggestions": suggestion_sections(database),
         "out_of_set": out_of_set_sections(database, [a.model_version for a in audits],
-                                          policy=resolve)}
+                                          policy=resolve),
+        "runtimes": runtime_sections(database, [a.model_version for a in audits])}
     out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
     for a in audits:
         print_audit(out, a)
     for flagged in sections["out_of_set"]:
         print_out_of_set(out, flagged)
+    for chosen in sections["runtimes"]:
+        out.print(f"{chosen['model_version']} ran on {describe_choice(chosen)}", markup=False)
     for section in sections["session"]:
         print_session(out, section)
     for found in sections["suggestions"]:

@@ -378,8 +378,11 @@ def serve(
         err.print(f"caught up: {caught_up.new:,} new, {caught_up.updated:,} updated, "
                   f"{caught_up.deleted:,} deleted reviews since the last pull", markup=False)
 
-    def loader(model_id: str):  # the zero-shot version's own model, unless --model says
-        return load_model(model or model_id, device=device)
+    def loader(model_id: str, runtime: str = ""):
+        # the zero-shot version's own model and runtime (its embeddings are keyed by
+        # both), unless --model says otherwise
+        return load_model(model or model_id, device="cpu" if runtime else device,
+                          dtype=runtime or "auto")
 
     backend = Backend(database, client, target, load_model=loader,
                       fetch_dir=(fetch_dir or fetch_dir_for(db)).absolute(),

@@ -263,6 +263,24 @@ class Suggestion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class RuntimeChoice(Base):
+    """What `predict --dtype auto` measured on a CPU (runtimes/choice.py): each runtime's
+    images/s, top-1 agreement and drift against torch fp32, and the runtime chosen."""
+
+    __tablename__ = "runtime_choices"
+    __table_args__ = (Index("ix_runtime_choices_lookup", "model_key", "label_fingerprint",
+                            "cpu", "software"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_key: Mapped[str] = mapped_column(String(200))  # the torch key: name@revision
+    label_fingerprint: Mapped[str] = mapped_column(String(64))
+    cpu: Mapped[str] = mapped_column(String(200))
+    software: Mapped[str] = mapped_column(String(200))
+    runtime: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(200), index=True)  # what it predicts as
+    measurement: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Lock(Base):
     """A named lease: who holds it and until when (locks.py)."""
 

@@ -158,7 +158,8 @@ class Backend:
                     version = self._zero_shot_version(s)
                 if version is None:
                     raise LabelAssistError("no zero-shot predictions in this project yet")
-                self._model = self.load_model(version.model_id)
+                self._model = self.load_model(version.model_id,
+                                              version.model_key.partition("+")[2])
             return self._model
 
     # ---- what Label Studio asks --------------------------------------------------------
