@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -143,11 +144,14 @@ class CompiledTower:
             "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
         self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()  # one request: serve may encode from several threads
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(pixels.numpy(), dtype=np.float32)
-        result = self.request.infer({0: array})
-        return torch.from_numpy(np.array(result[self.compiled.output(0)], dtype=np.float32))
+        with self.lock:
+            result = self.request.infer({0: array})
+            features = np.array(result[self.compiled.output(0)], dtype=np.float32)
+        return torch.from_numpy(features)
 
 
 def on_openvino(model, runtime: str, calibration: list[np.ndarray] | None = None):
