@@ -67,12 +67,16 @@ def test_four_workers_on_postgres_encode_each_image_exactly_once(pg_url, tmp_pat
     db = open_database(pg_url)
     ingest(db, [tmp_path / "photos"])
 
-    result = CliRunner().invoke(app, ["predict", "--db", pg_url, "--labels", str(labels),
-                                      "--model", str(tiny_clip_dir), "--workers", "4",
-                                      "--batch-size", "4", "--device", "cpu"])
+    # As a user runs it, in a process of its own: its 4 spawned workers then share nothing
+    # with the test's process (under pytest-xdist, that process talks to the controller
+    # over its stdin and stdout; in-process, one run took that worker down).
+    result = subprocess.run(CLI + ["predict", "--labels", str(labels), "--model",
+                                   str(tiny_clip_dir), "--workers", "4", "--batch-size", "4",
+                                   "--device", "cpu"], env=cli_env(pg_url),
+                            capture_output=True, text=True, timeout=600, check=False)
 
-    assert result.exit_code == 0, result.output
-    assert "160 predicted (160 encoded" in result.output  # no image encoded twice
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "160 predicted (160 encoded" in result.stderr  # no image encoded twice
     assert one_prediction_per_image(db, 160)
     assert count(db, Embedding) == 160 and count(db, Claim) == 0
     with db.read() as s:
