@@ -145,6 +145,17 @@ def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
     return summary
 
 
+def image_paths(session, ids: list[int]) -> dict[int, list[tuple]]:
+    """The readable files of each image, as the feed wants them: (path, size, mtime_ns)."""
+    rows = session.execute(
+        select(File.image_id, File.path, File.raw_path, File.size_bytes, File.mtime_ns)
+        .where(File.image_id.in_(ids), File.error.is_(None)).order_by(File.id)).all()
+    paths: dict[int, list[tuple]] = {}
+    for image_id, path, raw, size, mtime in rows:
+        paths.setdefault(image_id, []).append((raw or path, size, mtime))
+    return paths
+
+
 class _Run:
     def __init__(self, db, model, classifier, version, worker_id, options, summary, progress,
                  stop, only=None):
@@ -228,13 +239,7 @@ class _Run:
 
     def _paths_for_once(self, ids: list[int]) -> dict[int, list[tuple]]:
         with self.db.read() as session:
-            rows = session.execute(
-                select(File.image_id, File.path, File.raw_path, File.size_bytes, File.mtime_ns)
-                .where(File.image_id.in_(ids), File.error.is_(None)).order_by(File.id)).all()
-        paths: dict[int, list[tuple]] = {}
-        for image_id, path, raw, size, mtime in rows:
-            paths.setdefault(image_id, []).append((raw or path, size, mtime))
-        return paths
+            return image_paths(session, ids)
 
     def write_batch(self, batch: Batch, vectors: torch.Tensor | None, probs: tuple | None,
                     *, store_embeddings: bool) -> None:

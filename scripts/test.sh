@@ -11,17 +11,17 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-# One pytest worker per core, at most 4 (each starts its own Label Studio when it runs a
-# test that needs one). Much of the suite waits on servers and child processes, so two
-# workers on 2 cores take 13 minutes where one took 16. LABELASSIST_TEST_WORKERS=0 runs
-# everything in one process.
-workers="${LABELASSIST_TEST_WORKERS:-$(python -c 'import os; print(min(os.cpu_count() or 1, 4))')}"
+# LABELASSIST_TEST_WORKERS=N runs N pytest workers (pytest-xdist). The default is one
+# process: in two CI runs with two workers, a worker process went down ("node down: Not
+# properly terminated") while test_four_workers_on_postgres ran, and the cause is not
+# found yet (it passes alone and in parallel runs of its own file).
+workers="${LABELASSIST_TEST_WORKERS:-1}"
 parallel=()
 if [ "$workers" -gt 1 ]; then
   parallel=(-n "$workers")
   # Two workers share the cores, and OpenMP's threads spin while they wait for each other:
   # 100 steps of toy training took 48 s beside a busy core, 27 s with passive waiting,
-  # 21 s alone. (Waiting policy changes no result; the toy weights stay bit for bit.)
+  # 21 s alone. (The waiting policy changes no result.)
   export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 fi
 # pytest exits 5 when it collects nothing: set -e turns that into a failure.

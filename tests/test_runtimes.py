@@ -27,6 +27,7 @@ from labelassist.runtimes.choice import MAX_DRIFT, MIN_AGREEMENT, Trial, _trial
 from .conftest import add_annotation
 
 pytest.importorskip("openvino")
+pytestmark = pytest.mark.slow  # converting and calibrating towers: seconds each
 
 runner = CliRunner()
 EXAMPLE_LABELS = Path(__file__).parent.parent / "examples" / "toyworld" / "labels.toml"

@@ -24,11 +24,12 @@ from sqlalchemy import select
 
 from ..config import LabelSet
 from ..db import Database
-from ..db.models import File, Image, RuntimeChoice, utcnow
+from ..db.models import Image, RuntimeChoice, utcnow
 from ..errors import ConfigError, ModelLoadError
 from ..feed import load_pixels
 from ..images import DEFAULT_MAX_PIXELS
 from ..model import LoadedModel, cpu_has_fast_bf16, cpu_identity, quantise_int8
+from ..predict import image_paths, version_name
 from ..zeroshot import build_text_classifier
 from . import describe_choice
 from . import openvino as ov_runtime
@@ -90,8 +91,6 @@ def version_name_for(reference: LoadedModel, label_set: LabelSet, runtime: str) 
     """The model_version that predict stores with this runtime: torch's dtypes share the
     fp32 version (their embeddings agree to rounding); OpenVINO's are versions of their
     own, so their embeddings are never mixed with torch's."""
-    from ..predict import version_name
-
     suffix = runtime if runtime.startswith("ov-") else ""
     return version_name(dataclasses.replace(reference, runtime=suffix), label_set)
 
@@ -195,13 +194,7 @@ def workspace_sample(db: Database, model: LoadedModel, count: int
     with db.read() as session:
         rows = session.execute(select(Image.id, Image.sha256).where(Image.error.is_(None))
                                .order_by(Image.sha256).limit(count * 2)).all()
-        files = session.execute(select(File.image_id, File.path, File.raw_path,
-                                       File.size_bytes, File.mtime_ns)
-                                .where(File.image_id.in_([i for i, _ in rows]),
-                                       File.error.is_(None)).order_by(File.id)).all()
-    paths: dict[int, list[tuple]] = {}
-    for image_id, path, raw, size, mtime in files:
-        paths.setdefault(image_id, []).append((raw or path, size, mtime))
+        paths = image_paths(session, [i for i, _ in rows])
     ids, hashes, crops = [], [], []
     for image_id, sha in rows:
         crop = load_pixels(paths.get(image_id, []), model.preprocess, True, DEFAULT_MAX_PIXELS)
@@ -244,7 +237,7 @@ def load_for_predict(db: Database, model_id: str, label_set: LabelSet, *, device
     """The model predict runs, and the runtime's name (what worker processes load).
     On a CPU, `auto` takes the stored choice for this workspace, or measures when there
     are MEASURE_FROM images or more (or `measure`), else runs torch's default unmeasured:
-    measuring costs about a minute on ViT-B/32, more than it saves on a small folder."""
+    measuring costs about 100 s on ViT-B/32, more than it saves on a small folder."""
     from ..model import load_model, resolve_device
 
     if dtype not in ("auto", "ov-int8") or resolve_device(device).type != "cpu":
