@@ -25,4 +25,11 @@ if [ "$workers" -gt 1 ]; then
   export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 fi
 # pytest exits 5 when it collects nothing: set -e turns that into a failure.
-python -m pytest "${parallel[@]}" "$@"
+if printf '%s\n' "$@" | grep -q '^tests'; then  # a chosen file or test: one run
+  python -m pytest "${parallel[@]}" "$@"
+  exit
+fi
+# OpenVINO's tests run in a process of their own: twice, the test process that had run
+# them segfaulted in the next test (not understood yet; alone they pass and exit cleanly).
+python -m pytest "${parallel[@]}" --ignore=tests/test_runtimes.py "$@"
+python -m pytest tests/test_runtimes.py "$@"
