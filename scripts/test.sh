@@ -32,4 +32,8 @@ fi
 # OpenVINO's tests run in a process of their own: twice, the test process that had run
 # them segfaulted in the next test (not understood yet; alone they pass and exit cleanly).
 python -m pytest "${parallel[@]}" --ignore=tests/test_runtimes.py "$@"
-python -m pytest tests/test_runtimes.py "$@"
+status=0
+python -m pytest tests/test_runtimes.py "$@" || status=$?
+# 5: every test of that file deselected (-m "not slow"): the first run has checked that
+# something was collected
+[ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"
