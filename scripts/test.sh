@@ -25,16 +25,4 @@ if [ "$workers" -gt 1 ]; then
   export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 fi
 # pytest exits 5 when it collects nothing: set -e turns that into a failure.
-if printf '%s\n' "$@" | grep -q '^tests'; then  # a chosen file or test: one run
-  python -m pytest "${parallel[@]}" "$@"
-  exit
-fi
-# OpenVINO's tests run in a process of their own: in three CI runs, the process that had
-# run them died in the next test (a segfault in one process, a lost xdist worker twice).
-# Not understood yet; alone they pass and their process exits cleanly.
-python -m pytest "${parallel[@]}" --ignore=tests/test_runtimes.py "$@"
-status=0
-python -m pytest tests/test_runtimes.py "$@" || status=$?
-# 5: every test of that file deselected (-m "not slow"): the first run has checked that
-# something was collected
-[ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"
+python -m pytest "${parallel[@]}" "$@"

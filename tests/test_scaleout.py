@@ -68,8 +68,8 @@ def test_four_workers_on_postgres_encode_each_image_exactly_once(pg_url, tmp_pat
     ingest(db, [tmp_path / "photos"])
 
     # As a user runs it, in a process of its own: its 4 spawned workers then share nothing
-    # with the test's process (under pytest-xdist, that process talks to the controller
-    # over its stdin and stdout; in-process, one run took that worker down).
+    # with the test's process. (A test process that went down here had compiled many
+    # OpenVINO towers just before: see runtimes/openvino.py, core().)
     result = subprocess.run(CLI + ["predict", "--labels", str(labels), "--model",
                                    str(tiny_clip_dir), "--workers", "4", "--batch-size", "4",
                                    "--device", "cpu"], env=cli_env(pg_url),

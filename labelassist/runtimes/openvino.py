@@ -9,6 +9,7 @@ the same boundary. The text tower stays in torch: it runs once per prompt set.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -31,6 +32,20 @@ def require_openvino():
     except ImportError:
         raise ModelLoadError(f"the OpenVINO runtime is not installed: {INSTALL_HINT}") from None
     return openvino
+
+
+@functools.lru_cache(maxsize=1)
+def core():
+    """One OpenVINO Core per process. Each Core brings its own CPU plugin and thread
+    pools: with a new one per compiled tower, a process that had compiled a dozen and
+    then started worker processes segfaulted (tests/test_runtimes.py then
+    tests/test_feed.py in one pytest process, 3 runs out of 3; with one Core, 0 of 3)."""
+    return require_openvino().Core()
+
+
+def version() -> str:
+    """OpenVINO's release, without its build tag."""
+    return require_openvino().__version__.split("-")[0]
 
 
 def available() -> bool:
@@ -60,9 +75,8 @@ class _Tower(torch.nn.Module):
 
 
 def _tower_dir(model_key: str, tag: str) -> Path:
-    ov = require_openvino()
     safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in model_key)
-    return cache_dir() / f"{safe}-ov{ov.__version__.split('-')[0]}" / tag
+    return cache_dir() / f"{safe}-ov{version()}" / tag
 
 
 def _save_atomically(ov_model, target: Path) -> Path:
@@ -114,7 +128,6 @@ def quantise_tower(fp32_ir: Path, model_key: str, tag: str,
     target = quantised_tower_path(model_key, tag)
     if target.is_file():
         return target
-    ov = require_openvino()
     try:
         import nncf
     except ImportError:
@@ -126,7 +139,7 @@ def quantise_tower(fp32_ir: Path, model_key: str, tag: str,
 
     nncf.set_log_level(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):  # its progress bars: noise in our output
-        quantised = nncf.quantize(ov.Core().read_model(fp32_ir), nncf.Dataset(calibration),
+        quantised = nncf.quantize(core().read_model(fp32_ir), nncf.Dataset(calibration),
                                   model_type=nncf.ModelType.TRANSFORMER,
                                   subset_size=len(calibration))
     return _save_atomically(quantised, target.parent)
@@ -136,13 +149,11 @@ class CompiledTower:
     """A compiled IR: (B, 3, H, W) float32 normalised pixels -> (B, D) float32 features."""
 
     def __init__(self, ir: Path, precision: str, threads: int | None = None):
-        ov = require_openvino()
-        core = ov.Core()
-        core.set_property({"CACHE_DIR": str(cache_dir() / "compiled")})
         self.ir, self.precision = ir, precision
-        self.compiled = core.compile_model(str(ir), "CPU", {
+        self.compiled = core().compile_model(str(ir), "CPU", {
             "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "CACHE_DIR": str(cache_dir() / "compiled")})
         self.request = self.compiled.create_infer_request()
         self.lock = threading.Lock()  # one request: serve may encode from several threads
 
@@ -169,13 +180,15 @@ def on_openvino(model, runtime: str, calibration: list[np.ndarray] | None = None
         raise ModelLoadError("OpenVINO runs the image tower on the CPU: use --device cpu")
     if model.runtime or model.dtype != torch.float32:
         raise ValueError("on_openvino needs the torch fp32 model")
-    ir = fp32 = export_tower(model.model, model.model_key, model.preprocess.output_size)
     if kind == "ov-int8":
         ir = quantised_tower_path(model.model_key, tag)
-        if not ir.is_file():
+        if not ir.is_file():  # the fp32 IR is only needed to calibrate a new one
             if calibration is None:
                 raise ModelLoadError(f"no int8 tower calibrated as {tag} in {cache_dir()}: "
                                      "run predict --dtype auto to measure and calibrate again")
+            fp32 = export_tower(model.model, model.model_key, model.preprocess.output_size)
             ir = quantise_tower(fp32, model.model_key, tag, calibration)
+    else:
+        ir = export_tower(model.model, model.model_key, model.preprocess.output_size)
     return dataclasses.replace(model, tower=CompiledTower(ir, PRECISIONS[kind]),
                                runtime=runtime)
