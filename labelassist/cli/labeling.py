@@ -285,14 +285,15 @@ def runtimes(
 
 
 def run_predict_processes(db, labels, model, options, device, dtype, workers):
-    from ..runtimes.choice import load_for_predict
+    from ..runtimes.choice import load_for_predict, needs_choice
     from ..status import progress_of
     from ..worker import predict_in_processes
 
     label_set = load_label_file(labels)
     database = open_db(db)  # upgrades the schema once, before the workers start
     model_id = resolve_model_id(model, label_set)
-    if not options.exact:  # the runtime is chosen once, here; each worker loads it by name
+    if not options.exact and needs_choice(device, dtype):
+        # chosen once, here (it loads the model); each worker then loads it by name
         dtype = load_for_predict(database, model_id, label_set, device=device, dtype=dtype,
                                  log=lambda line: err.print(line, markup=False))[1]
     err.print(f"starting {workers} worker processes ...", markup=False)

@@ -37,7 +37,7 @@ from . import openvino as ov_runtime
 SAMPLE = 256            # images measured
 MIN_AGREEMENT = 0.995   # top-1 agreement with fp32, at least
 MAX_DRIFT = 0.02        # mean |change| of the top-1 probability, at most
-MEASURE_FROM = 5000     # pending images from which predict measures on its own
+MEASURE_FROM = 5000     # images in the workspace from which predict measures on its own
 BATCH = 32
 
 Log = Callable[[str], None]
@@ -70,9 +70,7 @@ def software() -> str:
 
     parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
     if ov_runtime.available():
-        import openvino
-
-        parts.append(f"openvino {openvino.__version__.split('-')[0]}")
+        parts.append(f"openvino {ov_runtime.version()}")
     return ", ".join(parts)
 
 
@@ -160,23 +158,31 @@ def _encode(model: LoadedModel, pixels: torch.Tensor) -> tuple[torch.Tensor, flo
 
 
 def _candidates(reference: LoadedModel, hashes: list[str], pixels: torch.Tensor):
-    def torch_copy(dtype):
-        module = copy.deepcopy(reference.model)
-        if dtype == "int8":
-            return dataclasses.replace(reference, model=quantise_int8(module))
-        return dataclasses.replace(reference, model=module.to(torch.bfloat16),
-                                   dtype=torch.bfloat16)
+    """(name, build) of each runtime to try. torch's are built on a copy of the
+    reference, which the measurement still needs as it was."""
+    def on_a_copy(name: str):
+        return lambda: apply_runtime(
+            dataclasses.replace(reference, model=copy.deepcopy(reference.model)), name)
 
     if cpu_has_fast_bf16():
-        yield "bf16", lambda: torch_copy("bf16")
-    yield "int8", lambda: torch_copy("int8")
+        yield "bf16", on_a_copy("bf16")
+    yield "int8", on_a_copy("int8")
     if not ov_runtime.available():
         return
     if cpu_has_fast_bf16():
         yield "ov-bf16", lambda: ov_runtime.on_openvino(reference, "ov-bf16")
-    tag = ov_runtime.calibration_tag(hashes)
-    yield f"ov-int8.{tag}", lambda: ov_runtime.on_openvino(
-        reference, f"ov-int8.{tag}", calibration=normalised(reference, pixels))
+    name = int8_name(hashes)
+    yield name, lambda: calibrated_int8(reference, name, pixels)
+
+
+def int8_name(hashes: list[str]) -> str:
+    """The OpenVINO int8 runtime calibrated on these images (by their content hashes)."""
+    return f"ov-int8.{ov_runtime.calibration_tag(hashes)}"
+
+
+def calibrated_int8(reference: LoadedModel, name: str, pixels: torch.Tensor) -> LoadedModel:
+    """The reference with an int8 tower calibrated on these uint8 crops (cached)."""
+    return ov_runtime.on_openvino(reference, name, calibration=normalised(reference, pixels))
 
 
 def normalised(model: LoadedModel, pixels: torch.Tensor) -> list[np.ndarray]:
@@ -231,16 +237,24 @@ def apply_runtime(reference: LoadedModel, runtime: str) -> LoadedModel:
     return ov_runtime.on_openvino(reference, runtime)
 
 
+def needs_choice(device: str, dtype: str) -> bool:
+    """Whether the runtime comes from this workspace (measured, or calibrated on it):
+    --dtype auto or ov-int8 on a CPU. Elsewhere the name alone says what to load."""
+    from ..model import resolve_device
+
+    return dtype in ("auto", "ov-int8") and resolve_device(device).type == "cpu"
+
+
 def load_for_predict(db: Database, model_id: str, label_set: LabelSet, *, device: str,
-                     dtype: str, log: Log = lambda message: None, sample: int = SAMPLE,
-                     measure: bool = False) -> tuple[LoadedModel, str]:
+                     dtype: str, log: Log = lambda message: None,
+                     sample: int = SAMPLE) -> tuple[LoadedModel, str]:
     """The model predict runs, and the runtime's name (what worker processes load).
     On a CPU, `auto` takes the stored choice for this workspace, or measures when there
-    are MEASURE_FROM images or more (or `measure`), else runs torch's default unmeasured:
-    measuring costs about 100 s on ViT-B/32, more than it saves on a small folder."""
-    from ..model import load_model, resolve_device
+    are MEASURE_FROM images or more, else runs torch's default unmeasured: measuring
+    costs about 100 s on ViT-B/32, more than it saves on a small folder."""
+    from ..model import load_model
 
-    if dtype not in ("auto", "ov-int8") or resolve_device(device).type != "cpu":
+    if not needs_choice(device, dtype):
         return load_model(model_id, device=device, dtype=dtype), dtype
     reference = load_model(model_id, device="cpu", dtype="fp32")
     if dtype == "ov-int8":
@@ -248,12 +262,11 @@ def load_for_predict(db: Database, model_id: str, label_set: LabelSet, *, device
         if not ids:
             raise ConfigError("--dtype ov-int8 calibrates on the workspace's images, and it "
                               "has none that decode: ingest some first")
-        name = f"ov-int8.{ov_runtime.calibration_tag(hashes)}"
         log(f"calibrating int8 on {len(ids):,} of this workspace's images ...")
-        return ov_runtime.on_openvino(reference, name,
-                                      calibration=normalised(reference, pixels)), name
+        name = int8_name(hashes)
+        return calibrated_int8(reference, name, pixels), name
     choice = stored_choice(db, reference, label_set)
-    if choice is None and (measure or _workspace_images(db) >= MEASURE_FROM):
+    if choice is None and _workspace_has(db, MEASURE_FROM):
         choice = measure_runtimes(db, reference, label_set, sample=sample, log=log).to_json()
     if choice is None:
         name = "bf16" if cpu_has_fast_bf16() else "fp32"
@@ -269,9 +282,9 @@ def load_for_predict(db: Database, model_id: str, label_set: LabelSet, *, device
     return model, choice["runtime"]
 
 
-def _workspace_images(db: Database) -> int:
-    from sqlalchemy import func
-
+def _workspace_has(db: Database, count: int) -> bool:
+    """Whether the workspace holds `count` decodable images: a bounded scan, not a count
+    of every image at each start of predict."""
     with db.read() as session:
-        return session.scalar(select(func.count()).select_from(Image)
-                              .where(Image.error.is_(None)))
+        return session.scalar(select(Image.id).where(Image.error.is_(None))
+                              .order_by(Image.id).offset(count - 1).limit(1)) is not None
