@@ -30,8 +30,7 @@ import torch  # noqa: E402
 from throughput import LABELS, blog_loop, photo_crops, synthetic_jpegs  # noqa: E402
 
 from labelassist.model import cpu_identity, load_model  # noqa: E402
-from labelassist.runtimes.choice import apply_runtime, normalised  # noqa: E402
-from labelassist.runtimes.openvino import calibration_tag  # noqa: E402
+from labelassist.runtimes.choice import apply_runtime, calibrated_int8, int8_name  # noqa: E402
 
 RUNTIMES = ("fp32", "bf16", "int8", "ov-bf16", "ov-int8")
 
@@ -49,12 +48,9 @@ def tower_ceiling(model, seconds: float, batch: int = 32) -> float:
 
 def runtime_model(model_dir: Path, name: str, calibration: torch.Tensor):
     reference = load_model(str(model_dir), device="cpu", dtype="fp32")
-    if name == "ov-int8":
-        hashes = [str(i) for i in range(len(calibration))]
-        from labelassist.runtimes.openvino import on_openvino
-
-        return on_openvino(reference, f"ov-int8.{calibration_tag(hashes)}",
-                           calibration=normalised(reference, calibration))
+    if name == "ov-int8":  # calibrated as predict calibrates, on these crops
+        tag = int8_name([f"crop {i}" for i in range(len(calibration))])
+        return calibrated_int8(reference, tag, calibration)
     return apply_runtime(reference, name)
 
 
