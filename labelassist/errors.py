@@ -23,3 +23,7 @@ class LabelStudioError(LabelAssistError):
 
 class ExportError(LabelAssistError):
     """An export could not be written."""
+
+
+class ClusterError(LabelAssistError):
+    """A Ray cluster could not be reached, or could not run the work (predict --ray)."""

@@ -124,6 +124,20 @@ def _collate(items: list[tuple[int, np.ndarray | BadImage]]) -> tuple:
             [(i, r.reason, r.detail) for i, r in items if isinstance(r, BadImage)])
 
 
+def decode_jobs(jobs: list[Job], preprocess: Preprocess, *, draft: bool,
+                max_pixels: int) -> tuple[list[int], np.ndarray | None, list[tuple]]:
+    """One batch decoded wherever it runs (a Ray task on another node): the ids that
+    decoded, their stacked uint8 crops, and (id, reason, detail) for the rest."""
+    ids, pixels, bad = _collate([(i, load_pixels(paths, preprocess, draft, max_pixels))
+                                 for i, paths in jobs])
+    return ids, None if pixels is None else pixels.numpy(), bad
+
+
+def batch_from_decoded(ids: list[int], pixels, bad: list[tuple]) -> Batch:
+    """The inverse of _collate and decode_jobs, back in the process that writes."""
+    return Batch(ids, pixels, [(i, BadImage(reason, detail)) for i, reason, detail in bad])
+
+
 def _process_batches(jobs: Iterable[list[Job]], decode_one: Callable, workers: int,
                      pin_memory: bool, prefetch: int) -> Iterator[Batch]:
     loader = torch.utils.data.DataLoader(
@@ -131,7 +145,7 @@ def _process_batches(jobs: Iterable[list[Job]], decode_one: Callable, workers: i
         num_workers=workers, pin_memory=pin_memory, prefetch_factor=max(1, prefetch),
         worker_init_fn=_quiet_worker)
     for ids, pixels, bad in loader:
-        yield Batch(ids, pixels, [(i, BadImage(reason, detail)) for i, reason, detail in bad])
+        yield batch_from_decoded(ids, pixels, bad)
 
 
 def _quiet_worker(_: int) -> None:

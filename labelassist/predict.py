@@ -117,9 +117,11 @@ def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
                     options: PredictOptions = PredictOptions(), *,
                     on_progress: Progress | None = None,
                     stop: threading.Event | None = None,
-                    only: Collection[int] | None = None) -> PredictSummary:
+                    only: Collection[int] | None = None,
+                    encode: Callable[[Run], None] | None = None) -> PredictSummary:
     """Predict the pending images of an existing model_version (its own prompt set);
-    `only` limits the run to those images."""
+    `only` limits the run to those images. `encode` replaces the local encode phase
+    (Run.encode_pending): predict --ray encodes on a cluster (distributed/)."""
     if model.model_key != version.model_key:
         from .errors import ModelLoadError
 
@@ -131,12 +133,12 @@ def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
     summary = PredictSummary(model_version=version.name)
     total = count_pending(db, version, only)
     worker_id = register_worker(db, version.id)
-    run = _Run(db, model, classifier, version, worker_id, options, summary,
+    run = Run(db, model, classifier, version, worker_id, options, summary,
                lambda: on_progress(summary.predicted + sum(summary.failed.values()), total)
                if on_progress else None, stop or threading.Event(), only)
     try:
         run.rescore_stored()
-        run.encode_pending()
+        (encode or Run.encode_pending)(run)
         if only is None:  # a whole run, not serve's few tasks: one scan of the version
             run.measure_similarities()
     finally:
@@ -156,7 +158,7 @@ def image_paths(session, ids: list[int]) -> dict[int, list[tuple]]:
     return paths
 
 
-class _Run:
+class Run:
     def __init__(self, db, model, classifier, version, worker_id, options, summary, progress,
                  stop, only=None):
         self.db, self.model, self.classifier = db, model, classifier
@@ -172,7 +174,7 @@ class _Run:
                         only=self.only)
 
     def rescore_stored(self) -> None:
-        with _Writer(self) as writer:
+        with Writer(self) as writer:
             while ids := self.claim(RESCORE_CHUNK, stored=True):
                 with self.db.read() as session:
                     rows = session.execute(select(Embedding.image_id, Embedding.vector).where(
@@ -220,7 +222,7 @@ class _Run:
                                   max_pixels=self.options.max_pixels, plan=plan,
                                   pin_memory=self.model.device.type == "cuda",
                                   prefetch=self.options.prefetch_batches)
-        with _Writer(self) as writer:
+        with Writer(self) as writer:
             for batch in batches:
                 vectors = None
                 if batch.ids:
@@ -284,12 +286,12 @@ class _Run:
             release_claims(session, self.worker_id, version.id, ids + [i for i, _ in final])
 
 
-class _Writer:
+class Writer:
     """Writes batches on one background thread, in order, while the caller encodes the
     next one. Probabilities are computed here, on the caller's thread (torch stays on one
     thread); at most `depth` writes wait, and a failed write raises in the caller."""
 
-    def __init__(self, run: _Run, depth: int = 2):
+    def __init__(self, run: Run, depth: int = 2):
         self.run, self.depth = run, depth
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="write")
         self.pending: deque[Future] = deque()
@@ -302,7 +304,7 @@ class _Writer:
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
             self.pending.popleft().result()
 
-    def __enter__(self) -> "_Writer":
+    def __enter__(self) -> "Writer":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import DEFAULT_DB, LABEL_FILE_HELP, load_label_file
+from ..errors import ConfigError
 from . import (
     DbOpt,
     LabelsOpt,
@@ -214,8 +215,16 @@ get a new version; old predictions stay. Images whose embedding is already store
 are re-scored without being decoded again. Ctrl-C or a crash loses at most the
 batch in flight: run the command again to continue.
 
+On a Ray cluster (pip install 'labelassist[ray]'): --ray auto joins the cluster in
+RAY_ADDRESS, or starts one on this machine; --ray HOST:PORT joins that one. Run it on
+the head node. Every node must see the images at the same paths (a shared mount) and
+the model under the same id or folder. Decoding runs as Ray tasks across the cluster,
+encoding in actors (one per GPU, or one per CPU node), and this process writes the
+ledger, as a local predict does.
+
 """ + LABEL_FILE_HELP + """
 Example: labelassist predict --labels examples/animals/labels.toml --batch-size 64
+Example: labelassist predict --ray auto
 """
 
 
@@ -243,9 +252,23 @@ def predict(
                                          "point at the same --db (PostgreSQL).")] = 1,
     feed: FeedOpt = "auto",
     decode_workers: DecodeWorkersOpt = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="ADDRESS", help="Run on a Ray cluster: auto (RAY_ADDRESS, else a "
+        "local one) or HOST:PORT of its head.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(
+        min=1, help="Encoder actors on the cluster (default: one per GPU, else one per "
+        "node).")] = None,
+    ray_actor_cpus: Annotated[Optional[float], typer.Option(
+        min=0.1, help="CPUs each encoder actor reserves; its torch threads (default: 1 "
+        "beside a GPU, else all of a node's CPUs but one).")] = None,
 ) -> None:
     options = predict_options(batch_size, feed, decode_workers, exact)
-    if workers > 1:
+    if ray is not None:
+        summary = run_predict_ray(db, labels, model, options, device, dtype, workers, ray,
+                                  ray_actors, ray_actor_cpus)
+    elif ray_actors or ray_actor_cpus:
+        raise ConfigError("--ray-actors and --ray-actor-cpus go with --ray ADDRESS")
+    elif workers > 1:
         summary = run_predict_processes(db, labels, model, options, device, dtype, workers)
     else:
         summary = run_predict(db, labels, model, options, device, dtype, threads)
@@ -309,6 +332,31 @@ def run_predict_processes(db, labels, model, options, device, dtype, workers):
                                     options=options, on_tick=tick)
 
 
+def run_predict_ray(db, labels, model, options, device, dtype, workers, address, actors,
+                    actor_cpus):
+    from ..distributed.driver import RayOptions, check_address, predict_on_ray
+    from ..model import load_model
+
+    if options.feed != "auto" or options.decode_workers:
+        raise ConfigError("--feed and --decode-workers are for a local predict: on --ray, "
+                          "decode tasks run across the cluster")
+    if workers > 1:
+        raise ConfigError("--workers and --ray: choose one (on --ray the cluster's actors "
+                          "are the workers; see --ray-actors)")
+    check_address(address)
+    label_set = load_label_file(labels)
+    database = open_db(db)
+    # The driver embeds the prompts and names the model_version; the actors load the
+    # model by the same id, on the device Ray gives them.
+    reference = load_model(resolve_model_id(model, label_set), device="cpu", dtype="fp32")
+    with progress_bar("predict") as on_progress:
+        return predict_on_ray(database, reference, label_set, options,
+                              RayOptions(address, actors, actor_cpus), device=device,
+                              dtype="fp32" if options.exact else dtype,
+                              on_progress=on_progress,
+                              log=lambda line: err.print(line, markup=False))
+
+
 def run_predict(db, labels, model, options, device, dtype, threads):
     from ..predict import predict as run
     from ..runtimes.choice import load_for_predict
@@ -352,7 +400,6 @@ def predictions(
 
     Example: labelassist predictions --format csv > predictions.csv
     """
-    from ..errors import ConfigError
     from ..export import spreadsheet_safe
     from ..queries import prediction_records, resolve_version
 
