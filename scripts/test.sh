@@ -17,7 +17,8 @@ export HF_HUB_OFFLINE=1
 workers="${LABELASSIST_TEST_WORKERS:-2}"
 parallel=()
 if [ "$workers" -gt 1 ]; then
-  parallel=(-n "$workers")
+  # --dist loadgroup: the Ray tests share one local cluster, so they run in one worker.
+  parallel=(-n "$workers" --dist loadgroup)
   # Two workers share the cores, and OpenMP's threads spin while they wait for each other:
   # 100 steps of toy training took 48 s beside a busy core, 27 s with passive waiting,
   # 21 s alone. (The waiting policy changes no result.)
