@@ -124,12 +124,16 @@ def _collate(items: list[tuple[int, np.ndarray | BadImage]]) -> tuple:
             [(i, r.reason, r.detail) for i, r in items if isinstance(r, BadImage)])
 
 
-def decode_jobs(jobs: list[Job], preprocess: Preprocess, *, draft: bool,
-                max_pixels: int) -> tuple[list[int], np.ndarray | None, list[tuple]]:
-    """One batch decoded wherever it runs (a Ray task on another node): the ids that
-    decoded, their stacked uint8 crops, and (id, reason, detail) for the rest."""
-    ids, pixels, bad = _collate([(i, load_pixels(paths, preprocess, draft, max_pixels))
-                                 for i, paths in jobs])
+def decode_jobs(jobs: list[Job], preprocess: Preprocess, *, draft: bool, max_pixels: int,
+                pool: ThreadPoolExecutor | None = None
+                ) -> tuple[list[int], np.ndarray | None, list[tuple]]:
+    """One batch decoded wherever it runs (a Ray actor on another node), in `pool`'s
+    threads if given: the ids that decoded, their stacked uint8 crops, and
+    (id, reason, detail) for the rest."""
+    decode_one = partial(load_pixels, preprocess=preprocess, draft=draft,
+                         max_pixels=max_pixels)
+    results = (pool.map if pool else map)(decode_one, [paths for _, paths in jobs])
+    ids, pixels, bad = _collate([(i, r) for (i, _), r in zip(jobs, results)])
     return ids, None if pixels is None else pixels.numpy(), bad
 
 

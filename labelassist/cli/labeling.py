@@ -218,9 +218,9 @@ batch in flight: run the command again to continue.
 On a Ray cluster (pip install 'labelassist[ray]'): --ray auto joins the cluster in
 RAY_ADDRESS, or starts one on this machine; --ray HOST:PORT joins that one. Run it on
 the head node. Every node must see the images at the same paths (a shared mount) and
-the model under the same id or folder. Decoding runs as Ray tasks across the cluster,
-encoding in actors (one per GPU, or one per CPU node), and this process writes the
-ledger, as a local predict does.
+the model under the same id or folder. Encoding runs in actors (one per GPU, or one per
+CPU node), each with a decoder actor on its node, and this process writes the ledger,
+as a local predict does.
 
 """ + LABEL_FILE_HELP + """
 Example: labelassist predict --labels examples/animals/labels.toml --batch-size 64
@@ -339,7 +339,7 @@ def run_predict_ray(db, labels, model, options, device, dtype, workers, address,
 
     if options.feed != "auto" or options.decode_workers:
         raise ConfigError("--feed and --decode-workers are for a local predict: on --ray, "
-                          "decode tasks run across the cluster")
+                          "decoding runs on the cluster's nodes")
     if workers > 1:
         raise ConfigError("--workers and --ray: choose one (on --ray the cluster's actors "
                           "are the workers; see --ray-actors)")

@@ -1,7 +1,7 @@
 """The driver of predict --ray: connect, place encoder actors, stream claimed batches
 through the cluster, and write what comes back.
 
-Why Ray tasks and actors, driven from here, rather than a Ray Data dataset: the work
+Why Ray actors, driven from here, rather than a Ray Data dataset: the work
 queue is the ledger. Claims are taken as the cluster asks for work (a bounded number of
 batches in flight), so the driver holds ledger rows for those batches only, never pixels
 and never the whole pending list, and it shares the queue with local predicts and
@@ -35,7 +35,7 @@ from ..predict import (
     predict_version,
 )
 from . import import_ray
-from .encoder import Encoder, decode_batch
+from .encoder import Encoder
 
 Log = Callable[[str], None]
 MAX_ATTEMPTS = 4        # a batch whose node, task or actor died is sent again, this often
@@ -59,6 +59,7 @@ class ClusterPlan:
     resources: dict        # what each actor reserves (num_cpus, num_gpus)
     threads: int           # torch threads in each actor
     nodes: int
+    decode_threads: int    # in the decoder beside each actor
 
     def describe(self) -> str:
         return (f"Ray: {self.actors} encoder actor{'s' * (self.actors != 1)} on {self.device}, "
@@ -139,7 +140,8 @@ def plan_cluster(ray, options: RayOptions, device: str) -> ClusterPlan:
     if gpus and device != "cpu":
         cpus = options.actor_cpus or 1.0
         return ClusterPlan(options.actors or int(gpus), "cuda",
-                           {"num_gpus": 1, "num_cpus": cpus}, max(1, round(cpus)), len(nodes))
+                           {"num_gpus": 1, "num_cpus": cpus}, max(1, round(cpus)), len(nodes),
+                           decode_threads=8)
     cpu_nodes = [r["CPU"] for r in nodes if r.get("CPU", 0) > 0]
     if not cpu_nodes:
         raise ClusterError("the Ray cluster has no CPU to run on")
@@ -151,22 +153,27 @@ def plan_cluster(ray, options: RayOptions, device: str) -> ClusterPlan:
         raise ConfigError(f"--ray-actor-cpus {cpus:g}: no node of the cluster has that many "
                           f"(the largest has {max(cpu_nodes):g})")
     return ClusterPlan(options.actors or len(cpu_nodes), "cpu", {"num_cpus": cpus},
-                       max(1, round(cpus)), len(nodes))
+                       max(1, round(cpus)), len(nodes), decode_threads=1)
 
 
 class EncoderPool:
     """The encoder actors: started, checked, replaced when one dies. An actor gets work
     only once it has loaded the model, and at most PER_ACTOR batches at a time."""
 
-    def __init__(self, ray, plan: ClusterPlan, model_id: str, dtype: str, model_key: str):
+    def __init__(self, ray, plan: ClusterPlan, model_id: str, dtype: str, model_key: str,
+                 decoder_args: tuple):
         self.ray, self.plan, self.model_key = ray, plan, model_key
-        self.args = (model_id, plan.device, dtype, plan.threads)
+        # Decoders reserve no CPU: the driver bounds their work (PER_ACTOR batches), and
+        # a reservation could starve them behind an actor waiting to be placed.
+        self.args = (model_id, plan.device, dtype, plan.threads, decoder_args,
+                     {"num_cpus": 0, "max_restarts": 0, "max_concurrency": PER_ACTOR})
         self.actor_class = ray.remote(Encoder).options(
             max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD", **plan.resources)
         self.load: dict = {}       # ready actor -> batches in flight
-        self.node: dict = {}       # ready actor -> the node it runs on
+        self.decoder: dict = {}    # ready actor -> the decoder on its node
         self.starting: dict = {}   # describe() ref -> actor still loading the model
         self.waiting_since = time.monotonic()
+        self.ready_after = 0.0     # when the first actor was ready
         for _ in range(plan.actors):
             self.start_one()
 
@@ -195,14 +202,15 @@ class EncoderPool:
             raise ClusterError(f"the encoder on {info['host']} loaded {info['model_key']}, and "
                                f"this driver {self.model_key}: every node must see the same "
                                "model files")
-        self.load[actor], self.node[actor] = 0, info["node"]
+        self.load[actor], self.decoder[actor] = 0, info["decoder"]
+        self.ready_after = self.ready_after or time.monotonic()
 
     def lost(self, actor) -> None:
         """An actor died (its node went down): replace it; Ray places the new one where
         resources are free."""
         if self.load.pop(actor, None) is not None:
-            self.node.pop(actor, None)
-            self.ray.kill(actor, no_restart=True)  # unreachable, maybe alive: free its place
+            for dead in (actor, self.decoder.pop(actor)):  # unreachable, maybe alive
+                self.ray.kill(dead, no_restart=True)
             self.start_one()
 
     def check_progress(self) -> None:
@@ -215,28 +223,26 @@ class EncoderPool:
 
 
 class RayEncode:
-    """Run.encode_pending on a cluster: claimed batches -> decode tasks -> encoder actors
+    """Run.encode_pending on a cluster: claimed batches -> decoder actors -> encoder actors
     -> the driver's writer, with a bounded number of batches in flight."""
 
     def __init__(self, ray, plan: ClusterPlan, model_id: str, dtype: str,
                  options: PredictOptions, log: Log):
         self.ray, self.plan, self.model_id, self.dtype = ray, plan, model_id, dtype
         self.options, self.log = options, log
-        # A batch is decoded on the node of the actor that encodes it: only file bytes
-        # cross the network, never pixels. Decode tasks reserve no CPU: the driver bounds
-        # them (PER_ACTOR batches per actor), and a reservation could starve them behind
-        # an actor waiting to be placed, which in turn waits for them.
-        self.decode = ray.remote(decode_batch)
 
     def __call__(self, run: Run) -> None:
         jobs = run.jobs()
         first = next(jobs, None)
         if first is None:
             return  # nothing to decode: place no actors
-        run.summary.feed = self.plan.describe()
+        started, cpu = time.monotonic(), time.process_time()
+        # A batch is decoded on the node of the actor that embeds it: only file bytes
+        # cross the network, never pixels.
         pool = EncoderPool(self.ray, self.plan, self.model_id, self.dtype,
-                           run.version.model_key)
-        preprocess = self.ray.put(run.model.preprocess)
+                           run.version.model_key,
+                           (run.model.preprocess, not self.options.exact,
+                            self.options.max_pixels, self.plan.decode_threads))
         retry: list[tuple[list, int]] = [(first, 0)]
         inflight: dict = {}  # encode ref -> (jobs, actor, attempts)
         exhausted = False
@@ -251,19 +257,17 @@ class RayEncode:
                     else:
                         exhausted = True
                         break
-                    decoded = self.decode.options(
-                        num_cpus=0, scheduling_strategy=self.near(pool, actor)).remote(
-                        chunk, preprocess, not self.options.exact, self.options.max_pixels)
+                    decoded = pool.decoder[actor].decode.remote(chunk)
                     inflight[actor.encode.remote(decoded)] = (chunk, actor, attempts)
                     pool.load[actor] += 1
                 if inflight or pool.starting:
                     self.wait(pool, inflight, retry, results)
             results.flush()
-
-    def near(self, pool: EncoderPool, actor):
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        return NodeAffinitySchedulingStrategy(pool.node[actor], soft=True)
+        done = run.summary.encoded + sum(run.summary.failed.values())
+        run.summary.feed = (f"{self.plan.describe()}; actors ready in "
+                            f"{pool.ready_after - started:.0f} s; driver "
+                            f"{1000 * (time.process_time() - cpu) / max(1, done):.1f} ms CPU "
+                            "per image")
 
     def wait(self, pool: EncoderPool, inflight: dict, retry: list, results: "_Results") -> None:
         ready, _ = self.ray.wait([*inflight, *pool.starting], num_returns=1,
