@@ -236,6 +236,7 @@ def test_ray_errors_are_one_line(labels, tmp_path, monkeypatch):
         ("nowhere",): "error: --ray nowhere: give HOST:PORT of the cluster's head",
         ("auto", "--workers", "2"): "error: --workers and --ray: choose one",
         ("auto", "--feed", "processes"): "error: --feed and --decode-workers are for a local",
+        ("auto", "--dtype", "ov-int8"): "error: --dtype ov-int8 is not available with --ray",
     }
     for args, message in cases.items():
         result = runner.invoke(app, ["predict", "--db", url, "--labels", str(labels),

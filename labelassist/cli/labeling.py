@@ -334,7 +334,7 @@ def run_predict_processes(db, labels, model, options, device, dtype, workers):
 
 def run_predict_ray(db, labels, model, options, device, dtype, workers, address, actors,
                     actor_cpus):
-    from ..distributed.driver import RayOptions, check_address, predict_on_ray
+    from ..distributed.driver import RayOptions, check_address, check_dtype, predict_on_ray
     from ..model import load_model
 
     if options.feed != "auto" or options.decode_workers:
@@ -343,6 +343,7 @@ def run_predict_ray(db, labels, model, options, device, dtype, workers, address,
     if workers > 1:
         raise ConfigError("--workers and --ray: choose one (on --ray the cluster's actors "
                           "are the workers; see --ray-actors)")
+    check_dtype(dtype)
     check_address(address)
     label_set = load_label_file(labels)
     database = open_db(db)

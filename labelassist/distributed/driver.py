@@ -72,9 +72,7 @@ def predict_on_ray(db: Database, model: LoadedModel, label_set: LabelSet,
                    log: Log = lambda line: None) -> PredictSummary:
     """predict, with the encode phase on a Ray cluster. `model` (here, on the driver)
     embeds the prompts and names the model_version; each actor loads model.model_id."""
-    if dtype.startswith("ov-"):
-        raise ConfigError(f"--dtype {dtype} is not available with --ray yet: use fp32, bf16, "
-                          "int8 or auto")
+    check_dtype(dtype)
     ray = import_ray()
     started_here = connect(ray, ray_options.address, log)
     try:
@@ -86,6 +84,12 @@ def predict_on_ray(db: Database, model: LoadedModel, label_set: LabelSet,
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype.startswith("ov-"):
+        raise ConfigError(f"--dtype {dtype} is not available with --ray yet: use fp32, bf16, "
+                          "int8 or auto")
 
 
 def connect(ray, address: str, log: Log) -> bool:
