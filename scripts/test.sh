@@ -11,8 +11,8 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-# Two pytest workers (pytest-xdist) by default, one per core: the suite takes about 14
-# minutes that way on the 2-core machine, and about 20 in one process.
+# Two pytest workers (pytest-xdist) by default, one per core: the suite took 17 min 49 s
+# that way on the 2-core machine (14 minutes before the Ray tests), about 20 in one process.
 # LABELASSIST_TEST_WORKERS=1 runs it in one process (easier to read when one test fails).
 workers="${LABELASSIST_TEST_WORKERS:-2}"
 parallel=()
