@@ -11,10 +11,11 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-# Two pytest workers (pytest-xdist) by default, one per core: the suite took 17 min 49 s
-# that way on the 2-core machine (14 minutes before the Ray tests), about 20 in one process.
+# One pytest worker (pytest-xdist) per core, at most 4 (each starts its own Label Studio
+# when it runs a test that needs one): on the 2-core machine the suite took 17 min 49 s
+# that way (14 minutes before the Ray tests), about 20 in one process.
 # LABELASSIST_TEST_WORKERS=1 runs it in one process (easier to read when one test fails).
-workers="${LABELASSIST_TEST_WORKERS:-2}"
+workers="${LABELASSIST_TEST_WORKERS:-$(python -c 'import os; print(min(os.cpu_count() or 1, 4))')}"
 parallel=()
 if [ "$workers" -gt 1 ]; then
   # --dist loadgroup: the Ray tests share one local cluster, so they run in one worker.
