@@ -143,9 +143,11 @@ def plan_cluster(ray, options: RayOptions, device: str) -> ClusterPlan:
         raise ClusterError("--device cuda, but the Ray cluster has no GPU")
     if gpus and device != "cpu":
         cpus = options.actor_cpus or 1.0
+        # The CPUs a GPU node has per GPU, but the encoder's, decode for that GPU.
+        per_gpu = min(r.get("CPU", 0) / r["GPU"] for r in nodes if r.get("GPU"))
         return ClusterPlan(options.actors or int(gpus), "cuda",
                            {"num_gpus": 1, "num_cpus": cpus}, max(1, round(cpus)), len(nodes),
-                           decode_threads=8)
+                           decode_threads=max(1, int(per_gpu - cpus)))
     cpu_nodes = [r["CPU"] for r in nodes if r.get("CPU", 0) > 0]
     if not cpu_nodes:
         raise ClusterError("the Ray cluster has no CPU to run on")
@@ -311,14 +313,16 @@ class _Results:
     def __init__(self, writer: Writer, rows: int):
         self.writer, self.rows = writer, rows
         self.parts: list[tuple] = []
+        self.held = 0  # images in parts
         self.since = time.monotonic()
 
     def add(self, ids: list[int], vectors: np.ndarray, bad: list[tuple]) -> None:
         if not self.parts:
             self.since = time.monotonic()
         self.parts.append((ids, vectors, bad))
+        self.held += len(ids) + len(bad)
         self.writer.run.summary.image_encoder_calls += bool(ids)
-        if sum(len(p[0]) + len(p[2]) for p in self.parts) >= self.rows:
+        if self.held >= self.rows:
             self.flush()
 
     def due(self) -> bool:
@@ -331,7 +335,7 @@ class _Results:
         bad = [b for part in self.parts for b in part[2]]
         vectors = torch.from_numpy(np.concatenate([p[1] for p in self.parts if p[0]])) \
             if ids else None
-        self.parts = []
+        self.parts, self.held = [], 0
         self.writer.submit(batch_from_decoded(ids, None, bad), vectors, store_embeddings=True)
 
 
