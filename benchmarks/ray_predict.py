@@ -44,7 +44,9 @@ from throughput import LABELS, synthetic_jpegs  # noqa: E402
 from labelassist.config import parse_label_text  # noqa: E402
 from labelassist.db import open_database  # noqa: E402
 from labelassist.feed import Batch  # noqa: E402
+from labelassist.model import load_model  # noqa: E402
 from labelassist.tinymodels import save_random_clip  # noqa: E402
+from labelassist.zeroshot import build_text_classifier  # noqa: E402
 from tests.raycluster import LocalCluster  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -113,8 +115,9 @@ def driver_ceiling(work: Path, labels: Path, images: int) -> dict:
         cluster.stop()
 
 
-def write_rate(url: str, rows: int, batch: int = 256, dim: int = 512) -> float:
-    """Rows per second through predict.Run.write_batch (embeddings, predictions, claims)."""
+def write_rate(url: str, classifier, rows: int, batch: int = 256) -> float:
+    """Rows per second through predict.Run.write_batch (embeddings, predictions, claims),
+    with the probabilities computed as predict.Writer computes them."""
     from tests.bigledger import add_images
 
     from labelassist.claims import register_worker
@@ -123,7 +126,6 @@ def write_rate(url: str, rows: int, batch: int = 256, dim: int = 512) -> float:
 
     db = open_database(url)
     add_images(url, rows)
-    classes = ("cat", "dog", "wild")
     with db.write() as s:
         version = ModelVersion(name="bench@1", kind="zeroshot", model_id="bench",
                                model_key="bench", created_at=utcnow(),
@@ -131,21 +133,17 @@ def write_rate(url: str, rows: int, batch: int = 256, dim: int = 512) -> float:
         s.add(version)
         s.flush()
         s.expunge(version)
-
-    class Classifier:  # the write path needs class names only; the scores are given
-        class_names = list(classes)
-
-    run = Run(db, None, Classifier(), version, register_worker(db, version.id),
+    run = Run(db, None, classifier, version, register_worker(db, version.id),
               PredictOptions(batch_size=batch), PredictSummary("bench"), lambda: None,
               threading.Event())
     rng = np.random.default_rng(0)
+    dim = classifier.weights.shape[0]  # (D, descriptions)
     started = time.perf_counter()
     for first in range(1, rows + 1, batch):
         ids = list(range(first, min(first + batch, rows + 1)))
-        vectors = torch.from_numpy(rng.standard_normal((len(ids), dim), np.float32))
-        probs = torch.softmax(torch.from_numpy(rng.standard_normal((len(ids), 3),
-                                                                   np.float32)), 1)
-        run.write_batch(Batch(ids), vectors, (probs, torch.zeros(len(ids))),
+        vectors = torch.nn.functional.normalize(
+            torch.from_numpy(rng.standard_normal((len(ids), dim), np.float32)), dim=1)
+        run.write_batch(Batch(ids), vectors, classifier.scores(vectors),
                         store_embeddings=True)
     seconds = time.perf_counter() - started
     db.dispose()
@@ -200,9 +198,12 @@ def main() -> None:
           f"{ray['steady'] / local['steady']:.0%} once its actors are up ({ray['startup']:.0f} s "
           f"to place them and load the model); wall time {ray['wall'] / local['wall']:.2f}x")
 
-    rates = {"SQLite (file)": write_rate(f"sqlite:///{work / 'writes.db'}", args.rows)}
+    classifier = build_text_classifier(load_model(str(model_dir), device="cpu", dtype="fp32"),
+                                       parse_label_text(LABELS))
+    rates = {"SQLite (file)": write_rate(f"sqlite:///{work / 'writes.db'}", classifier,
+                                         args.rows)}
     if (pg := fresh_pg()) is not None:
-        rates["PostgreSQL 15 (local)"] = write_rate(pg, args.rows)
+        rates["PostgreSQL 15 (local)"] = write_rate(pg, classifier, args.rows)
     print("\nledger writes: prediction batches of 256 (512-d embeddings), one transaction each")
     for name, rate in rates.items():
         print(f"  {name:<24}{rate:>10,.0f} rows/s")
