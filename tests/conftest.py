@@ -72,80 +72,15 @@ def toy_model_dir():
     return cached_model(cache, log=lambda message: None)
 
 
-SHARED = "LABELASSIST_TEST_SHARED"  # a folder that every xdist worker of the run sees
-
-
-def pytest_configure(config):
-    if not hasattr(config, "workerinput"):  # the controller (or the only process)
-        import tempfile
-
-        os.environ[SHARED] = tempfile.mkdtemp(prefix="labelassist-tests-")
-
-
-def pytest_unconfigure(config):
-    """After the last worker: stop the run's Label Studio (its whole process group)."""
-    if hasattr(config, "workerinput") or SHARED not in os.environ:
-        return
-    import json
-    import shutil
-    import signal
-    import time
-    from pathlib import Path
-
-    shared = Path(os.environ.pop(SHARED))
-    record = shared / "label-studio.json"
-    if record.is_file():
-        pid = json.loads(record.read_text())["pid"]
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.2)
-    shutil.rmtree(shared, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reaps it when this process started it
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 @pytest.fixture(scope="session")
-def label_studio():
-    """One real Label Studio server for the whole run, on a free port. The first xdist
-    worker that needs it starts it, and the others join it: one start (30 to 80 s of both
-    cores) instead of one per worker. pytest_unconfigure stops it after the last worker."""
-    import fcntl
-    import json
-    from pathlib import Path
+def label_studio(tmp_path_factory):
+    """One real Label Studio server for the whole test session, on a free port."""
+    from labelassist.studio import free_port, start_studio
 
-    from labelassist.studio import Studio, free_port, start_studio
-
-    shared = Path(os.environ[SHARED])
-    record = shared / "label-studio.json"
-    with open(shared / "label-studio.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if record.is_file():  # another worker's
-            info = json.loads(record.read_text())
-            return Studio(info["url"], info["token"], info["username"], info["password"],
-                          Path(info["root"]), Path(info["data_dir"]), process=None)
-        root, data = shared / "ls-root", shared / "ls-data"
-        root.mkdir()
-        studio = start_studio(free_port(), root, data)
-        record.write_text(json.dumps({
-            "url": studio.url, "token": studio.token, "username": studio.username,
-            "password": studio.password, "root": str(root), "data_dir": str(data),
-            "pid": studio.process.pid}))
-        return studio
+    root = tmp_path_factory.mktemp("ls-root")
+    studio = start_studio(free_port(), root, tmp_path_factory.mktemp("ls-data"))
+    yield studio
+    studio.stop()
 
 
 @pytest.fixture
