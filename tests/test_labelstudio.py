@@ -253,21 +253,19 @@ def test_cli_push_flags_pull_full_and_a_hand_made_task(db_url, db, tiny_clip_dir
     version = resolve_version(db).name
     client = LabelStudioClient(Connection(ls_env.url, ls_env.token), retries=1)
     title = f"{request.node.name} and a title well over fifty characters long"
-
-    def projects_titled() -> list:
-        """This test's projects (other xdist workers share the server and make theirs)."""
-        return [p for p in client.sdk.projects.list() if p.title == title[:50]]
+    projects_before = {p.id for p in client.sdk.projects.list()}
 
     for flag, value in (("--order", "sideways"), ("--image-mode", "carrier-pigeon")):
         bad = runner.invoke(app, ["push", "--db", db_url, flag, value, "--project", title])
         assert bad.exit_code == 1 and f"{flag} '{value}'" in bad.output, bad.output
-    assert projects_titled() == []  # nothing made
+    assert {p.id for p in client.sdk.projects.list()} == projects_before  # nothing made
 
     pushed = runner.invoke(app, ["push", "--db", db_url, "--version", version, "--image-mode",
                                  "local", "--ls-root", str(ls_env.root), "--order", "confident",
                                  "--batch-size", "4", "--project", title])
     assert pushed.exit_code == 0, pushed.output
-    (project,) = projects_titled()  # Label Studio keeps 50 characters of the title
+    (project,) = [p for p in client.sdk.projects.list() if p.id not in projects_before]
+    assert project.title == title[:50]  # Label Studio keeps 50 characters
     tasks = sorted(list_remote_tasks(client, project.id), key=lambda t: t["id"])
     confidence = [t["predictions"][0]["score"] for t in tasks]
     assert len(tasks) == 12 and confidence == sorted(confidence, reverse=True)
