@@ -52,6 +52,10 @@ RECIPE_VERSION = 6  # bump when anything below changes what training produces
 # The trained weights, shipped so that nobody waits for training: python -m
 # labelassist.toyworld ship (re)writes them, and a test checks that training reproduces them.
 SHIPPED = Path(__file__).parent / "data" / "toyworld"
+# Training records a digest of the weights after this many steps (past the warm-up), and
+# the manifest keeps the shipped run's: a test trains this far, in seconds, not minutes,
+# and checks the weights bit for bit on the kind of CPU the shipped ones were trained on.
+PREFIX_STEPS = 200
 
 
 def render(colour: str, shape: str, rng: random.Random, size: int = SIZE) -> Image.Image:
@@ -229,21 +233,26 @@ def _pick_caption(caps: list[Caption], colour: str, shape: str, rng: random.Rand
 
 
 def train(out_dir: str | Path, steps: int = 1600, batch: int = 64, seed: int = 0,
-          log=print) -> Path:
-    """Train contrastively with multi-positive targets, then save_pretrained to out_dir."""
+          log=print, stop_after: int | None = None) -> Path:
+    """Train contrastively with multi-positive targets, then save_pretrained to out_dir,
+    with training.json beside the weights: the steps done and the digest of the weights
+    after PREFIX_STEPS. stop_after ends the run early (the learning rate still follows the
+    schedule of all `steps`), so its weights are those of the full run at that step."""
     import torch
 
+    if stop_after is not None and not 0 < stop_after <= steps:
+        raise ValueError(f"stop_after must be between 1 and steps ({steps}), not {stop_after}")
     threads = torch.get_num_threads()
     # Sums split across threads add in another order: the same seed on another thread
     # count gives other weights (0.003 apart after 60 steps). Pinned, training reproduces.
     torch.set_num_threads(TRAIN_THREADS)
     try:
-        return _train(Path(out_dir), steps, batch, seed, log)
+        return _train(Path(out_dir), steps, batch, seed, log, stop_after or steps)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(out: Path, steps: int, batch: int, seed: int, log) -> Path:
+def _train(out: Path, steps: int, batch: int, seed: int, log, stop_after: int) -> Path:
     import torch
     from transformers import CLIPModel
 
@@ -267,7 +276,8 @@ def _train(out: Path, steps: int, batch: int, seed: int, log) -> Path:
     pool = _to_tensor([render(c, s, rng) if s != "junk" else render_junk(c, rng)
                        for c, s in pool_pairs])
     model.train()
-    for step in range(steps):
+    prefix = None
+    for step in range(stop_after):
         picks = [rng.randrange(POOL) if rng.random() >= JUNK_SHARE
                  else POOL + rng.randrange(JUNK_POOL) for _ in range(batch)]
         pairs = [pool_pairs[i] for i in picks]
@@ -289,14 +299,31 @@ def _train(out: Path, steps: int, batch: int, seed: int, log) -> Path:
         loss.backward()
         optim.step()
         sched.step()
-        if step % 200 == 0 or step == steps - 1:
+        if step + 1 == PREFIX_STEPS:
+            prefix = weights_digest(model)
+        if step % 200 == 0 or step == stop_after - 1:
             spent = time.time() - started
             # the first step pays for warming up: a time left from it would be far off
             left = "time left after step 200" if step == 0 else \
-                f"about {spent / (step + 1) * (steps - step - 1):3.0f} s left"
+                f"about {spent / (step + 1) * (stop_after - step - 1):3.0f} s left"
             log(f"step {step + 1:5d}/{steps} ({(step + 1) / steps:4.0%})  loss "
                 f"{loss.item():.3f}  {spent:5.1f} s, {left}")
-    return _save(model.eval(), tokenizer, out)
+    _save(model.eval(), tokenizer, out)
+    record = {"steps": steps, "seed": seed, "steps_done": stop_after,
+              "prefix": prefix and {"steps": PREFIX_STEPS, "digest": prefix}}
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def weights_digest(model) -> str:
+    """sha256 of every weight's name, dtype and bytes: equal only when bit for bit equal."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(f"{name} {value.dtype} {tuple(value.shape)}\n".encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _save(model, tokenizer, out: Path) -> Path:
@@ -374,7 +401,8 @@ def unpack_shipped(out: str | Path) -> Path:
 
 def ship(model_dir: str | Path, steps: int, seed: int) -> dict:
     """Store a trained model's weights in fp16 as the shipped ones, with a manifest of the
-    recipe and versions they come from and their metrics (measured after the rounding)."""
+    recipe and versions they come from, the digest of the same run's weights after
+    PREFIX_STEPS, and their metrics (measured after the rounding)."""
     import tempfile
 
     import torch
@@ -385,6 +413,13 @@ def ship(model_dir: str | Path, steps: int, seed: int) -> dict:
 
     from .model import cpu_identity
 
+    record_path = Path(model_dir) / "training.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    run = (record.get("steps"), record.get("seed"), record.get("steps_done"))
+    if run != (steps, seed, steps) or not record.get("prefix"):
+        raise SystemExit(f"{model_dir} is not a whole training run of {steps} steps with seed "
+                         f"{seed} by this labelassist (its training.json: {record or 'none'}): "
+                         "train it with python -m labelassist.toyworld train DIR --retrain")
     hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in a log
     model = CLIPModel.from_pretrained(model_dir)
     state = {name: (value.half() if value.is_floating_point() else value).contiguous()
@@ -394,7 +429,7 @@ def ship(model_dir: str | Path, steps: int, seed: int) -> dict:
     manifest = {"steps": steps, "seed": seed, "recipe_code": recipe_code(),
                 "sha256": hashlib.sha256((SHIPPED / "model.safetensors").read_bytes()).hexdigest(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
-                "cpu": cpu_identity()}
+                "cpu": cpu_identity(), "prefix": record["prefix"]}
     with tempfile.TemporaryDirectory() as tmp:
         manifest["metrics"] = evaluate(unpack_shipped(tmp))
     (SHIPPED / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -427,6 +462,9 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--retrain", action="store_true",
                    help="train into OUT even when shipped weights fit (OUT is the model)")
+    t.add_argument("--stop-after", type=int, metavar="N",
+                   help="with --retrain: stop after N steps of the full run's schedule "
+                   f"(training.json then holds the digest a test checks after {PREFIX_STEPS})")
     s = sub.add_parser("ship", help="train (or take --model) and store the weights as the "
                        "shipped ones, with their manifest (for developers)")
     s.add_argument("--model", help="a model directory trained by this recipe")
@@ -442,8 +480,14 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
+    if args.cmd == "train" and args.stop_after and not args.retrain:
+        parser.error("--stop-after needs --retrain: the cached model is always a whole run")
+    if args.cmd == "train" and args.stop_after is not None \
+            and not 0 < args.stop_after <= args.steps:
+        parser.error(f"--stop-after must be between 1 and --steps ({args.steps})")
     if args.cmd == "train" and args.retrain:
-        print(train(args.out, steps=args.steps, seed=args.seed, log=log))
+        print(train(args.out, steps=args.steps, seed=args.seed, log=log,
+                    stop_after=args.stop_after))
     elif args.cmd == "train":
         print(cached_model(args.out, steps=args.steps, seed=args.seed, log=log))
     elif args.cmd == "ship":
