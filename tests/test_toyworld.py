@@ -197,3 +197,35 @@ def test_training_reproduces_the_shipped_weights(tmp_path):
         assert metrics == pytest.approx(manifest["metrics"], abs=0.08)
         assert metrics["colour"] == 1.0 and metrics["warm_cool_members"] == 1.0
         assert metrics["warm_cool_members"] > metrics["warm_cool_vague"] + 0.2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "DIR", "--stop-after", "200"], "--stop-after needs --retrain"),
+    (["train", "DIR", "--retrain", "--stop-after", "0"], "between 1 and --steps (1600)"),
+    (["train", "DIR", "--retrain", "--steps", "100", "--stop-after", "200"],
+     "between 1 and --steps (100)"),
+])
+def test_stop_after_is_refused_where_it_would_mean_nothing(argv, message, monkeypatch, capsys,
+                                                          tmp_path):
+    monkeypatch.setattr("sys.argv", ["python -m labelassist.toyworld", *argv])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        toyworld.main()
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_ship_refuses_a_model_that_is_not_a_whole_run(tmp_path):
+    """Only a whole run's weights may ship, with the digest of its first steps: a model
+    stopped early, or trained before training.json existed, is refused before anything
+    in the package is touched."""
+    shipped = (toyworld.SHIPPED / "manifest.json").read_text()
+    model = tmp_path / "early"
+    model.mkdir()
+    (model / "training.json").write_text(json.dumps(
+        {"steps": 1600, "seed": 0, "steps_done": 200, "prefix": {"steps": 200, "digest": "x"}}))
+    for record in (model, tmp_path):  # stopped early; no training.json at all
+        with pytest.raises(SystemExit, match="is not a whole training run of 1600 steps"):
+            toyworld.ship(record, 1600, 0)
+    assert (toyworld.SHIPPED / "manifest.json").read_text() == shipped
