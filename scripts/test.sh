@@ -12,8 +12,8 @@ fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 # One pytest worker (pytest-xdist) per core, at most 4 (each starts its own Label Studio
-# when it runs a test that needs one): on the 2-core machine the suite took 17 min 49 s
-# that way (14 minutes before the Ray tests), about 20 in one process.
+# when it runs a test that needs one): on the 2-core AVX512 EPYC the suite took 13 min
+# 33 s that way (15 min 32 s while it retrained the toy model whole; see README.md).
 # LABELASSIST_TEST_WORKERS=1 runs it in one process (easier to read when one test fails).
 workers="${LABELASSIST_TEST_WORKERS:-$(python -c 'import os; print(min(os.cpu_count() or 1, 4))')}"
 parallel=()

@@ -12,7 +12,8 @@ from .imagegen import write_shape_images  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-    """The longest test first (retraining the toy model, about 3 minutes): with
+    """The longest test first (retraining the toy model whole, about 3 minutes alone, on
+    a kind of CPU other than the shipped weights' or with LABELASSIST_FULL_RETRAIN=1): with
     pytest-xdist (scripts/test.sh) it then runs beside the others instead of alone at the
     end. The rest keep their order, which mixes tests that compute with tests that wait
     on servers. Putting every slow test first made both workers compute at once: the
