@@ -240,8 +240,8 @@ def train(out_dir: str | Path, steps: int = 1600, batch: int = 64, seed: int = 0
     schedule of all `steps`), so its weights are those of the full run at that step."""
     import torch
 
-    if stop_after is not None and not 0 < stop_after <= steps:
-        raise ValueError(f"stop_after must be between 1 and steps ({steps}), not {stop_after}")
+    if problem := stop_after_problem(stop_after, steps):
+        raise ValueError(problem)
     threads = torch.get_num_threads()
     # Sums split across threads add in another order: the same seed on another thread
     # count gives other weights (0.003 apart after 60 steps). Pinned, training reproduces.
@@ -250,6 +250,13 @@ def train(out_dir: str | Path, steps: int = 1600, batch: int = 64, seed: int = 0
         return _train(Path(out_dir), steps, batch, seed, log, stop_after or steps)
     finally:
         torch.set_num_threads(threads)
+
+
+def stop_after_problem(stop_after: int | None, steps: int) -> str | None:
+    """What is wrong with stopping a run of `steps` after `stop_after` steps, if anything."""
+    if stop_after is not None and not 0 < stop_after <= steps:
+        return f"--stop-after must be between 1 and --steps ({steps}), not {stop_after}"
+    return None
 
 
 def _train(out: Path, steps: int, batch: int, seed: int, log, stop_after: int) -> Path:
@@ -480,11 +487,11 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
-    if args.cmd == "train" and args.stop_after and not args.retrain:
-        parser.error("--stop-after needs --retrain: the cached model is always a whole run")
-    if args.cmd == "train" and args.stop_after is not None \
-            and not 0 < args.stop_after <= args.steps:
-        parser.error(f"--stop-after must be between 1 and --steps ({args.steps})")
+    if args.cmd == "train" and args.stop_after is not None:
+        if not args.retrain:
+            parser.error("--stop-after needs --retrain: the cached model is always a whole run")
+        if problem := stop_after_problem(args.stop_after, args.steps):
+            parser.error(problem)
     if args.cmd == "train" and args.retrain:
         print(train(args.out, steps=args.steps, seed=args.seed, log=log,
                     stop_after=args.stop_after))
