@@ -80,3 +80,18 @@ def test_predict_workers_progress_counts_the_version_being_predicted(tmp_path, p
     assert progress_of(db, str(tiny_clip_dir), label_set) == (24, 24)
     other = {**label_set, "templates": ["{}"]}
     assert progress_of(db, str(tiny_clip_dir), other) is None
+
+
+def test_a_bar_that_fills_in_one_update_shows_its_rate_not_zero():
+    """A small ingest reports its progress once, at the end: rich's speed, estimated from
+    the gaps between updates, has none, and the finished bar read "0.0 files/s"."""
+    from rich.progress import Progress
+
+    from labelassist.cli import RateColumn
+
+    now = [0.0]
+    progress = Progress(RateColumn(), get_time=lambda: now[0], disable=True)
+    task_id = progress.add_task("ingest", total=None, unit="files")
+    now[0] = 2.0
+    progress.update(task_id, completed=300, total=300)
+    assert str(RateColumn().render(progress.tasks[0])) == "150.0 files/s"

@@ -121,7 +121,11 @@ def command(*args, **kwargs):
 class RateColumn(ProgressColumn):
     def render(self, task):
         unit = task.fields.get("unit", "images")
-        return f"{task.speed or 0:,.1f} {unit}/s"
+        speed = task.finished_speed or task.speed
+        elapsed = task.finished_time or task.elapsed
+        if speed is None and elapsed:  # one update so far: rich has no gaps to estimate from
+            speed = task.completed / elapsed
+        return f"{speed or 0:,.1f} {unit}/s"
 
 
 quiet = False  # --quiet: no bars, no progress lines; summaries and errors still print
