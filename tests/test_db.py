@@ -10,7 +10,7 @@ def columns(db, table):
 
 
 def test_empty_database_upgrades_to_head(db):
-    assert schema_revision(db) == "0008"
+    assert schema_revision(db) == "0009"
     tables = set(inspect(db.engine).get_table_names())
     assert {"images", "files", "model_versions", "embeddings", "predictions", "ls_projects",
             "ls_tasks", "ls_predictions", "annotations", "auto_accepts", "workers",
@@ -38,7 +38,7 @@ def test_older_database_is_upgraded_on_open(db_url):
 
     db = open_database(db_url)
 
-    assert schema_revision(db) == "0008"
+    assert schema_revision(db) == "0009"
     assert {"model_version_id", "image_id", "worker_id", "expires_at"} <= columns(db, "claims")
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT sha256 FROM images")).scalar() == "ab"

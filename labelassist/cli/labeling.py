@@ -194,6 +194,10 @@ def print_serve_status(out: Console, db: str) -> None:
         out.print(f"  {s['events_waiting']:,} review events journaled and not yet stored "
                   f"(Label Studio unreachable?): {(s.get('errors') or ['?'])[-1]}",
                   markup=False)
+    if s.get("events_set_aside"):
+        out.print(f"  {s['events_set_aside']:,} review events set aside after failing "
+                  "again and again while Label Studio answered (their reviews arrive with "
+                  "the next `labelassist pull`)", markup=False)
     learned = s.get("last_learn")
     if learned:
         share = s.get("auto_accept_share")

@@ -132,7 +132,24 @@ class LSTask(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("ls_projects.id"))
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
     ls_task_id: Mapped[int] = mapped_column(Integer, index=True)
+    # What the task's data said about its image when it was recorded (labelstudio/tasks.py):
+    # a task is taken for this image only while its data still says so. NULL: recorded
+    # before keys were kept (a pushed task is then matched on its data's sha256).
+    image_key: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LSDeletedTask(Base):
+    """A task deleted in Label Studio (or whose id now names another task): its image is
+    not made a task again in that project by push; serve may adopt a new task for it."""
+
+    __tablename__ = "ls_deleted_tasks"
+    __table_args__ = (UniqueConstraint("project_id", "image_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("ls_projects.id"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    ls_task_id: Mapped[int] = mapped_column(Integer)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class LSPrediction(Base):

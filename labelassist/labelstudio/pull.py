@@ -6,14 +6,15 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from ..db import Database
-from ..db.models import Annotation, LSProject, LSTask, ModelVersion, as_utc, utcnow
+from ..db.models import Annotation, Image, LSProject, LSTask, ModelVersion, as_utc, utcnow
 from ..errors import LabelStudioError
 from ..queries import rows_in_chunks
 from .client import LabelStudioClient
 from .project import BATCH, FROM_NAME, Progress, iter_remote_pages, iter_remote_task_ids
+from .tasks import Forgotten, TaskRow, forget_tasks, match, task_rows
 
 
 @dataclass
@@ -26,7 +27,15 @@ class PullSummary:
     cancelled: int = 0
     unknown_tasks: int = 0
     tasks_gone: int = 0  # deleted in Label Studio: their annotations no longer count
+    tasks_replaced: int = 0  # their id now names another task (Label Studio reused it)
     projects: list[str] = field(default_factory=list)
+
+    def count_forgotten(self, forgotten: Forgotten, *, replaced: bool = False) -> None:
+        self.deleted += forgotten.reviews
+        if replaced:
+            self.tasks_replaced += forgotten.tasks
+        else:
+            self.tasks_gone += forgotten.tasks
 
 
 # A change whose request began before the pull started may commit a moment later with an
@@ -55,9 +64,9 @@ def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
         # machine and Label Studio does not matter either.
         started = client.server_time()
         since = None if full or project.last_pull_at is None else as_utc(project.last_pull_at)
-        for tasks, total in iter_remote_pages(client, project.ls_project_id, since,
-                                              page_size=page_size):
-            _store_annotations(db, project, tasks, users, summary)
+        for read_at, (tasks, total) in _timed(iter_remote_pages(
+                client, project.ls_project_id, since, page_size=page_size)):
+            store_annotations(db, project, tasks, users, summary, read_at)
             if on_progress:
                 on_progress(summary.tasks_seen, total)
         _forget_deleted_tasks(db, client, project, summary)
@@ -67,15 +76,31 @@ def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
     return summary
 
 
+def _timed(pages):
+    """Each page with the ledger's time just before it was asked for: what the ledger
+    stored before then and the page lacks was deleted; anything stored later (serve,
+    beside this pull) is newer than the page and is left alone."""
+    while True:
+        read_at = utcnow()
+        try:
+            page = next(pages)
+        except StopIteration:
+            return
+        yield read_at, page
+
+
 def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSProject,
                           summary: PullSummary) -> None:
-    """A task deleted in Label Studio is absent from every listing; its annotations here
-    are marked deleted, so audit, learn and export stop counting them."""
+    """A task deleted in Label Studio is absent from every listing; it is forgotten (its
+    annotations here marked deleted, so audit, learn and export stop counting them)."""
     with db.read() as s:  # reviewed tasks; each one the listing shows is crossed off
-        gone = dict(s.execute(select(LSTask.ls_task_id, LSTask.image_id).join(
-            Annotation, (Annotation.image_id == LSTask.image_id)
-            & (Annotation.project_id == LSTask.project_id))
-            .where(LSTask.project_id == project.id, Annotation.deleted_at.is_(None))).all())
+        gone = {row.ls_task_id: TaskRow(*row) for row in s.execute(
+            select(LSTask.id, LSTask.image_id, LSTask.ls_task_id, LSTask.image_key,
+                   Image.sha256).distinct()
+            .join(Image, Image.id == LSTask.image_id)
+            .join(Annotation, (Annotation.image_id == LSTask.image_id)
+                  & (Annotation.project_id == LSTask.project_id))
+            .where(LSTask.project_id == project.id, Annotation.deleted_at.is_(None)))}
     if not gone:
         return
     listed, total = 0, 0
@@ -85,22 +110,8 @@ def _forget_deleted_tasks(db: Database, client: LabelStudioClient, project: LSPr
             gone.pop(ls_task_id, None)
     if listed < total:
         return  # an incomplete listing proves nothing: never drop a review on a guess
-    if not gone:
-        return
-    mark_tasks_deleted(db, project.id, list(gone.values()), summary)
-
-
-def mark_tasks_deleted(db: Database, project_id: int, image_ids: list[int],
-                       summary: PullSummary) -> None:
-    """Tasks deleted in Label Studio: their images' reviews in this project stop counting
-    (pull, and serve when a deleted task's event arrives)."""
-    with db.write() as s:
-        for chunk in range(0, len(image_ids), 500):
-            summary.deleted += s.execute(update(Annotation).where(
-                Annotation.project_id == project_id,
-                Annotation.image_id.in_(image_ids[chunk:chunk + 500]),
-                Annotation.deleted_at.is_(None)).values(deleted_at=utcnow())).rowcount
-    summary.tasks_gone += len(image_ids)
+    if gone:
+        summary.count_forgotten(forget_tasks(db, project.id, list(gone.values())))
 
 
 def _parse_time(value, what: str = "a timestamp") -> datetime | None:
@@ -115,13 +126,25 @@ def _parse_time(value, what: str = "a timestamp") -> datetime | None:
                                "is --ls-url a Label Studio server?") from None
 
 
-def _store_annotations(db: Database, project: LSProject, tasks: list[dict], users: dict,
-                       summary: PullSummary) -> None:
+def store_annotations(db: Database, project: LSProject, tasks: list[dict], users: dict,
+                      summary: PullSummary, read_at: datetime) -> None:
+    """Store a page of tasks' annotations (read from Label Studio at `read_at`, ledger
+    time): new ones added, newer ones written over older, and stored ones the page lacks
+    marked deleted. A task is ours only while its data names the image we recorded; a
+    row whose id now names another task is forgotten. Pull and serve both write here, so
+    an older read never undoes a newer one."""
     versions_by_name = {}
+    with db.read() as s:
+        rows = task_rows(s, project.id, [t.get("id") for t in tasks])
+    local_tasks, stale = {}, []
+    for task in tasks:
+        found, old = match(rows.get(task.get("id"), []), task.get("data"))
+        stale += old
+        if found is not None:
+            local_tasks[task["id"]] = found
+    if stale:
+        summary.count_forgotten(forget_tasks(db, project.id, stale), replaced=True)
     with db.write() as s:
-        local_tasks = {t.ls_task_id: t for t in rows_in_chunks(s, lambda chunk: select(LSTask)
-                       .where(LSTask.project_id == project.id, LSTask.ls_task_id.in_(chunk)),
-                       [t["id"] for t in tasks], scalars=True)}
         for name, vid in s.execute(select(ModelVersion.name, ModelVersion.id)):
             versions_by_name[name] = vid
         # The page's stored annotations in one query per chunk, not one per task
@@ -132,7 +155,7 @@ def _store_annotations(db: Database, project: LSProject, tasks: list[dict], user
             stored_by_image.setdefault(row.image_id, {})[row.ls_annotation_id] = row
         for task in tasks:
             summary.tasks_seen += 1
-            local = local_tasks.get(task["id"])
+            local = local_tasks.get(task.get("id"))
             if local is None:
                 summary.unknown_tasks += 1  # made in Label Studio by hand: not ours to audit
                 continue
@@ -142,24 +165,37 @@ def _store_annotations(db: Database, project: LSProject, tasks: list[dict], user
             for remote in task.get("annotations", []):
                 seen.add(remote["id"])
                 values = _annotation_values(remote, predictions, versions_by_name, users)
-                row = stored.get(remote["id"])
-                if row is None:
-                    s.add(Annotation(project_id=project.id, ls_annotation_id=remote["id"],
-                                     image_id=local.image_id, **values))
-                    summary.new += 1
-                elif row.deleted_at is not None or as_utc(row.ls_updated_at) != \
-                        values["ls_updated_at"]:
-                    for key, value in values.items():
-                        setattr(row, key, value)
-                    row.deleted_at, row.pulled_at = None, utcnow()
-                    summary.updated += 1
-                else:
-                    summary.unchanged += 1
+                _store_one(s, project, local.image_id, stored.get(remote["id"]), remote["id"],
+                           values, read_at, summary)
                 summary.cancelled += bool(values["cancelled"])
             for ls_id, row in stored.items():
-                if ls_id not in seen and row.deleted_at is None:
+                # Believed only when the row was stored before the page was read: a review
+                # serve stored a moment ago is not on an older page, and is not deleted.
+                if ls_id not in seen and row.deleted_at is None \
+                        and as_utc(row.pulled_at) < read_at:
                     row.deleted_at = utcnow()
                     summary.deleted += 1
+
+
+def _store_one(s, project: LSProject, image_id: int, row: Annotation | None, ls_id: int,
+               values: dict, read_at: datetime, summary: PullSummary) -> None:
+    """One annotation: added when new; written over when the page's copy is newer, or when
+    it was marked deleted before the page was read; else left as it is."""
+    if row is None:
+        s.add(Annotation(project_id=project.id, ls_annotation_id=ls_id, image_id=image_id,
+                         **values))
+        summary.new += 1
+        return
+    stored, remote = as_utc(row.ls_updated_at), values["ls_updated_at"]
+    newer = remote is not None and (stored is None or remote > stored)
+    revived = row.deleted_at is not None and as_utc(row.deleted_at) < read_at
+    if newer or revived:
+        for key, value in values.items():
+            setattr(row, key, value)
+        row.deleted_at, row.pulled_at = None, utcnow()
+        summary.updated += 1
+    else:
+        summary.unchanged += 1
 
 
 def _annotation_values(remote: dict, predictions: dict, versions_by_name: dict,

@@ -9,17 +9,19 @@ or prediction is lost or sent twice.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from ..db import Database
 from ..db.models import (
     File,
     Image,
+    LSDeletedTask,
     LSPrediction,
     LSProject,
     LSPushJournal,
@@ -42,6 +44,7 @@ from .project import (
     iter_remote_pages,
     project_title,
 )
+from .tasks import check_task_rows, sha_key, task_rows
 
 
 @dataclass
@@ -54,6 +57,9 @@ class PushSummary:
     recovered: int = 0
     already_there: int = 0
     skipped_no_file: int = 0  # predictions of images whose every file is gone or edited
+    skipped_changed: int = 0  # a file edited since ingest: its pixels are not the predicted ones
+    skipped_deleted: int = 0  # images whose task was deleted in Label Studio: not made again
+    tasks_gone: int = 0  # tasks deleted in Label Studio (or their ids reused) since last time
 
 
 # Which images become tasks first: as ingested, least certain first, most confident first.
@@ -86,6 +92,7 @@ def push(db: Database, client: LabelStudioClient, version: ModelVersion, source:
         pusher = _Pusher(db, client, project, version, source, summary)
         total = pusher.count_todo()
         summary.skipped_no_file = pusher.count_without_file()
+        summary.skipped_deleted = pusher.count_deleted()
         done = 0
         for kind, batch in pusher.batches(order, batch_size):
             pusher.send(kind, batch)
@@ -102,15 +109,27 @@ class _Pusher:
         self.version, self.source, self.summary = version, source, summary
         self.storages: set[Path] | None = None
 
-    def new_task_query(self, *, with_file: bool = True):
-        """Predictions of images that have no task yet (and a file to show reviewers)."""
+    def new_task_query(self, *, with_file: bool = True, deleted: bool = False):
+        """Predictions of images that have no task yet (and a file to show reviewers).
+        An image whose task someone deleted in Label Studio is not made a task again."""
         has_file = select(File.id).where(File.image_id == Prediction.image_id,
                                          File.error.is_(None)).exists()
+        tombstone = select(LSDeletedTask.id).where(
+            LSDeletedTask.project_id == self.project.id,
+            LSDeletedTask.image_id == Prediction.image_id).exists()
         return (select(Prediction, Image.sha256).join(Image, Image.id == Prediction.image_id)
                 .where(Prediction.model_version_id == self.version.id, Image.error.is_(None),
                        has_file if with_file else ~has_file,
+                       tombstone if deleted else ~tombstone,
                        ~select(LSTask.id).where(LSTask.project_id == self.project.id,
                                                 LSTask.image_id == Prediction.image_id).exists()))
+
+    def count_deleted(self) -> int:
+        from sqlalchemy import func
+
+        with self.db.read() as s:
+            return s.scalar(select(func.count()).select_from(
+                self.new_task_query(deleted=True).subquery()))
 
     def count_without_file(self) -> int:
         """An image edited and re-ingested keeps its old predictions, with no file left."""
@@ -153,40 +172,106 @@ class _Pusher:
                 yield kind, rows
 
     def send(self, kind: str, rows) -> None:
-        image_ids = [r[0].image_id for r in rows]
+        if kind == "tasks":
+            self.send_tasks(rows)
+        else:
+            self.send_predictions(rows)
+
+    def journal(self, kind: str, image_ids: list[int]) -> int:
         with self.db.write() as s:
             entry = LSPushJournal(project_id=self.project.id, kind=kind,
                                   model_version_id=self.version.id, image_ids=image_ids)
             s.add(entry)
             s.flush()
-            entry_id = entry.id
-        if kind == "tasks":
-            payload = self.task_payloads(rows)
-            result = self.client.call("importing tasks", self.client.sdk.projects.import_tasks,
-                                      id=self.project.ls_project_id, request=payload,
-                                      return_task_ids=True, idempotent=False,
-                                      request_options=NO_SDK_RETRIES)
-            task_ids = list(result.task_ids or [])
-            if len(task_ids) != len(rows):
-                raise LabelStudioError(f"Label Studio created {len(task_ids)} tasks for "
-                                       f"{len(rows)} images; run push again to reconcile")
-            record_tasks(self.db, self.project.id, self.version.id, image_ids, task_ids,
-                         entry_id)
-            self.summary.tasks_created += len(rows)
-        else:
-            payload = [{"task": task.ls_task_id, **prediction_payload(p, self.version.name)}
-                       for p, task in rows]
-            self.client.call("importing predictions", self.client.sdk.projects.import_predictions,
-                             id=self.project.ls_project_id, request=payload, idempotent=False,
-                             request_options=NO_SDK_RETRIES)
-            record_predictions(self.db, self.version.id, [task.id for _, task in rows], entry_id)
-            self.summary.predictions_added += len(rows)
+            return entry.id
 
-    def task_payloads(self, rows) -> list[dict]:
+    def send_tasks(self, rows) -> None:
+        paths = self.unchanged_files([p.image_id for p, _ in rows])
+        rows = [r for r in rows if r[0].image_id in paths]
+        if not rows:
+            return
+        image_ids = [p.image_id for p, _ in rows]
+        entry_id = self.journal("tasks", image_ids)
+        payload = self.task_payloads(rows, paths)
+        result = self.client.call("importing tasks", self.client.sdk.projects.import_tasks,
+                                  id=self.project.ls_project_id, request=payload,
+                                  return_task_ids=True, idempotent=False,
+                                  request_options=NO_SDK_RETRIES)
+        task_ids = list(result.task_ids or [])
+        if len(task_ids) != len(rows):
+            raise LabelStudioError(f"Label Studio created {len(task_ids)} tasks for "
+                                   f"{len(rows)} images; run push again to reconcile")
+        record_tasks(self.db, self.project.id, self.version.id, image_ids, task_ids,
+                     entry_id, keys=[sha_key(sha) for _, sha in rows])
+        self.summary.tasks_created += len(rows)
+
+    def send_predictions(self, rows) -> None:
+        """Add this version's predictions to tasks that still show their images. A task
+        deleted in Label Studio, or whose id now names someone else's task, is forgotten
+        first: Label Studio refuses a whole import that names a deleted task (400), and a
+        reused id would put this image's prediction on another picture."""
+        rows = self.live(rows)
+        if not rows:
+            return
+        entry_id = self.journal("predictions", [p.image_id for p, _ in rows])
+        try:
+            self.import_predictions(rows)
+        except LabelStudioError as exc:
+            if "answered 400" not in str(exc):
+                raise
+            rows = self.live(rows)  # deleted since the check: nothing of the batch landed
+            if rows:
+                self.import_predictions(rows)
+        record_predictions(self.db, self.version.id, [task.id for _, task in rows], entry_id)
+        self.summary.predictions_added += len(rows)
+
+    def import_predictions(self, rows) -> None:
+        payload = [{"task": task.ls_task_id, **prediction_payload(p, self.version.name)}
+                   for p, task in rows]
+        self.client.call("importing predictions", self.client.sdk.projects.import_predictions,
+                         id=self.project.ls_project_id, request=payload, idempotent=False,
+                         request_options=NO_SDK_RETRIES)
+
+    def live(self, rows):
+        """The rows whose task Label Studio still has, showing the same image."""
         with self.db.read() as s:
-            paths = dict(s.execute(select(File.image_id, File.path).where(
-                File.image_id.in_([p.image_id for p, _ in rows]), File.error.is_(None))
-                .order_by(File.id.desc())).all())
+            known = task_rows(s, self.project.id, [task.ls_task_id for _, task in rows])
+        batch = {task.id for _, task in rows}
+        mine = [r for rs in known.values() for r in rs if r.id in batch]
+        live, forgotten = check_task_rows(self.db, self.client, self.project.id,
+                                          self.project.ls_project_id, mine)
+        self.summary.tasks_gone += forgotten.tasks
+        keep = {r.id for r in live}
+        return [(p, task) for p, task in rows if task.id in keep]
+
+    def unchanged_files(self, image_ids: list[int]) -> dict[int, str]:
+        """Per image, a file that still holds the ingested bytes (same size and mtime).
+        A file edited or removed since ingest is marked so (ingest reads it again) and its
+        image is left out: reviewers would see other pixels than the prediction's."""
+        with self.db.read() as s:
+            files = s.execute(select(File.id, File.image_id, File.path, File.raw_path,
+                                     File.size_bytes, File.mtime_ns)
+                              .where(File.image_id.in_(image_ids), File.error.is_(None))
+                              .order_by(File.id.desc())).all()
+        good: dict[int, str] = {}
+        stale: dict[int, tuple[str, str]] = {}
+        for f in files:
+            if f.image_id in good:
+                continue
+            problem = _file_problem(f.raw_path or f.path, f.size_bytes, f.mtime_ns)
+            if problem is None:
+                good[f.image_id] = f.path
+            else:
+                stale[f.id] = problem
+        if stale:
+            with self.db.write() as s:
+                for file_id, (reason, detail) in stale.items():
+                    s.execute(update(File).where(File.id == file_id)
+                              .values(error=reason, error_detail=detail))
+        self.summary.skipped_changed += len(set(image_ids) - set(good))
+        return good
+
+    def task_payloads(self, rows, paths: dict[int, str]) -> list[dict]:
         urls = self.image_urls([paths[p.image_id] for p, _ in rows])
         return [{"data": {"image": url, "sha256": sha, "path": paths[p.image_id]},
                  "predictions": [prediction_payload(p, self.version.name)]}
@@ -255,11 +340,29 @@ def upload_images(client: LabelStudioClient, project_id: int, paths: list[str]) 
     return urls
 
 
+def _file_problem(fs_path: str | bytes, size: int, mtime_ns: int) -> tuple[str, str] | None:
+    shown = os.fsdecode(fs_path)
+    try:
+        st = os.stat(fs_path)
+    except FileNotFoundError:
+        return "missing", shown
+    except OSError as exc:
+        return "unreadable", f"{shown}: {exc.strerror}"
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        return "changed", f"{shown} changed since ingest; run labelassist ingest again"
+    return None
+
+
 def record_tasks(db: Database, project_id: int, version_id: int, image_ids: list[int],
-                 task_ids: list[int], journal_id: int | None) -> None:
+                 task_ids: list[int], journal_id: int | None, *,
+                 keys: list[str | None] | None = None) -> None:
+    """Tasks made for these images; `keys` is what each task's data says its image is
+    (labelstudio/tasks.py), so a reused task id is never taken for this image."""
+    keys = keys or [None] * len(image_ids)
     with db.write() as s:
-        for image_id, task_id in zip(image_ids, task_ids):
-            task = LSTask(project_id=project_id, image_id=image_id, ls_task_id=task_id)
+        for image_id, task_id, key in zip(image_ids, task_ids, keys):
+            task = LSTask(project_id=project_id, image_id=image_id, ls_task_id=task_id,
+                          image_key=key)
             s.add(task)
             s.flush()
             s.add(LSPrediction(task_id=task.id, model_version_id=version_id))
@@ -305,7 +408,8 @@ def _reconcile_journal(db: Database, client: LabelStudioClient, project: LSProje
             found = [(i, task_by_sha[shas[i]]) for i in entry.image_ids
                      if shas.get(i) in task_by_sha and i not in tasks]
             record_tasks(db, project.id, entry.model_version_id, [i for i, _ in found],
-                         [t for _, t in found], entry.id)
+                         [t for _, t in found], entry.id,
+                         keys=[sha_key(shas[i]) for i, _ in found])
         else:
             name = _version_name(db, entry.model_version_id)
             found = [tasks[i].id for i in entry.image_ids if i in tasks

@@ -21,16 +21,22 @@ from pathlib import Path
 from sqlalchemy import delete, func, select, update
 
 from ..db import Database, insert_ignoring_duplicates
-from ..db.models import (Annotation, File, LSProject, LSTask, ModelVersion, Prediction,
-                         ReviewEventRecord)
+from ..db.models import (Annotation, File, LSDeletedTask, LSProject, LSTask, ModelVersion,
+                         Prediction, ReviewEventRecord, utcnow)
 from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
 from ..labelstudio.project import choice_result
-from ..labelstudio.pull import PullSummary, _store_annotations, mark_tasks_deleted
+from ..labelstudio.pull import PullSummary, store_annotations
+from ..labelstudio.tasks import (forget_tasks, is_id, match, read_tasks, task_key,
+                                 task_rows)
 from .fetch import RefusedImage, fetch_image
 
 ANNOTATION_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED",
                       "ANNOTATIONS_DELETED"}
+TASK_ACTIONS = {"TASKS_DELETED"}  # the tasks are re-read: a 404 forgets them
+# An event that keeps failing while Label Studio answers is set aside after this many
+# tries (with its error, in status and GET /), so one bad event never stops the rest.
+MAX_ATTEMPTS = 5
 
 
 def _author_id(annotation: dict):
@@ -38,8 +44,7 @@ def _author_id(annotation: dict):
     return author.get("id") if isinstance(author, dict) else author
 
 
-def _is_id(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+_is_id = is_id  # an id this ledger can hold (no 2**64 from a webhook reaches SQLite)
 
 
 @dataclass
@@ -79,6 +84,7 @@ class ServeStatus:
     reviews_recorded: int = 0
     reviews_since_learn: int = 0
     events_waiting: int = 0  # journaled, not yet stored (Label Studio unreachable?)
+    events_set_aside: int = 0  # failed MAX_ATTEMPTS times while Label Studio answered
     learn_every: int = 0
     predictions_served: int = 0
     images_fetched: int = 0
@@ -202,41 +208,68 @@ class Backend:
         return answers
 
     def _images_of(self, tasks: list[dict]) -> dict[int, int]:
-        """task id -> image id; images of tasks that labelassist did not push are fetched
-        through Label Studio, registered, encoded and predicted first."""
-        ids = [t["id"] for t in tasks]
+        """task id -> image id, for the tasks whose data names an image recorded for that
+        task; the others (imported straight into Label Studio, or an id that Label Studio
+        gave again to a new task) are adopted: read again from Label Studio, their image
+        fetched, registered, encoded and predicted. A task that fails is answered empty
+        and noted; the others are answered all the same."""
+        ids = [t["id"] for t in tasks if is_id(t["id"])]
         with self.db.read() as s:
-            known = dict(s.execute(select(LSTask.ls_task_id, LSTask.image_id).where(
-                LSTask.project_id == self.project.id, LSTask.ls_task_id.in_(ids))).all())
-        new = {}
+            rows = task_rows(s, self.project.id, ids)
+        known, unknown = {}, []
         for task in tasks:
-            if task["id"] in known:
+            found, _ = match(rows.get(task["id"], []), task.get("data"))
+            if found is not None:
+                known[task["id"]] = found.image_id
+            elif is_id(task["id"]):
+                unknown.append(task["id"])
+        if unknown:
+            try:
+                known.update(self._adopt(unknown, rows))
+            except Exception as exc:  # noqa: BLE001 - the known tasks are answered anyway
+                self._note(f"tasks {', '.join(map(str, unknown[:10]))}: {exc}")
+        return known
+
+    def _adopt(self, ids: list[int], rows: dict) -> dict[int, int]:
+        """Tasks as Label Studio has them (never as the caller says: an id may be made up,
+        or deleted since), their images fetched and registered."""
+        remote = read_tasks(self.client, self.project.ls_project_id, ids, include="id,data")
+        found, stale, fetched = {}, [], {}
+        for task_id in ids:
+            task = remote.get(task_id)
+            if task is None:  # not a task of this project (any more)
+                stale += rows.get(task_id, [])
+                continue
+            mine, old = match(rows.get(task_id, []), task.get("data"))
+            stale += old
+            if mine is not None:
+                found[task_id] = mine.image_id
                 continue
             try:
-                path = self.fetch(task)
+                fetched[task_id] = (self.fetch(task), task_key(task.get("data")))
             except RefusedImage as exc:
                 self.status.images_refused += 1
-                self._note(f"task {task['id']}: {exc}")
-                continue
+                self._note(f"task {task_id}: {exc}")
             except LabelAssistError as exc:
-                self._note(f"task {task['id']}: {exc}")
-                continue
-            new[task["id"]] = path
-        if new:
-            known.update(self._register(new))
-        return known
+                self._note(f"task {task_id}: {exc}")
+        if stale:
+            forget_tasks(self.db, self.project.id, stale)
+        if fetched:
+            found.update(self._register(fetched))
+        return found
 
     def fetch(self, task: dict) -> Path:
         path = fetch_image(self.client, task, self.fetch_dir)
         self.status.images_fetched += 1
         return path
 
-    def _register(self, paths: dict[int, Path]) -> dict[int, int]:
+    def _register(self, fetched: dict[int, tuple[Path, str | None]]) -> dict[int, int]:
         """Ingest fetched files, predict them with this project's zero-shot version, and
         record their tasks as ours (so reviews of them count like any other)."""
         from ..ingest import ingest
         from ..predict import predict_version
 
+        paths = {task: path for task, (path, _) in fetched.items()}
         ingest(self.db, sorted(set(paths.values())))
         with self.db.read() as s:
             image_of = dict(s.execute(select(File.path, File.image_id).where(
@@ -245,17 +278,26 @@ class Backend:
         found = {task: image_of[str(p)] for task, p in paths.items() if str(p) in image_of}
         if version is not None and found:
             predict_version(self.db, self.model(), version, only=sorted(set(found.values())))
+        self._record_tasks({task: (image, fetched[task][1]) for task, image in found.items()})
+        return found
+
+    def _record_tasks(self, tasks: dict[int, tuple[int, str | None]]) -> None:
+        """Task -> (image, what its data names): the first task that shows a picture is
+        its task; a tombstone of that picture (a deleted task) gives way to it."""
+        images = [image for image, _ in tasks.values()]
         with self.db.write() as s:
             taken = set(s.scalars(select(LSTask.image_id).where(
-                LSTask.project_id == self.project.id, LSTask.image_id.in_(found.values()))))
+                LSTask.project_id == self.project.id, LSTask.image_id.in_(images))))
             rows, seen = [], set(taken)
-            for task, image in found.items():
-                if image not in seen:  # the same picture twice: the first task is its task
+            for task, (image, key) in tasks.items():
+                if image not in seen:
                     rows.append({"project_id": self.project.id, "image_id": image,
-                                 "ls_task_id": task})
+                                 "ls_task_id": task, "image_key": key})
                     seen.add(image)
+            s.execute(delete(LSDeletedTask).where(
+                LSDeletedTask.project_id == self.project.id,
+                LSDeletedTask.image_id.in_([r["image_id"] for r in rows])))
             insert_ignoring_duplicates(s, LSTask, rows)
-        return found
 
     def _zero_shot_version(self, s) -> ModelVersion | None:
         return s.scalars(select(ModelVersion).where(
@@ -271,12 +313,16 @@ class Backend:
         """Journal what an event names, in the ledger, before Label Studio (which waits 1 s
         for a webhook) gets its answer; a background thread stores the reviews. Returns the
         tasks and annotations named."""
-        if payload.get("action") not in ANNOTATION_ACTIONS:
+        action = payload.get("action")
+        if action not in ANNOTATION_ACTIONS | TASK_ACTIONS:
             return 0
         event = ReviewEvent()
         task = payload.get("task")
         if isinstance(task, dict) and _is_id(task.get("id")):
             event.tasks.add(task["id"])
+        if action in TASK_ACTIONS:
+            event.tasks |= {t.get("id") for t in payload.get("tasks") or []
+                            if isinstance(t, dict) and _is_id(t.get("id"))}
         items = [payload.get("annotation")] + list(payload.get("annotations") or [])
         for item in items:
             if not isinstance(item, dict) or not _is_id(item.get("id")):
@@ -306,17 +352,28 @@ class Backend:
         with self.db.read() as s:
             rows = s.execute(select(ReviewEventRecord.id, ReviewEventRecord.tasks,
                                     ReviewEventRecord.orphans, ReviewEventRecord.expect)
-                             .where(ReviewEventRecord.project_id == self.project.id,
-                                    ReviewEventRecord.done_at.is_(None))
+                             .where(*self._waiting())
                              .order_by(ReviewEventRecord.id).limit(limit)).all()
         for _, tasks, orphans, expect in rows:
-            merged.merge(ReviewEvent(set(tasks), set(orphans),
-                                     {int(k): v for k, v in expect.items()}))
+            # ids as an older version journaled them (unchecked): what no task can be is
+            # dropped here, not sent to the database on every try
+            merged.merge(ReviewEvent({i for i in tasks if _is_id(i)},
+                                     {i for i in orphans if _is_id(i)},
+                                     {int(k): v for k, v in expect.items()
+                                      if str(k).isdigit() and _is_id(int(k))}))
         return [row[0] for row in rows], merged
 
+    def _waiting(self):
+        return (ReviewEventRecord.project_id == self.project.id,
+                ReviewEventRecord.done_at.is_(None),
+                ReviewEventRecord.attempts < MAX_ATTEMPTS)
+
     def replay(self) -> int:
-        """Store the reviews of every journaled event not yet stored, oldest first. Raises
-        (and leaves them journaled, with the error) when Label Studio can't be read."""
+        """Store the reviews of every journaled event not yet stored, oldest first, many
+        events in one read. When that fails, each event is tried on its own: one that
+        fails while Label Studio answers counts a try, and after MAX_ATTEMPTS it is set
+        aside, so the events after it go on. Raises (leaving them journaled, with the
+        error, no try counted) while Label Studio can't be read."""
         stored = 0
         while not self._stopping:
             ids, event = self.pending_events()
@@ -324,23 +381,59 @@ class Backend:
                 break
             try:
                 self.record(event)
-            except Exception as exc:
-                with self.db.write() as s:
-                    s.execute(update(ReviewEventRecord).where(ReviewEventRecord.id.in_(ids))
-                              .values(attempts=ReviewEventRecord.attempts + 1,
-                                      last_error=str(exc)[:500]))
-                raise
-            with self.db.write() as s:
-                s.execute(update(ReviewEventRecord).where(ReviewEventRecord.id.in_(ids))
-                          .values(done_at=datetime.now(timezone.utc)))
+            except Exception as exc:  # noqa: BLE001 - which event is it? each on its own
+                if len(ids) == 1:
+                    self._failed(ids[0], exc)
+                    continue
+                for one in ids:
+                    stored += self._replay_one(one)
+                continue
+            self._mark_done(ids)
             stored += len(ids)
         return stored
 
-    def _count_waiting(self) -> int:
+    def _replay_one(self, event_id: int) -> int:
+        ids, event = self.pending_events(limit=1)
+        if ids != [event_id]:
+            return 0
+        try:
+            self.record(event)
+        except Exception as exc:  # noqa: BLE001 - judged in _failed
+            self._failed(event_id, exc)
+            return 0
+        self._mark_done(ids)
+        return 1
+
+    def _failed(self, event_id: int, exc: Exception) -> None:
+        """One event failed on its own: a try counts only while Label Studio answers (down,
+        it says nothing about the event, and everything waits)."""
+        try:
+            self.client.check_server()
+        except LabelAssistError:
+            raise exc from None
+        with self.db.write() as s:
+            s.execute(update(ReviewEventRecord).where(ReviewEventRecord.id == event_id)
+                      .values(attempts=ReviewEventRecord.attempts + 1,
+                              last_error=str(exc)[:500]))
+            record = s.get(ReviewEventRecord, event_id)
+            if record.attempts >= MAX_ATTEMPTS:
+                self._note(f"set aside a review event after {record.attempts} tries "
+                           f"({record.action}, tasks {record.tasks[:5]}): {record.last_error}")
+
+    def _mark_done(self, ids: list[int]) -> None:
+        with self.db.write() as s:
+            s.execute(update(ReviewEventRecord).where(ReviewEventRecord.id.in_(ids))
+                      .values(done_at=datetime.now(timezone.utc), last_error=None))
+
+    def _count_waiting(self) -> tuple[int, int]:
+        """Events journaled and not stored yet, and those set aside."""
         with self.db.read() as s:
-            return s.scalar(select(func.count()).where(
-                ReviewEventRecord.project_id == self.project.id,
-                ReviewEventRecord.done_at.is_(None)))
+            base = (ReviewEventRecord.project_id == self.project.id,
+                    ReviewEventRecord.done_at.is_(None))
+            waiting = s.scalar(select(func.count()).where(*self._waiting()))
+            aside = s.scalar(select(func.count()).where(
+                *base, ReviewEventRecord.attempts >= MAX_ATTEMPTS))
+        return waiting, aside
 
     def _record_events(self) -> None:
         """The review thread: replay the journal whenever an event arrives, and retry with
@@ -358,7 +451,7 @@ class Backend:
                 pause = min(30.0, (pause or 0.5) * 2)
                 self._note(f"storing reviews (tried again in {pause:.0f} s; nothing is lost, "
                            f"the events are journaled): {exc}")
-            self.status.events_waiting = self._count_waiting()
+            self.status.events_waiting, self.status.events_set_aside = self._count_waiting()
             self.save_status()
 
     def record(self, event: "ReviewEvent") -> PullSummary:
@@ -374,9 +467,14 @@ class Backend:
                     .where(LSTask.project_id == self.project.id,
                            Annotation.ls_annotation_id.in_(event.orphans))))
         for attempt in range(20):
+            read_at = utcnow()
             tasks, gone = self._read_tasks(sorted(tasks_ids))
             if event.seen_in(tasks) or attempt == 19:
                 break
+            if attempt == 0:  # made, then deleted at once: waiting would never see it
+                self._drop_deleted(event, tasks)
+                if event.seen_in(tasks):
+                    break
             time.sleep(0.25)
         summary = PullSummary()
         if tasks:
@@ -384,16 +482,35 @@ class Backend:
             if authors - set(self._users):
                 self._users = {u["id"]: u.get("email") or u.get("username")
                                for u in self.client.get_json("/api/users", "listing users")}
-            _store_annotations(self.db, self.project, tasks, self._users, summary)
+            store_annotations(self.db, self.project, tasks, self._users, summary, read_at)
         if gone:
             self._forget(gone, summary)
         changed = summary.new + summary.updated
         self.status.reviews_recorded += changed
         self.status.reviews_since_learn += changed + summary.deleted
         if self.learn_every and self.status.reviews_since_learn >= self.learn_every:
-            self.learn()
+            self._learn_now()
         self.save_status()
         return summary
+
+    def _drop_deleted(self, event: "ReviewEvent", tasks: list[dict]) -> None:
+        """Expected annotations that the read lacks and Label Studio no longer has."""
+        shown = {a.get("id") for t in tasks for a in t.get("annotations", [])}
+        for annotation_id in [i for i in event.expect if i not in shown]:
+            try:
+                self.client.get_json(f"/api/annotations/{annotation_id}", "reading a review")
+            except LabelStudioError as exc:
+                if "answered 404" not in str(exc):
+                    raise
+                event.expect.pop(annotation_id)
+
+    def _learn_now(self) -> None:
+        """Learn from the reviews stored: a failure (Label Studio refusing the new version)
+        is noted and tried again at the next review; the reviews stay stored."""
+        try:
+            self.learn()
+        except LabelAssistError as exc:
+            self._note(f"learn: {exc} (tried again at the next review)")
 
     def _read_tasks(self, task_ids: list[int]) -> tuple[list[dict], list[int]]:
         tasks, gone = [], []
@@ -407,11 +524,10 @@ class Backend:
         return tasks, gone
 
     def _forget(self, task_ids: list[int], summary: PullSummary) -> None:
-        """A task deleted in Label Studio: its reviews no longer count (as in pull)."""
+        """Tasks deleted in Label Studio (404): forgotten, as pull forgets them."""
         with self.db.read() as s:
-            images = s.scalars(select(LSTask.image_id).where(
-                LSTask.project_id == self.project.id, LSTask.ls_task_id.in_(task_ids))).all()
-        mark_tasks_deleted(self.db, self.project.id, list(images), summary)
+            rows = [r for rs in task_rows(s, self.project.id, task_ids).values() for r in rs]
+        summary.count_forgotten(forget_tasks(self.db, self.project.id, rows))
 
     def learn(self) -> LearnRecord | None:
         with self._learn_lock:
@@ -430,7 +546,6 @@ class Backend:
         except LabelAssistError as exc:  # one class only so far: tried again next review
             self._note(f"learn: {exc}")
             return None
-        self.status.reviews_since_learn = 0
         record = LearnRecord(datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              summary.reviews, summary.zero_shot_accuracy,
                              summary.probe_accuracy, summary.stored_version)
@@ -444,6 +559,9 @@ class Backend:
             pushed = push(self.db, self.client, stored, source, title=self.project.title)
             record.pushed_tasks = pushed.predictions_added + pushed.tasks_created
             self.show_version(stored.name)
+        # Counted from here on only: a version that never reached Label Studio (push
+        # raised) leaves the count as it was, so the next review learns and sends again.
+        self.status.reviews_since_learn = 0
         share = self.auto_accept_share()
         self.status.last_learn, self.status.auto_accept_share = record, share  # seen together
         self.log(f"learned from {record.reviews} reviews: zero-shot "

@@ -1,0 +1,194 @@
+"""A Label Studio project that other people use: they delete tasks, import their own, edit
+files on disk, and pull runs beside serve. Against the session's real Label Studio (on
+SQLite, which hands a deleted newest task's id to the next task made in the project)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from labelassist.cli import app
+from labelassist.config import parse_label_text
+from labelassist.db.models import Annotation, File, Image, LSTask
+from labelassist.ingest import ingest
+from labelassist.labelstudio import ImageSource, choice_result, list_remote_tasks, pull, push
+from labelassist.labelstudio.client import Connection, LabelStudioClient
+from labelassist.predict import predict
+
+from .test_labelstudio import LABELS, predicted
+
+pytestmark = pytest.mark.labelstudio
+runner = CliRunner()
+
+
+@pytest.fixture
+def client(label_studio):
+    c = LabelStudioClient(Connection(label_studio.url, label_studio.token), retries=1)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def pushed(db, tiny_model, ls_photos, client, label_studio, request):
+    version = predicted(db, tiny_model, ls_photos)
+    summary = push(db, client, version, ImageSource("local", label_studio.root),
+                   title=request.node.name[:50])
+    return summary
+
+
+def local_task_image(client, project_id: int, label_studio, path: Path) -> dict:
+    """A task that a team member imports by hand (no sha256, no path: just the picture)."""
+    rel = path.resolve().relative_to(label_studio.root.resolve()).as_posix()
+    url = f"/data/local-files/?d={rel}"
+    client.http.post(f"/api/projects/{project_id}/import", json=[{"image": url}]) \
+        .raise_for_status()
+    return next(t for t in list_remote_tasks(client, project_id) if t["data"]["image"] == url)
+
+
+def blue_square(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.new("RGB", (64, 64), (10, 20, 230)).save(path)
+    return path
+
+
+def annotate(client, task_id: int, label: str) -> int:
+    return client.sdk.annotations.create(id=task_id, result=choice_result(label)).id
+
+
+def image_of_task(db, ls_task_id: int) -> int | None:
+    with db.read() as s:
+        return s.scalar(select(LSTask.image_id).where(LSTask.ls_task_id == ls_task_id))
+
+
+def live_reviews(db) -> list[Annotation]:
+    with db.read() as s:
+        return s.scalars(select(Annotation).where(Annotation.deleted_at.is_(None))).all()
+
+
+def predicted_again(db, model):
+    """A second prompt set: a new model_version for the same images."""
+    from labelassist.queries import resolve_version
+
+    predict(db, model, parse_label_text(LABELS.replace('"grey"]', '"grey", "white"]')))
+    return resolve_version(db)
+
+
+def reuse_newest_task_id(client, pushed, label_studio, ls_photos) -> tuple[dict, dict]:
+    """Delete the newest task, import a picture by hand: Label Studio gives it the id."""
+    tasks = list_remote_tasks(client, pushed.project_id)
+    newest = max(tasks, key=lambda t: t["id"])
+    client.http.delete(f"/api/tasks/{newest['id']}").raise_for_status()
+    theirs = local_task_image(client, pushed.project_id, label_studio,
+                              blue_square(ls_photos / "theirs" / "blue.png"))
+    assert theirs["id"] == newest["id"]  # the Label Studio fact this file is about
+    return newest, theirs
+
+
+def test_a_review_of_a_task_that_reused_an_id_never_lands_on_the_old_image(
+        db, db_url, pushed, client, label_studio, ls_photos, tmp_path):
+    newest, theirs = reuse_newest_task_id(client, pushed, label_studio, ls_photos)
+    old_image = image_of_task(db, newest["id"])
+    annotate(client, theirs["id"], "cool")
+    kept = min(t["id"] for t in list_remote_tasks(client, pushed.project_id))
+    annotate(client, kept, "warm")  # one review of a task of ours, for the export
+
+    summary = pull(db, client)
+
+    assert summary.new == 1 and summary.unknown_tasks == 1
+    assert [(a.image_id, a.label) for a in live_reviews(db)] == [
+        (image_of_task(db, kept), "warm")]
+    assert image_of_task(db, theirs["id"]) is None  # the stale row is forgotten
+    out = tmp_path / "out"
+    exported = runner.invoke(app, ["export", str(out), "--db", db_url, "--format", "jsonl"])
+    assert exported.exit_code == 0, exported.output
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["warm"]
+    with db.read() as s:
+        old_sha = s.scalar(select(Image.sha256).where(Image.id == old_image))
+    assert old_sha not in {r.get("sha256") for r in rows}
+
+
+def test_a_deleted_task_does_not_stop_a_new_version_and_is_not_made_again(
+        db, tiny_model, pushed, client, label_studio):
+    tasks = list_remote_tasks(client, pushed.project_id)
+    gone = sorted(t["id"] for t in tasks)[3]  # not the newest: its id is not handed out again
+    client.http.delete(f"/api/tasks/{gone}").raise_for_status()
+    second = predicted_again(db, tiny_model)
+    title = client.sdk.projects.get(id=pushed.project_id).title
+
+    summary = push(db, client, second, ImageSource("local", label_studio.root), title=title)
+
+    assert (summary.tasks_created, summary.predictions_added) == (0, 11)
+    after = list_remote_tasks(client, pushed.project_id)
+    assert len(after) == 11
+    assert all(second.name in {p["model_version"] for p in t["predictions"]} for t in after)
+    again = push(db, client, second, ImageSource("local", label_studio.root), title=title)
+    assert (again.tasks_created, again.predictions_added) == (0, 0)  # not made again
+
+
+def test_a_new_version_never_lands_on_a_task_that_reused_an_id(
+        db, tiny_model, pushed, client, label_studio, ls_photos):
+    newest, theirs = reuse_newest_task_id(client, pushed, label_studio, ls_photos)
+    second = predicted_again(db, tiny_model)
+    title = client.sdk.projects.get(id=pushed.project_id).title
+
+    summary = push(db, client, second, ImageSource("local", label_studio.root), title=title)
+
+    assert (summary.tasks_created, summary.predictions_added) == (0, 11)
+    mine = {t["id"]: t for t in list_remote_tasks(client, pushed.project_id)}
+    assert mine[theirs["id"]]["predictions"] == []  # their picture got nobody's prediction
+
+
+def test_push_skips_a_file_replaced_since_ingest(db, tiny_model, ls_photos, client,
+                                                 label_studio, request):
+    version = predicted(db, tiny_model, ls_photos)
+    replaced = sorted(ls_photos.rglob("*.png"))[0]
+    blue_square(replaced)  # a camera name reused: other pixels at the same path
+
+    summary = push(db, client, version, ImageSource("local", label_studio.root),
+                   title=request.node.name[:50])
+
+    tasks = list_remote_tasks(client, summary.project_id)
+    assert summary.tasks_created == 11 and len(tasks) == 11
+    assert str(replaced) not in {t["data"]["path"] for t in tasks}
+    with db.read() as s:
+        assert s.scalar(select(File.error).where(File.path == str(replaced))) == "changed"
+    ingest(db, [ls_photos])  # read again: its new content is a new image, predicted anew
+    predict(db, tiny_model, parse_label_text(LABELS))
+    again = push(db, client, version, ImageSource("local", label_studio.root),
+                 title=request.node.name[:50])
+    assert again.tasks_created == 1
+    (task,) = [t for t in list_remote_tasks(client, summary.project_id)
+               if t["data"]["path"] == str(replaced)]
+    import hashlib
+
+    assert task["data"]["sha256"] == hashlib.sha256(replaced.read_bytes()).hexdigest()
+
+
+def test_an_older_page_never_undoes_a_newer_review_or_deletes_a_fresh_one(
+        db, pushed, client):
+    """pull beside serve: a page read before serve stored a change is written after it."""
+    from labelassist.db.models import LSProject, utcnow
+    from labelassist.labelstudio.pull import PullSummary, store_annotations
+
+    task = list_remote_tasks(client, pushed.project_id)[0]
+    first = annotate(client, task["id"], "warm")
+    read_at = utcnow()
+    old_page = list_remote_tasks(client, pushed.project_id)  # what a slow pull holds
+    time.sleep(1.1)  # Label Studio's updated_at has whole-second steps on some builds
+    client.sdk.annotations.update(id=first, result=choice_result("cool"))
+    second = annotate(client, task["id"], "plain")
+    pull(db, client)  # serve's fresh read, stored first
+    with db.read() as s:
+        project = s.scalars(select(LSProject)).one()
+
+    store_annotations(db, project, old_page, {}, PullSummary(), read_at)  # the stale pull
+
+    reviews = {a.ls_annotation_id: a.label for a in live_reviews(db)}
+    assert reviews == {first: "cool", second: "plain"}
