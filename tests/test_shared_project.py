@@ -192,3 +192,94 @@ def test_an_older_page_never_undoes_a_newer_review_or_deletes_a_fresh_one(
 
     reviews = {a.ls_annotation_id: a.label for a in live_reviews(db)}
     assert reviews == {first: "cool", second: "plain"}
+
+
+@pytest.mark.slow
+def test_serve_answers_a_reused_id_from_the_new_tasks_picture_and_adopts_no_made_up_id(
+        tmp_path, label_studio, ls_photos, labels_file, tiny_clip_dir):
+    import hashlib
+
+    import httpx
+
+    from .test_serve import auth, start_serve, stop
+
+    served = start_serve(tmp_path, label_studio, ls_photos, labels_file, tiny_clip_dir)
+    try:
+        newest = max(t["id"] for t in served.tasks())
+        with served.db.read() as s:
+            old_image = s.scalar(select(LSTask.image_id).where(LSTask.ls_task_id == newest))
+        served.http.delete(f"/api/tasks/{newest}").raise_for_status()
+        blue = blue_square(ls_photos / "theirs" / "blue.png")
+        url = "/data/local-files/?d=" + blue.relative_to(label_studio.root).as_posix()
+        served.http.post(f"/api/projects/{served.project_id}/import",
+                         json=[{"image": url}]).raise_for_status()
+        (theirs,) = [t for t in served.tasks() if t["data"]["image"] == url]
+        assert theirs["id"] == newest
+        made_up = {"id": 2_000_000, "data": {"image": url}}
+
+        answer = httpx.post(served.url + "/predict", headers=auth(), timeout=60, json={
+            "tasks": [theirs, made_up], "project": f"{served.project_id}.0"})
+
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][1]["result"] == []  # no such task: nothing adopted
+        with served.db.read() as s:
+            mapped = s.execute(select(LSTask.ls_task_id, Image.sha256).join(
+                Image, Image.id == LSTask.image_id).where(
+                LSTask.ls_task_id.in_([newest, 2_000_000]))).all()
+            old_still_mapped = s.scalar(select(LSTask.id).where(LSTask.image_id == old_image))
+        assert mapped == [(newest, hashlib.sha256(blue.read_bytes()).hexdigest())]
+        assert old_still_mapped is None
+        assert answer.json()["results"][0]["result"]  # predicted from its own picture
+    finally:
+        stop(served)
+
+
+def test_one_event_that_always_fails_is_set_aside_and_the_others_go_on(db, tmp_path):
+    """A task that Label Studio answers with 500 for ever: a server of the test's own (the
+    real one cannot be made to), playing Label Studio for an in-process serve backend."""
+    from labelassist.db.models import Image as ImageRow
+    from labelassist.db.models import LSProject, ReviewEventRecord
+    from labelassist.serve.backend import MAX_ATTEMPTS, Backend
+
+    from .hostile_server import JSON, HostileServer
+
+    good = {"id": 8, "data": {"sha256": "b" * 64}, "predictions": [], "annotations": [
+        {"id": 80, "result": choice_result("warm"), "completed_by": 1,
+         "created_at": "2026-12-01T10:00:00Z", "updated_at": "2026-12-01T10:00:00Z"}]}
+    routes = {"/api/tasks/7": lambda q: (500, JSON, {"detail": "server error"}),
+              "/api/tasks/8": lambda q: (200, JSON, good)}
+    with HostileServer(routes) as server:
+        with db.write() as s:
+            project = LSProject(url=server.url, ls_project_id=1, title="p",
+                                classes=["warm"], image_mode="upload")
+            image = ImageRow(sha256="b" * 64, size_bytes=1, width=1, height=1)
+            s.add_all([project, image])
+            s.flush()
+            s.add(LSTask(project_id=project.id, image_id=image.id, ls_task_id=8,
+                         image_key=f"sha256:{'b' * 64}"))
+            s.flush()
+            s.expunge(project)
+        client = LabelStudioClient(Connection(server.url, "token"), retries=0)
+        backend = Backend(db, client, project, load_model=None, fetch_dir=tmp_path,
+                          learn_every=0, log=lambda line: None)
+        # As an older serve journaled them: an id no database column can hold, unchecked
+        with db.write() as s:
+            s.add(ReviewEventRecord(project_id=project.id, action="ANNOTATIONS_DELETED",
+                                    tasks=[], orphans=[2**64], expect={}, attempts=0))
+        assert backend.event({"action": "ANNOTATIONS_DELETED",
+                              "annotations": [{"id": 2**64}]}) == 0  # refused at the door
+        backend.event({"action": "ANNOTATION_CREATED", "task": {"id": 7},
+                       "annotation": {"id": 70, "task": 7}})
+        backend.event({"action": "ANNOTATION_CREATED", "task": {"id": 8},
+                       "annotation": {"id": 80, "task": 8}})
+
+        for _ in range(MAX_ATTEMPTS):
+            backend.replay()
+
+        assert [(a.ls_annotation_id, a.label) for a in live_reviews(db)] == [(80, "warm")]
+        assert backend.pending_events()[0] == []  # nothing left that would block
+        assert backend._count_waiting() == (0, 1)  # the 500 one, set aside
+        with db.read() as s:
+            errors = s.scalars(select(ReviewEventRecord.last_error).where(
+                ReviewEventRecord.done_at.is_(None))).all()
+        assert len(errors) == 1 and "500" in errors[0]
