@@ -283,3 +283,35 @@ def test_one_event_that_always_fails_is_set_aside_and_the_others_go_on(db, tmp_p
             errors = s.scalars(select(ReviewEventRecord.last_error).where(
                 ReviewEventRecord.done_at.is_(None))).all()
         assert len(errors) == 1 and "500" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_task_with_an_odd_image_is_refused_alone_and_the_batch_is_answered(
+        tmp_path, label_studio, ls_photos, labels_file, tiny_clip_dir):
+    import httpx
+
+    from .test_serve import auth, start_serve, stop
+
+    served = start_serve(tmp_path, label_studio, ls_photos, labels_file, tiny_clip_dir)
+    try:
+        odd = ls_photos / "odd"
+        odd.mkdir()
+        (odd / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+        (odd / "scan.xyz").write_bytes(b"\x00\x01not an image at all" * 50)
+        urls = ["/data/local-files/?d=" + (odd / name).relative_to(label_studio.root)
+                .as_posix() for name in ("drawing.svg", "scan.xyz")]
+        served.http.post(f"/api/projects/{served.project_id}/import",
+                         json=[{"image": u} for u in urls]).raise_for_status()
+        tasks = served.tasks()
+        pushed = next(t for t in tasks if "sha256" in t["data"])
+        odd_tasks = [t for t in tasks if t["data"]["image"] in urls]
+
+        answer = httpx.post(served.url + "/predict", headers=auth(), timeout=60, json={
+            "tasks": [*odd_tasks, pushed], "project": f"{served.project_id}.0"})
+
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert [r["result"] for r in results[:2]] == [[], []]
+        assert results[2]["result"] and results[2]["score"] > 0
+    finally:
+        stop(served)
