@@ -14,12 +14,16 @@ def test_empty_database_upgrades_to_head(db):
     tables = set(inspect(db.engine).get_table_names())
     assert {"images", "files", "model_versions", "embeddings", "predictions", "ls_projects",
             "ls_tasks", "ls_predictions", "annotations", "auto_accepts", "workers",
-            "claims", "locks", "ls_review_events", "suggestions", "runtime_choices"} <= tables
+            "claims", "locks", "ls_review_events", "suggestions", "runtime_choices",
+            "ls_deleted_tasks"} <= tables
     assert {"model_key", "label_fingerprint", "cpu", "software", "runtime",
             "measurement"} <= columns(db, "runtime_choices")
     assert {"project_id", "tasks", "orphans", "expect", "received_at", "done_at",
             "attempts"} <= columns(db, "ls_review_events")
     assert {"name", "holder", "hostname", "pid", "expires_at"} <= columns(db, "locks")
+    assert {"project_id", "image_id", "ls_task_id", "image_key"} <= columns(db, "ls_tasks")
+    assert {"project_id", "image_id", "ls_task_id", "deleted_at"} <= columns(
+        db, "ls_deleted_tasks")
     assert {"sha256", "size_bytes", "width", "height", "error"} <= columns(db, "images")
     assert {"path", "raw_path", "image_id", "sha256", "size_bytes", "mtime_ns",
             "error"} <= columns(db, "files")

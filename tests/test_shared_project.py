@@ -315,3 +315,37 @@ def test_a_task_with_an_odd_image_is_refused_alone_and_the_batch_is_answered(
         assert results[2]["result"] and results[2]["score"] > 0
     finally:
         stop(served)
+
+
+def test_a_tasks_deleted_event_forgets_the_task_and_its_reviews(db, tmp_path):
+    """Label Studio's TASKS_DELETED webhook: serve reads the task again (404 now), and its
+    reviews stop counting at once, not at the next pull."""
+    from labelassist.db.models import Image as ImageRow
+    from labelassist.db.models import LSDeletedTask, LSProject
+    from labelassist.serve.backend import Backend
+
+    from .hostile_server import HostileServer
+
+    with HostileServer({}) as server:  # every task answers 404: deleted
+        with db.write() as s:
+            project = LSProject(url=server.url, ls_project_id=1, title="p",
+                                classes=["warm"], image_mode="upload")
+            image = ImageRow(sha256="c" * 64, size_bytes=1, width=1, height=1)
+            s.add_all([project, image])
+            s.flush()
+            s.add(LSTask(project_id=project.id, image_id=image.id, ls_task_id=9))
+            s.add(Annotation(project_id=project.id, ls_annotation_id=90, image_id=image.id,
+                             label="warm"))
+            s.flush()
+            s.expunge(project)
+        backend = Backend(db, LabelStudioClient(Connection(server.url, "token"), retries=0),
+                          project, load_model=None, fetch_dir=tmp_path, learn_every=0,
+                          log=lambda line: None)
+
+        assert backend.event({"action": "TASKS_DELETED", "tasks": [{"id": 9}]}) == 1
+        backend.replay()
+
+        assert live_reviews(db) == []
+        with db.read() as s:
+            assert s.scalar(select(LSTask.id)) is None
+            assert s.scalar(select(LSDeletedTask.ls_task_id)) == 9
