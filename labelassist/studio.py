@@ -8,6 +8,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +53,71 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def read_or_make_secret(path: Path, make) -> str:
-    """A secret kept in a 0600 file beside Label Studio's own data, made on first use."""
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(make())
-    return path.read_text().strip()
+def read_or_make_secret(path: Path, make, *, min_length: int = 16, log=None) -> str:
+    """A secret kept in a 0600 file, made on first use. It is never truncated in place: a
+    new one is written whole to a temporary file in the same folder, fsynced, and linked
+    into place, which fails if a file is there. A kill or a full disk thus leaves no empty
+    secret behind, and of two first starts racing, both read the one whose link won. A
+    file that is empty or shorter than min_length (a torn write of an older version) is
+    made again, and `log` is told."""
+    for _ in range(5):
+        try:
+            with open(path, "rb") as fh:
+                secret = fh.read().decode(errors="replace").strip()
+                if len(secret) >= min_length:
+                    return secret
+                if log is not None:
+                    log(f"{path} held no usable secret (empty or under {min_length} "
+                        "characters, from an interrupted write): made a new one")
+                _remove_if_still(path, fh)
+        except FileNotFoundError:
+            pass
+        try:
+            _link_new_secret(path, make())
+        except FileExistsError:
+            pass  # another start made it first: read theirs
+        except OSError as exc:
+            raise ConfigError(f"cannot write a new secret to {path}: {exc.strerror or exc}"
+                              "; free some space or make the folder writable") from None
+    raise ConfigError(f"{path} keeps coming back without a usable secret: remove it, and "
+                      "check that its folder is writable and its disk has room")
+
+
+def _link_new_secret(path: Path, secret: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:  # mkstemp's file is 0600
+            fh.write(secret + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(temp, path)
+    finally:
+        os.unlink(temp)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the link itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def _remove_if_still(path: Path, fh) -> None:
+    """Remove a torn secret file, unless another start has replaced it meanwhile: under an
+    advisory lock on the torn file, so that two starts repairing it never remove each
+    other's new secret."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the link below still refuses to overwrite
+        path.unlink(missing_ok=True)
+        return
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admin@localhost",

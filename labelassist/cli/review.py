@@ -333,8 +333,9 @@ def serve(
         "predictions go to Label Studio as a new model_version (0: never).")] = 20,
     secret: Annotated[Optional[str], typer.Option(
         envvar="LABELASSIST_SERVE_SECRET", help="Shared secret that Label Studio must send "
-        "(basic auth, user 'labelassist'). Default: one made on first use and kept in "
-        "~/.local/share/labelassist/serve-secret (mode 0600).")] = None,
+        "(basic auth, user 'labelassist'); at least 16 characters. The project webhook gets "
+        "a credential derived from it, good for /webhook only. Default: one made on first "
+        "use and kept in ~/.local/share/labelassist/serve-secret (mode 0600).")] = None,
     model: ModelOpt = None,
     device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
     "auto",
@@ -362,17 +363,12 @@ def serve(
     from ..labelstudio import pull as run_pull
     from ..model import load_model
     from ..serve import (Backend, ServeOptions, fetch_dir_for, find_project, run_server,
-                         status_file_for)
-    from ..studio import read_or_make_secret
+                         serve_secret, status_file_for)
 
+    secret = serve_secret(secret, log=lambda line: err.print(line, markup=False))
     database = open_db(db)
     client = ls_client(ls_url, ls_token)
     target = find_project(database, client, project)
-    if secret is None:
-        import secrets as tokens
-
-        secret = read_or_make_secret(Path.home() / ".local" / "share" / "labelassist" /
-                                     "serve-secret", lambda: tokens.token_urlsafe(24))
     caught_up = run_pull(database, client)  # reviews made while no server was listening
     if caught_up.new or caught_up.updated or caught_up.deleted:
         err.print(f"caught up: {caught_up.new:,} new, {caught_up.updated:,} updated, "

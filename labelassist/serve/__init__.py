@@ -15,8 +15,10 @@ from ..errors import ConfigError, LabelStudioError
 from ..labelstudio import LabelStudioClient
 from .backend import Backend
 
-__all__ = ["Backend", "ServeOptions", "find_project", "fetch_dir_for", "run_server",
-           "status_file_for"]
+__all__ = ["Backend", "MIN_SECRET", "ServeOptions", "find_project", "fetch_dir_for",
+           "run_server", "serve_secret", "status_file_for"]
+
+MIN_SECRET = 16  # characters; what serve makes itself is 32
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,28 @@ def find_project(db: Database, client: LabelStudioClient, title: str | None) -> 
         raise ConfigError(f"nothing was pushed to {client.conn.url} yet: run labelassist "
                           "push first, then serve its project")
     return project
+
+
+def secret_file() -> Path:
+    return Path.home() / ".local" / "share" / "labelassist" / "serve-secret"
+
+
+def serve_secret(given: str | None, *, log=lambda line: None) -> str:
+    """The secret Label Studio must send: the one given (--secret, LABELASSIST_SERVE_SECRET),
+    refused when short or empty, else the one kept in secret_file() (made on first use,
+    and made again when a torn write left it empty)."""
+    import secrets
+
+    from ..studio import read_or_make_secret
+
+    if given is not None:
+        if len(given.strip()) < MIN_SECRET:
+            raise ConfigError(f"--secret (or LABELASSIST_SERVE_SECRET) must be at least "
+                              f"{MIN_SECRET} characters, not {len(given.strip())}: pass a "
+                              f"longer one, or neither, to use the one kept in {secret_file()}")
+        return given
+    return read_or_make_secret(secret_file(), lambda: secrets.token_urlsafe(24),
+                               min_length=MIN_SECRET, log=log)
 
 
 def status_file_for(db_url: str) -> Path | None:
