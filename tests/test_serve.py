@@ -138,12 +138,14 @@ def shared(tmp_path_factory, label_studio, tiny_clip_dir):
 
 
 def test_label_studio_connects_the_backend_with_the_secret(served):
+    from labelassist.serve.app import webhook_secret
+
     backends = served.http.get("/api/ml", params={"project": served.project_id}).json()
     (mine,) = [b for b in backends if b["url"] == served.url]
     assert mine["auth_method"] == "BASIC_AUTH" and mine["state"] == "CO"  # connected
     hooks = served.http.get("/api/webhooks", params={"project": served.project_id}).json()
     (hook,) = [h for h in hooks if h["url"] == served.url + "/webhook"]
-    assert hook["headers"] == auth()
+    assert hook["headers"] == auth(webhook_secret(SECRET))  # never the secret: members read it
     assert httpx.get(served.url + "/health").json()["status"] == "UP"  # open, and cheap
 
 

@@ -1,16 +1,36 @@
 """Connect a Label Studio project to a running `labelassist serve`, through Label Studio's
-own API: the ML backend (POST /api/ml, basic auth with the shared secret) and the project
-webhook it makes for it (given the same secret, so annotation events reach us signed)."""
+own API: the ML backend (POST /api/ml, basic auth with the serve secret, which Label Studio
+keeps hidden) and the project webhook it makes for it (given the webhook credential, which
+every project member can read and which opens /webhook only)."""
 
 from __future__ import annotations
 
 import base64
 
+import httpx
+
 from ..errors import LabelStudioError
 from ..labelstudio import LabelStudioClient
-from .app import USER
+from .app import USER, webhook_secret
 
 TITLE = "labelassist"
+BLOCKED = ("reserved network address", "The provided URL was not allowed")
+
+
+def check_not_blocked(response: httpx.Response, url: str, setting: str) -> None:
+    """Label Studio answers 403 when its SSRF guard will not call `url`: say so, and what
+    lifts it (its client would call any 403 a refused token)."""
+    if response.status_code != 403:
+        return
+    try:
+        detail = str(response.json().get("detail") or "")
+    except (ValueError, AttributeError):
+        detail = response.text[:300]
+    if any(reason in detail for reason in BLOCKED):
+        raise LabelStudioError(
+            f"Label Studio will not call {url}: {detail}. Set {setting}=false in Label "
+            "Studio's environment and restart it (labelassist studio sets it), or serve "
+            "on an address that Label Studio may call (--host, --url)")
 
 
 def connect(client: LabelStudioClient, project_id: int, url: str, secret: str) -> int:
@@ -29,6 +49,7 @@ def connect(client: LabelStudioClient, project_id: int, url: str, secret: str) -
             # Label Studio 1.23 fails (500) on a PATCH without the project
             response = client.http.patch(f"/api/ml/{mine['id']}", json={
                 "url": url, "project": project_id, **auth})
+        check_not_blocked(response, url, "ML_BLOCK_LOCAL_IP")
         if response.status_code == 400:
             raise LabelStudioError(
                 f"Label Studio would not connect the ML backend at {url}: "
@@ -45,8 +66,9 @@ def connect(client: LabelStudioClient, project_id: int, url: str, secret: str) -
 def sign_webhook(client: LabelStudioClient, project_id: int, hook_url: str,
                  secret: str) -> None:
     """Label Studio makes a project webhook for a new ML backend, unsigned: give it the
-    secret, or make it when Label Studio did not (it refuses local URLs by default)."""
-    token = base64.b64encode(f"{USER}:{secret}".encode()).decode()
+    webhook credential (never the serve secret: any project member reads webhook
+    headers), or make it when Label Studio did not (it refuses local URLs by default)."""
+    token = base64.b64encode(f"{USER}:{webhook_secret(secret)}".encode()).decode()
     headers = {"Authorization": f"Basic {token}"}
     hooks = client.get_json("/api/webhooks", "listing webhooks", project=project_id)
     hook = next((h for h in hooks if h.get("url") == hook_url), None)
@@ -59,6 +81,7 @@ def sign_webhook(client: LabelStudioClient, project_id: int, hook_url: str,
         else:
             response = client.http.patch(f"/api/webhooks/{hook['id']}",
                                          json={"headers": headers, "is_active": True})
+        check_not_blocked(response, hook_url, "SSRF_PROTECTION_ENABLED")
         if response.status_code == 400:
             raise LabelStudioError(
                 f"Label Studio would not send events to {hook_url}: {response.text[:300]}. "
