@@ -349,3 +349,32 @@ def test_a_tasks_deleted_event_forgets_the_task_and_its_reviews(db, tmp_path):
         with db.read() as s:
             assert s.scalar(select(LSTask.id)) is None
             assert s.scalar(select(LSDeletedTask.ls_task_id)) == 9
+
+
+def test_a_review_made_then_deleted_at_once_is_read_once_not_twenty_times(db, tmp_path):
+    """The created event names an annotation that is gone by the time serve reads the
+    task: serve asks Label Studio about it once, instead of waiting for it to show up."""
+    from labelassist.db.models import LSProject
+    from labelassist.serve.backend import Backend
+
+    from .hostile_server import JSON, HostileServer
+
+    task = {"id": 5, "data": {"sha256": "d" * 64}, "predictions": [], "annotations": []}
+    with HostileServer({"/api/tasks/5": lambda q: (200, JSON, task)}) as server:
+        with db.write() as s:
+            project = LSProject(url=server.url, ls_project_id=1, title="p",
+                                classes=["warm"], image_mode="upload")
+            s.add(project)
+            s.flush()
+            s.expunge(project)
+        backend = Backend(db, LabelStudioClient(Connection(server.url, "token"), retries=0),
+                          project, load_model=None, fetch_dir=tmp_path, learn_every=0,
+                          log=lambda line: None)
+        backend.event({"action": "ANNOTATION_CREATED", "task": {"id": 5},
+                       "annotation": {"id": 50, "task": 5, "updated_at": "2026-12-06"}})
+
+        backend.replay()
+
+        assert server.requests["/api/tasks/5"] == 1
+        assert server.requests["/api/annotations/50"] == 1  # 404 here: deleted
+        assert backend.pending_events()[0] == []
