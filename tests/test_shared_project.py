@@ -79,6 +79,33 @@ def predicted_again(db, model):
     return resolve_version(db)
 
 
+def serve_backend(db, server, tmp_path, task: dict | None = None, reviews: list[int] = ()):
+    """An in-process serve backend whose Label Studio is the test's own server, with one
+    project and (optionally) one task of ours, with its image and reviews."""
+    from labelassist.db.models import LSProject
+    from labelassist.serve.backend import Backend
+
+    with db.write() as s:
+        project = LSProject(url=server.url, ls_project_id=1, title="p", classes=["warm"],
+                            image_mode="upload")
+        s.add(project)
+        s.flush()
+        if task is not None:
+            sha = task["data"]["sha256"]
+            image = Image(sha256=sha, size_bytes=1, width=1, height=1)
+            s.add(image)
+            s.flush()
+            s.add(LSTask(project_id=project.id, image_id=image.id, ls_task_id=task["id"],
+                         image_key=f"sha256:{sha}"))
+            s.add_all([Annotation(project_id=project.id, ls_annotation_id=n,
+                                  image_id=image.id, label="warm") for n in reviews])
+        s.flush()
+        s.expunge(project)
+    client = LabelStudioClient(Connection(server.url, "token"), retries=0)
+    return Backend(db, client, project, load_model=None, fetch_dir=tmp_path, learn_every=0,
+                   log=lambda line: None)
+
+
 def reuse_newest_task_id(client, pushed, label_studio, ls_photos) -> tuple[dict, dict]:
     """Delete the newest task, import a picture by hand: Label Studio gives it the id."""
     tasks = list_remote_tasks(client, pushed.project_id)
@@ -134,7 +161,7 @@ def test_a_deleted_task_does_not_stop_a_new_version_and_is_not_made_again(
 
 def test_a_new_version_never_lands_on_a_task_that_reused_an_id(
         db, tiny_model, pushed, client, label_studio, ls_photos):
-    newest, theirs = reuse_newest_task_id(client, pushed, label_studio, ls_photos)
+    _, theirs = reuse_newest_task_id(client, pushed, label_studio, ls_photos)
     second = predicted_again(db, tiny_model)
     title = client.sdk.projects.get(id=pushed.project_id).title
 
@@ -237,9 +264,8 @@ def test_serve_answers_a_reused_id_from_the_new_tasks_picture_and_adopts_no_made
 def test_one_event_that_always_fails_is_set_aside_and_the_others_go_on(db, tmp_path):
     """A task that Label Studio answers with 500 for ever: a server of the test's own (the
     real one cannot be made to), playing Label Studio for an in-process serve backend."""
-    from labelassist.db.models import Image as ImageRow
-    from labelassist.db.models import LSProject, ReviewEventRecord
-    from labelassist.serve.backend import MAX_ATTEMPTS, Backend
+    from labelassist.db.models import ReviewEventRecord
+    from labelassist.serve.backend import MAX_ATTEMPTS
 
     from .hostile_server import JSON, HostileServer
 
@@ -249,22 +275,10 @@ def test_one_event_that_always_fails_is_set_aside_and_the_others_go_on(db, tmp_p
     routes = {"/api/tasks/7": lambda q: (500, JSON, {"detail": "server error"}),
               "/api/tasks/8": lambda q: (200, JSON, good)}
     with HostileServer(routes) as server:
-        with db.write() as s:
-            project = LSProject(url=server.url, ls_project_id=1, title="p",
-                                classes=["warm"], image_mode="upload")
-            image = ImageRow(sha256="b" * 64, size_bytes=1, width=1, height=1)
-            s.add_all([project, image])
-            s.flush()
-            s.add(LSTask(project_id=project.id, image_id=image.id, ls_task_id=8,
-                         image_key=f"sha256:{'b' * 64}"))
-            s.flush()
-            s.expunge(project)
-        client = LabelStudioClient(Connection(server.url, "token"), retries=0)
-        backend = Backend(db, client, project, load_model=None, fetch_dir=tmp_path,
-                          learn_every=0, log=lambda line: None)
+        backend = serve_backend(db, server, tmp_path, good)
         # As an older serve journaled them: an id no database column can hold, unchecked
         with db.write() as s:
-            s.add(ReviewEventRecord(project_id=project.id, action="ANNOTATIONS_DELETED",
+            s.add(ReviewEventRecord(project_id=backend.project.id, action="ANNOTATIONS_DELETED",
                                     tasks=[], orphans=[2**64], expect={}, attempts=0))
         assert backend.event({"action": "ANNOTATIONS_DELETED",
                               "annotations": [{"id": 2**64}]}) == 0  # refused at the door
@@ -320,27 +334,13 @@ def test_a_task_with_an_odd_image_is_refused_alone_and_the_batch_is_answered(
 def test_a_tasks_deleted_event_forgets_the_task_and_its_reviews(db, tmp_path):
     """Label Studio's TASKS_DELETED webhook: serve reads the task again (404 now), and its
     reviews stop counting at once, not at the next pull."""
-    from labelassist.db.models import Image as ImageRow
-    from labelassist.db.models import LSDeletedTask, LSProject
-    from labelassist.serve.backend import Backend
+    from labelassist.db.models import LSDeletedTask
 
     from .hostile_server import HostileServer
 
     with HostileServer({}) as server:  # every task answers 404: deleted
-        with db.write() as s:
-            project = LSProject(url=server.url, ls_project_id=1, title="p",
-                                classes=["warm"], image_mode="upload")
-            image = ImageRow(sha256="c" * 64, size_bytes=1, width=1, height=1)
-            s.add_all([project, image])
-            s.flush()
-            s.add(LSTask(project_id=project.id, image_id=image.id, ls_task_id=9))
-            s.add(Annotation(project_id=project.id, ls_annotation_id=90, image_id=image.id,
-                             label="warm"))
-            s.flush()
-            s.expunge(project)
-        backend = Backend(db, LabelStudioClient(Connection(server.url, "token"), retries=0),
-                          project, load_model=None, fetch_dir=tmp_path, learn_every=0,
-                          log=lambda line: None)
+        backend = serve_backend(db, server, tmp_path, {"id": 9, "data": {"sha256": "c" * 64}},
+                                reviews=[90])
 
         assert backend.event({"action": "TASKS_DELETED", "tasks": [{"id": 9}]}) == 1
         backend.replay()
@@ -354,22 +354,11 @@ def test_a_tasks_deleted_event_forgets_the_task_and_its_reviews(db, tmp_path):
 def test_a_review_made_then_deleted_at_once_is_read_once_not_twenty_times(db, tmp_path):
     """The created event names an annotation that is gone by the time serve reads the
     task: serve asks Label Studio about it once, instead of waiting for it to show up."""
-    from labelassist.db.models import LSProject
-    from labelassist.serve.backend import Backend
-
     from .hostile_server import JSON, HostileServer
 
     task = {"id": 5, "data": {"sha256": "d" * 64}, "predictions": [], "annotations": []}
     with HostileServer({"/api/tasks/5": lambda q: (200, JSON, task)}) as server:
-        with db.write() as s:
-            project = LSProject(url=server.url, ls_project_id=1, title="p",
-                                classes=["warm"], image_mode="upload")
-            s.add(project)
-            s.flush()
-            s.expunge(project)
-        backend = Backend(db, LabelStudioClient(Connection(server.url, "token"), retries=0),
-                          project, load_model=None, fetch_dir=tmp_path, learn_every=0,
-                          log=lambda line: None)
+        backend = serve_backend(db, server, tmp_path)
         backend.event({"action": "ANNOTATION_CREATED", "task": {"id": 5},
                        "annotation": {"id": 50, "task": 5, "updated_at": "2026-12-06"}})
 
