@@ -1,11 +1,16 @@
-"""Images of tasks that labelassist did not push, fetched through Label Studio only."""
+"""Images of tasks that labelassist did not push, fetched through Label Studio only: from
+its file routes (never its API, which the operator's token would open), and kept only
+when the bytes decode as an image, in a folder only this user can read."""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import re
 import threading
 from pathlib import Path
-from urllib.parse import urljoin, urlparse
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 
@@ -13,55 +18,114 @@ from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
-IMAGE_TYPES = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp",
-               "image/gif": ".gif", "image/bmp": ".bmp", "image/tiff": ".tif"}
+# Pillow's names of the formats kept, and the suffix each is kept with.
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",
+            "TIFF": ".tif"}
+# Label Studio's file routes (1.23: data_import/urls.py, io_storages/urls.py), below its
+# own address, each with the one query parameter it takes (None: no query at all).
+FILE_ROUTES = (
+    (re.compile(r"/data/upload/[^/].*"), None),  # uploaded files
+    (re.compile(r"/data/local-files/"), "d"),  # local-files storages
+    (re.compile(r"/(tasks|projects)/\d+/(resolve|presign)/"), "fileuri"),  # cloud storages
+)
 
 
 class RefusedImage(LabelAssistError):
-    """A task's image that this server will not fetch (not Label Studio's own address)."""
+    """A task's image that this server will not fetch or keep (not one of Label Studio's
+    file routes, a redirect elsewhere, or not an image)."""
 
 
 def fetch_image(client: LabelStudioClient, task: dict, fetch_dir: Path) -> Path:
-    """The task's image bytes, from Label Studio's own address only, saved under
-    fetch_dir by content hash. Never a local path, never another host."""
+    """The task's image, from Label Studio's file routes only, kept under fetch_dir by
+    content hash (0600 files in 0700 folders) once its bytes decode as an image."""
     url = image_url(task, client.conn.url)
     try:
-        kind, digest, chunks = _download(client, url)
+        data = _download(client, url)
     except httpx.HTTPError as exc:
         raise LabelStudioError(f"cannot fetch the image at {url}: {exc}") from None
-    suffix = IMAGE_TYPES.get(kind) or Path(urlparse(url).path).suffix.lower() or ".img"
-    sha = digest.hexdigest()
-    path = fetch_dir / sha[:2] / f"{sha}{suffix}"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{threading.get_ident()}.partial")
-        partial.write_bytes(b"".join(chunks))
-        partial.replace(path)
-    return path
+    return _keep(data, image_suffix(data, url), fetch_dir)
 
 
-def _download(client: LabelStudioClient, url: str):
-    with httpx.Client(timeout=30, headers={
+def _download(client: LabelStudioClient, url: str) -> bytes:
+    with httpx.Client(timeout=30, follow_redirects=False, headers={
             "Authorization": f"Token {client.conn.token}"}) as http:
         with http.stream("GET", url) as response:
+            if response.is_redirect:
+                raise RefusedImage(_redirect_refusal(url, response.headers.get("location", "")))
             if response.status_code != 200:
                 raise LabelStudioError(f"Label Studio answered {response.status_code} "
                                        f"for the image at {url}")
-            kind = response.headers.get("content-type", "").split(";")[0].strip()
-            chunks, size, digest = [], 0, hashlib.sha256()
+            chunks, size = [], 0
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > MAX_IMAGE_BYTES:
                     raise RefusedImage(f"the image at {url} is over "
                                        f"{MAX_IMAGE_BYTES >> 20} MiB")
-                digest.update(chunk)
                 chunks.append(chunk)
-    return kind, digest, chunks
+    return b"".join(chunks)
+
+
+def _redirect_refusal(url: str, location: str) -> str:
+    target = urlsplit(location).netloc or "Label Studio itself"
+    return (f"Label Studio answered the image at {url} with a redirect to {target} (a "
+            "presigned storage URL?): serve follows none, so the token never leaves Label "
+            "Studio; turn off 'Use pre-signed URLs' in the storage's settings so that Label "
+            "Studio sends the bytes itself")
+
+
+def image_suffix(data: bytes, url: str) -> str:
+    """The suffix of an image in one of SUFFIXES' formats; anything else is refused."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=list(SUFFIXES)) as image:
+            image.verify()
+            kind = image.format
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise RefusedImage(f"the file at {url} is not an image ({type(exc).__name__}): "
+                           "not kept") from None
+    return SUFFIXES[kind]
+
+
+def _keep(data: bytes, suffix: str, fetch_dir: Path) -> Path:
+    sha = hashlib.sha256(data).hexdigest()
+    folder = _private_folder(_private_folder(fetch_dir) / sha[:2])
+    path = folder / f"{sha}{suffix}"  # ImageSource.came_from_label_studio knows this name
+    if not path.exists():
+        partial = folder / f".{sha}.{os.getpid()}.{threading.get_ident()}.partial"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        partial.replace(path)
+    return path
+
+
+def _private_folder(folder: Path) -> Path:
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
 
 
 def image_url(task: dict, ls_url: str) -> str:
-    """The address of a task's image, only if it is Label Studio's own: a /data/ path
-    (uploads, local files, storage links) or a full URL on Label Studio's host."""
+    """The address of a task's image, only if it is one of Label Studio's file routes
+    (FILE_ROUTES) below Label Studio's own address, path included."""
+    value = _image_value(task)
+    base = urlsplit(ls_url.rstrip("/"))
+    if value.startswith("/") and not value.startswith("//"):
+        path = value if _below(value, base.path) else base.path + value
+        url = f"{base.scheme}://{base.netloc}{path}"
+    else:
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or \
+                (parsed.scheme, parsed.netloc) != (base.scheme, base.netloc):
+            raise RefusedImage(f"{value[:100]!r} is not on Label Studio ({ls_url}): this "
+                               "server fetches images only from Label Studio itself")
+        url = value
+    _check_file_route(url, base.path, value)
+    return url
+
+
+def _image_value(task: dict) -> str:
     data = task.get("data")
     if not isinstance(data, dict):
         raise RefusedImage("the task has no data")
@@ -70,14 +134,26 @@ def image_url(task: dict, ls_url: str) -> str:
         value = next((v for v in data.values() if isinstance(v, str)), None)
     if not isinstance(value, str) or not value:
         raise RefusedImage("the task names no image")
-    base = urlparse(ls_url)
-    if value.startswith("/") and not value.startswith("//"):
-        if not value.startswith("/data/") or ".." in value.split("?")[0].split("/"):
-            raise RefusedImage(f"{value[:100]!r} is not a Label Studio /data/ address")
-        return urljoin(ls_url + "/", value.lstrip("/"))
-    parsed = urlparse(value)
-    if parsed.scheme in ("http", "https") and (parsed.scheme, parsed.netloc) == \
-            (base.scheme, base.netloc):
-        return value
-    raise RefusedImage(f"{value[:100]!r} is not on Label Studio ({ls_url}): this server "
-                       "fetches images only from Label Studio itself")
+    return value
+
+
+def _below(path: str, base_path: str) -> bool:
+    return not base_path or urlsplit(path).path.startswith(base_path + "/")
+
+
+def _check_file_route(url: str, base_path: str, value: str) -> None:
+    parts = urlsplit(url)
+    path = unquote(parts.path)  # what Label Studio's router sees
+    route = path[len(base_path):] if path.startswith(base_path + "/") else ""
+    clean = route and not parts.fragment and "\\" not in route and \
+        not {".", ".."} & set(route.split("/"))
+    query = parse_qs(parts.query, keep_blank_values=True)
+    for pattern, key in FILE_ROUTES if clean else ():
+        if pattern.fullmatch(route) and (
+                (key is None and not parts.query)
+                or (key is not None and list(query) == [key] and len(query[key]) == 1
+                    and query[key][0])):
+            return
+    raise RefusedImage(f"{value[:100]!r} is not one of Label Studio's file routes below "
+                       f"{base_path or '/'} (uploads, local files, storage links): this "
+                       "server fetches nothing else with the token")
