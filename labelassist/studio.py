@@ -3,7 +3,9 @@ and the test session's server). Facts measured on Label Studio 1.23 are in DESIG
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -20,6 +22,13 @@ from .errors import ConfigError, LabelStudioError
 # Label Studio reads these bare names into its settings: never pass ours through.
 LEAKY_ENV = ("PORT", "HOST", "USERNAME", "PASSWORD", "DEBUG")
 TOKEN_FILE = "labelassist-token"  # in the data folder, mode 0600
+# Beside the token: the Label Studio it belongs to (written at each start), so that a
+# labelassist.toml that names the token file can send it nowhere else.
+TOKEN_URL_FILE = "labelassist-url"
+# In the data folder: Label Studio's LOCAL_FILES_DOCUMENT_ROOT, the same at every start,
+# holding a link to each --root it was started with. Tasks name their images relative to
+# it, so they resolve whichever workspace started Label Studio last.
+DOCUMENT_ROOT = "files"
 
 
 @dataclass
@@ -28,9 +37,11 @@ class Studio:
     token: str
     username: str
     password: str
-    root: Path
+    root: Path  # Label Studio's LOCAL_FILES_DOCUMENT_ROOT: <data_dir>/files
     data_dir: Path
     process: subprocess.Popen
+    folder: Path | None = None  # the --root it was started with, linked into root
+    note: str | None = None  # what the caller should tell the user
 
     def stop(self, timeout: float = 20) -> None:
         if self.process.poll() is None:
@@ -123,10 +134,10 @@ def _remove_if_still(path: Path, fh) -> None:
 def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admin@localhost",
                  password: str | None = None, log_file: Path | None = None,
                  timeout: float = 180) -> Studio:
-    """Start `label-studio` on 127.0.0.1:port and wait until /health/ answers UP."""
-    if not root.is_dir():  # it would serve nothing, and every pushed image would be broken
-        raise ConfigError(f"--root {root} is not a folder: give the folder that your image "
-                          "folders live below")
+    """Start `label-studio` on 127.0.0.1:port and wait until /health/ answers UP. Its
+    document root is <data_dir>/files, where `root` gets a link of its own (link_root)."""
+    root, data_dir = root.absolute(), data_dir.resolve()
+    check_root(root, data_dir)
     exe = shutil.which("label-studio")
     if exe is None:
         raise LabelStudioError("label-studio is not installed: pip install 'labelassist[studio]'")
@@ -134,7 +145,12 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
         # Label Studio would silently move to the next port; we refuse instead.
         raise LabelStudioError(f"port {port} is busy: pass another --port")
     data_dir.mkdir(parents=True, exist_ok=True)
+    note = earlier_root_note(data_dir)
+    document_root = data_dir / DOCUMENT_ROOT
+    link_root(document_root, root)
+    url = f"http://127.0.0.1:{port}"
     token = read_or_make_secret(data_dir / TOKEN_FILE, lambda: secrets.token_hex(20))
+    write_private(data_dir / TOKEN_URL_FILE, url + "\n")
     password = password or read_or_make_secret(data_dir / "labelassist-password",
                                                 lambda: secrets.token_urlsafe(12))
     env = {k: v for k, v in os.environ.items() if k not in LEAKY_ENV}
@@ -143,7 +159,7 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
         "LABEL_STUDIO_USERNAME": username, "LABEL_STUDIO_PASSWORD": password,
         "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(root),
+        "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
         "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false",
         # It listens on 127.0.0.1 only, and its ML backend (labelassist serve) and webhook
         # live on this machine too: let it call local addresses.
@@ -154,10 +170,80 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
         [exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True)
-    studio = Studio(f"http://127.0.0.1:{port}", token, username, password, root, data_dir,
-                    process)
+    studio = Studio(url, token, username, password, document_root, data_dir, process,
+                    folder=root.resolve(), note=note)
     wait_until_healthy(studio, timeout)
     return studio
+
+
+def check_root(root: Path, data_dir: Path) -> None:
+    """A folder that Label Studio may serve: any user of it who can add a storage can read
+    every file below it, so never the whole disk, nor its own data (token, database)."""
+    if not root.is_dir():  # it would serve nothing, and every pushed image would be broken
+        raise ConfigError(f"--root {root} is not a folder: give the folder that your image "
+                          "folders live below")
+    resolved = root.resolve()
+    if resolved == Path(resolved.anchor):
+        raise ConfigError(f"--root {resolved} would let Label Studio serve every file on this "
+                          "disk: give the folder that your image folders live below")
+    if resolved == data_dir or resolved in data_dir.parents:
+        raise ConfigError(f"--root {resolved} holds Label Studio's own data ({data_dir}: its "
+                          "database and token): give the folder that your image folders "
+                          "live below, or pass --data-dir outside it")
+
+
+def link_name(folder: Path) -> str:
+    """A name for a folder that no other folder gets: its own name and a short hash of its
+    absolute path (two workspaces' photos/ stay apart)."""
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', folder.name) or 'root'}-{digest}"
+
+
+def link_root(document_root: Path, root: Path) -> Path:
+    """document_root/<link_name(root)> -> root, made once and kept: tasks pushed from
+    root name their images through it for good."""
+    target = root.resolve()
+    document_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    link = document_root / link_name(target)
+    if not (link.is_symlink() and os.readlink(link) == str(target)):
+        temp = document_root / f".{link.name}.{os.getpid()}"
+        temp.unlink(missing_ok=True)
+        temp.symlink_to(target, target_is_directory=True)
+        try:
+            temp.replace(link)
+        except OSError as exc:
+            temp.unlink()
+            raise ConfigError(f"cannot link {target} into Label Studio's files as {link}: "
+                              f"{exc.strerror or exc}") from None
+    return link
+
+
+def earlier_root_note(data_dir: Path) -> str | None:
+    """Said once, when a data folder that Label Studio used before gets its fixed document
+    root: tasks pushed then name their images relative to the --root of that day."""
+    if not (data_dir / "label_studio.sqlite3").exists() or (data_dir / DOCUMENT_ROOT).exists():
+        return None
+    return (f"tasks that an earlier labelassist pushed to this Label Studio name their "
+            f"images relative to the --root it was started with then, and show no image now "
+            f"that every --root is linked under {data_dir / DOCUMENT_ROOT}: push those "
+            "images again with a new --project, or with --image-mode upload")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a 0600 file whole (through a temporary file: never half written)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    temp.replace(path)
+
+
+def token_owner(token_file: Path) -> str | None:
+    """The URL of the Label Studio a token file kept by start_studio belongs to."""
+    try:
+        return (token_file.parent / TOKEN_URL_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def wait_until_healthy(studio: Studio, timeout: float) -> None:

@@ -16,12 +16,13 @@ from pathlib import Path
 from .errors import ConfigError
 
 FILE_NAME = "labelassist.toml"
-KEYS = ("db", "labels", "model", "root", "ls_url", "ls_token_file")
+KEYS = ("db", "labels", "model", "root", "ls_url", "ls_token_file", "ls_root")
 HEADER = """\
 # A labelassist workspace. Commands run in this folder, or below it, use these settings
 # unless a flag or an environment variable says otherwise. Paths are relative to this file.
 # Keys: db (file or URL), labels (label file), model (hub id or folder), root (the folder
-# Label Studio serves images from), ls_url and ls_token_file (written by labelassist studio).
+# your image folders live below), ls_url, ls_token_file and ls_root (Label Studio's
+# document root, where root is linked; all three written by labelassist studio).
 """
 
 
@@ -63,7 +64,10 @@ class Workspace:
         if "labels" in self.settings:
             defaults["labels"] = str(self.path("labels"))
         if "root" in self.settings:
-            defaults["ls_root"] = defaults["root"] = str(self.path("root"))
+            defaults["root"] = str(self.path("root"))
+        ls_root = self.path("ls_root") or self.path("root")  # root: as recorded before
+        if ls_root is not None:
+            defaults["ls_root"] = str(ls_root)
         if "ls_url" in self.settings:
             defaults["ls_url"] = self.settings["ls_url"]
         return defaults

@@ -108,18 +108,22 @@ def pull(
 def studio(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
     root: Annotated[Path, typer.Option(help="Folder whose subfolders Label Studio may serve "
-                                       "as local files (your image folders live below it). "
-                                       "Default: the workspace's root, else here.")]
+                                       "as local files (your image folders live below it); "
+                                       "it is linked into the document root that Label "
+                                       "Studio keeps in --data-dir, beside the --root of "
+                                       "every earlier start. Default: the workspace's root, "
+                                       "else here.")]
     = Path("."),
     data_dir: Annotated[Path, typer.Option(help="Label Studio's data (its own database).")] =
     Path.home() / ".local" / "share" / "labelassist" / "label-studio",
 ) -> None:
     """Start a local Label Studio wired for local files and an API token, print the URL,
     login and token, and keep it running until Ctrl-C. Needs labelassist[studio].
-    In a workspace it records its URL and where its token is kept, so push and pull run
-    there need no flags and no exported variables.
+    In a workspace it records its URL, where its token is kept and its document root, so
+    push and pull run there need no flags and no exported variables. One Label Studio
+    serves many workspaces: each one's images keep showing whichever started it last.
 
-    Example: labelassist studio --root ~/datasets   (then: labelassist push --ls-root ~/datasets)
+    Example: labelassist studio --root ~/datasets   (then paste the export lines it prints)
     """
     import signal
 
@@ -129,6 +133,8 @@ def studio(
     s = start_studio(port, root.resolve(), data_dir)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
     try:
+        if s.note:
+            err.print(f"note: {s.note}", markup=False)
         record_studio_in_workspace(s)  # before the lines are printed: a script may act on them
         Console(highlight=False, soft_wrap=True).print(
             f"Label Studio is up at {s.url}  (login {s.username} / {s.password})\n"
@@ -148,8 +154,9 @@ def record_studio_in_workspace(s) -> None:
 
     if workspace is None:
         return
-    update_workspace(workspace, ls_url=s.url, root=relative_to(workspace.folder, s.root),
-                     ls_token_file=relative_to(workspace.folder, s.data_dir / TOKEN_FILE))
+    update_workspace(workspace, ls_url=s.url, root=relative_to(workspace.folder, s.folder),
+                     ls_token_file=relative_to(workspace.folder, s.data_dir / TOKEN_FILE),
+                     ls_root=relative_to(workspace.folder, s.root))
     err.print(f"recorded in {workspace.file}: push and pull run there need none of the "
               "lines below", markup=False)
 

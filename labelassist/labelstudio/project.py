@@ -53,7 +53,9 @@ def choice_result(label: str) -> list[dict]:
 
 @dataclass(frozen=True)
 class ImageSource:
-    """How reviewers' browsers get the pixels: 'local' files under root, or 'upload'."""
+    """How reviewers' browsers get the pixels: 'local' files under root (Label Studio's
+    LOCAL_FILES_DOCUMENT_ROOT: its folders, or links to folders as `labelassist studio`
+    makes one per --root), or 'upload'."""
 
     mode: str
     root: Path | None = None
@@ -62,6 +64,37 @@ class ImageSource:
         if self.mode == "local" and self.root is None:
             raise LabelStudioError("local files need Label Studio's LOCAL_FILES_DOCUMENT_ROOT: "
                                    "pass --ls-root DIR (or --image-mode upload)")
+
+    def folders(self) -> list[tuple[str, Path, bool]]:
+        """(name, the folder it leads to, is a link) for each folder in root, the deepest
+        first: a file is named through the nearest one that holds it."""
+        try:
+            entries = [(e.name, e.resolve(), e.is_symlink()) for e in self.root.iterdir()
+                       if e.is_dir()]
+        except OSError as exc:
+            raise LabelStudioError(f"cannot read Label Studio's local-files root {self.root}: "
+                                   f"{exc.strerror or exc}; check --ls-root") from None
+        return sorted(entries, key=lambda e: (-len(e[1].parts), e[0]))
+
+    def locate(self, path: str, folders) -> tuple[str, Path] | None:
+        """The file's name below root, as Label Studio joins it (`?d=`, links unresolved),
+        and the folder its local storage covers: a folder in root, or for a link (a whole
+        --root) the top folder below it. None: no folder of root holds the file."""
+        resolved = Path(path).resolve()
+        for name, target, linked in folders:
+            if target in resolved.parents:
+                inner = resolved.relative_to(target)
+                top = f"{name}/{inner.parts[0]}" if linked and len(inner.parts) > 1 else name
+                return f"{name}/{inner.as_posix()}", self.root / top
+        return None
+
+    @staticmethod
+    def came_from_label_studio(path: str) -> bool:
+        """An image that serve fetched through Label Studio (serve/fetch.py keeps each as
+        <sha256[:2]>/<sha256><suffix>), outside Label Studio's files: it goes by upload."""
+        file = Path(path)
+        return len(file.stem) == 64 and set(file.stem) <= set("0123456789abcdef") and \
+            file.parent.name == file.stem[:2]
 
 
 def resolve_image_source(mode: str, root: str | None, ls_url: str) -> ImageSource:

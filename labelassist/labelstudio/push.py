@@ -278,33 +278,41 @@ class _Pusher:
                 for (p, sha), url in zip(rows, urls)]
 
     def image_urls(self, paths: list[str]) -> list[str]:
+        """Each image's address for reviewers: a local file, named through the folder (or
+        the link to a --root) in the root that holds it; or, for an image that serve
+        fetched from Label Studio (kept outside the root), an upload."""
         if self.source.mode == "upload":
             return upload_images(self.client, self.project.ls_project_id, paths)
-        root = self.source.root
-        rels = []
-        for path in paths:
-            resolved = Path(path).resolve()
-            if root not in resolved.parents or resolved.parent == root:
+        folders = self.source.folders()
+        places = [self.source.locate(path, folders) for path in paths]
+        for path, place in zip(paths, places):
+            if place is None and not self.source.came_from_label_studio(path):
                 raise LabelStudioError(
                     f"{path} is not inside a folder under Label Studio's local-files root "
-                    f"{root}: pass --ls-root with a parent of your images, or "
+                    f"{self.source.root}: pass --ls-root with Label Studio's document root "
+                    "(`labelassist studio --root` links a folder into its own), or "
                     "--image-mode upload")
-            rels.append(resolved.relative_to(root))
-        self.ensure_storages({root / rel.parts[0] for rel in rels})
-        return [f"/data/local-files/?d={quote(rel.as_posix(), safe='/')}" for rel in rels]
+        self.ensure_storages({place[1] for place in places if place})
+        fetched = [path for path, place in zip(paths, places) if place is None]
+        uploaded = iter(upload_images(self.client, self.project.ls_project_id, fetched)
+                        if fetched else [])
+        return [f"/data/local-files/?d={quote(place[0], safe='/')}" if place
+                else next(uploaded) for place in places]
 
     def ensure_storages(self, folders: set[Path]) -> None:
-        """One local storage per top-level folder under the root (Label Studio refuses the
-        root itself and serves a file only when some storage covers it)."""
+        """One local storage per folder in the root, or per top folder below a link in it
+        (Label Studio refuses the root itself and serves a file only when a storage of a
+        project the user may see covers its folder, links unresolved)."""
         if self.storages is None:
             existing = self.client.call("listing storages", self.client.sdk.import_storage.local
                                         .list, project=self.project.ls_project_id)
             self.storages = {Path(st.path) for st in existing if st.path}
         for folder in sorted(folders - self.storages):
+            name = folder.relative_to(self.source.root).as_posix()
             self.client.call("adding a local-files storage",
                              self.client.sdk.import_storage.local.create,
                              project=self.project.ls_project_id, path=str(folder),
-                             title=f"labelassist: {folder.name}", use_blob_urls=True)
+                             title=f"labelassist: {name}"[:256], use_blob_urls=True)
             self.storages.add(folder)
 
 
