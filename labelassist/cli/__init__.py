@@ -219,12 +219,87 @@ VersionOpt = Annotated[Optional[str], typer.Option(
 
 
 def ls_client(url, token):
+    """A client for the Label Studio that --ls-url names (its env var, or the workspace),
+    refused before any request unless the token belongs there (send_token_home)."""
     from ..labelstudio import LabelStudioClient, resolve_connection
 
-    if not token and not os.environ.get("LABEL_STUDIO_API_KEY") and workspace is not None:
-        token = workspace.token()  # the file `labelassist studio` recorded
-    return LabelStudioClient(resolve_connection(url, token),  # never wait in silence
+    token, whose = token_and_owner(token)
+    connection = resolve_connection(url, token)
+    send_token_home(connection.url, whose)
+    return LabelStudioClient(connection,  # never wait in silence
                              on_retry=lambda line: err.print(line, markup=False))
+
+
+def option_source(name: str) -> str | None:
+    """Where an option's value came from: COMMANDLINE, ENVIRONMENT, DEFAULT_MAP (the
+    workspace) or DEFAULT, as click's ParameterSource names it; None outside a command."""
+    try:
+        from typer._click.globals import get_current_context  # typer vendors click since 0.2x
+    except ImportError:
+        from click import get_current_context
+
+    ctx = get_current_context(silent=True)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source.name if source is not None else None
+
+
+def token_and_owner(token):
+    """The token, and whose it is: "flag" (--ls-token: it goes where the URL says), "env"
+    (LABEL_STUDIO_API_KEY: LABEL_STUDIO_URL's) or "workspace" (its ls_token_file: the
+    Label Studio that `labelassist studio` recorded beside it)."""
+    if token and option_source("ls_token") != "ENVIRONMENT":
+        return token, "flag"
+    token = token or os.environ.get("LABEL_STUDIO_API_KEY")
+    if token:
+        return token, "env"
+    if workspace is not None and "ls_token_file" in workspace.settings:
+        return workspace.token(), "workspace"
+    return None, "flag"
+
+
+def send_token_home(url: str, whose: str) -> None:
+    """Refuse, in one line naming what to pass, a token bound for a Label Studio it does
+    not belong to (a labelassist.toml above here must not send it elsewhere)."""
+    from ..errors import ConfigError
+    from ..studio import token_owner
+
+    if whose == "env":
+        home = os.environ.get("LABEL_STUDIO_URL")
+        if home is None and option_source("ls_url") != "COMMANDLINE":
+            where = f"ls_url in {workspace.file}" if workspace is not None else "not --ls-url"
+            raise ConfigError(f"LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL, so it is "
+                              f"not sent to {url} ({where}): set LABEL_STUDIO_URL to the "
+                              "Label Studio that token belongs to, or pass --ls-url")
+        if home is not None and not same_origin(home, url):
+            raise ConfigError(f"LABEL_STUDIO_API_KEY is the token of LABEL_STUDIO_URL ({home}), "
+                              f"not of {url}: pass --ls-token with the token of {url}, or "
+                              "leave --ls-url out")
+    elif whose == "workspace":
+        file = workspace.path("ls_token_file")
+        home = token_owner(file)
+        where = f"{file} (ls_token_file in {workspace.file})"
+        if home is None:
+            raise ConfigError(f"{where} does not say which Label Studio its token belongs to: "
+                              "start `labelassist studio` again (it records that), or set "
+                              "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        if not same_origin(home, url):
+            raise ConfigError(f"the token in {where} belongs to the Label Studio at {home}, "
+                              f"not to {url}: set LABEL_STUDIO_API_KEY or pass --ls-token with "
+                              f"the token of {url}")
+
+
+def same_origin(a: str, b: str) -> bool:
+    from urllib.parse import urlsplit
+
+    def origin(url):
+        parts = urlsplit(url.strip())
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+        except ValueError:
+            return parts.scheme.lower(), parts.netloc.lower(), None
+        return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+    return origin(a) == origin(b)
 
 
 def resolve_model_id(model, label_set=None) -> str:
