@@ -229,12 +229,17 @@ def test_a_webhook_is_small_and_names_few_ids(doors):
                           timeout=30)
     assert response.status_code == 413, response.text
 
-    many = {"action": "ANNOTATIONS_DELETED",
-            "annotations": [{"id": n} for n in range(1, 5002)]}
-    response = httpx.post(doors.url + "/webhook", json=many, headers=member_sees,
+    for key, action in (("annotations", "ANNOTATIONS_DELETED"), ("tasks", "TASKS_DELETED")):
+        many = {"action": action, key: [{"id": n} for n in range(1, 5002)]}
+        response = httpx.post(doors.url + "/webhook", json=many, headers=member_sees,
+                              timeout=30)
+        assert response.status_code == 400, (key, response.text)
+        assert "5000" in response.json()["error"]
+    split = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}] * 2501,
+             "tasks": [{"id": 1}] * 2500}
+    response = httpx.post(doors.url + "/webhook", json=split, headers=member_sees,
                           timeout=30)
     assert response.status_code == 400, response.text
-    assert "5000" in response.json()["error"]
 
     # Label Studio's own batch (WEBHOOK_BATCH_SIZE, 5000) passes: ids it does not know
     # are journaled as orphans and come to nothing

@@ -138,12 +138,14 @@ def valid_tasks(data: dict, project_id: int) -> list[dict]:
 
 
 def bounded_event(data: dict) -> dict:
-    """An event naming at most MAX_EVENT_IDS annotations (the values are checked by
-    Backend.event)."""
-    named = data.get("annotations")
-    if named is not None and (not isinstance(named, list) or len(named) > MAX_EVENT_IDS):
-        raise BadRequest(400, f"'annotations' must be a list of at most {MAX_EVENT_IDS} "
-                              "(Label Studio's WEBHOOK_BATCH_SIZE: keep it at 5000 or less)")
+    """An event naming at most MAX_EVENT_IDS annotations and tasks in its lists (the ids'
+    values are checked by Backend.event)."""
+    lists = [data.get(key) for key in ("annotations", "tasks")]
+    if any(named is not None and not isinstance(named, list) for named in lists) or \
+            sum(len(named or []) for named in lists) > MAX_EVENT_IDS:
+        raise BadRequest(400, f"'annotations' and 'tasks' must be lists of at most "
+                              f"{MAX_EVENT_IDS} in all (Label Studio's WEBHOOK_BATCH_SIZE: "
+                              "keep it at 5000 or less)")
     return data
 
 
