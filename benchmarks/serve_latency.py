@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+SECRET = "bench-secret-0123456789"  # serve refuses a secret under 16 characters
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
         env = {**os.environ, "LABEL_STUDIO_URL": studio.url,
                "LABEL_STUDIO_API_KEY": studio.token,
                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(studio.root),
-               "LABELASSIST_SERVE_SECRET": "bench", "LABELASSIST_DB": db_url}
+               "LABELASSIST_SERVE_SECRET": SECRET, "LABELASSIST_DB": db_url}
         runner = CliRunner()
         for command in (["run", str(photos), "--labels",
                          str(ROOT / "examples" / "toyworld" / "labels-vague.toml"),
@@ -77,7 +78,7 @@ def main() -> None:
                        if p["title"] == "latency")
         tasks = ls.get("/api/tasks", params={"project": project, "page_size": 5000,
                                              "fields": "all"}).json()["tasks"]
-        auth = {"Authorization": "Basic " + base64.b64encode(b"labelassist:bench").decode()}
+        auth = {"Authorization": "Basic " + base64.b64encode(f"labelassist:{SECRET}".encode()).decode()}
         url = f"http://127.0.0.1:{port}"
 
         timings = []
