@@ -70,6 +70,16 @@ def push(
     if summary.skipped_no_file:
         err.print(f"  skipped {summary.skipped_no_file:,} predictions of images with no file "
                   "left (edited or deleted since; their new content has its own)", markup=False)
+    if summary.skipped_changed:
+        err.print(f"  skipped {summary.skipped_changed:,} images whose file changed since "
+                  "ingest (reviewers would see other pixels): run labelassist ingest, "
+                  "predict, then push again", markup=False)
+    if summary.tasks_gone:
+        err.print(f"  {summary.tasks_gone:,} tasks were deleted in Label Studio (or their ids "
+                  "given to other tasks) since the last push: forgotten", markup=False)
+    if summary.skipped_deleted:
+        err.print(f"  {summary.skipped_deleted:,} images whose task was deleted in Label "
+                  "Studio were not made tasks again", markup=False)
 
 
 @command()
@@ -97,6 +107,10 @@ def pull(
     if summary.tasks_gone:
         err.print(f"  {summary.tasks_gone:,} reviewed tasks were deleted in Label Studio: "
                   "their annotations no longer count", markup=False)
+    if summary.tasks_replaced:
+        err.print(f"  {summary.tasks_replaced:,} task ids now name other tasks (Label Studio "
+                  "gave a deleted task's id again): the old reviews no longer count",
+                  markup=False)
     if summary.unknown_tasks:
         made = "task" if summary.unknown_tasks == 1 else "tasks"
         err.print(f"  {summary.unknown_tasks:,} {made} made in Label Studio by hand (not "
