@@ -430,7 +430,8 @@ def test_studio_in_a_workspace_records_itself_so_push_needs_no_flags(tmp_path, t
             if "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT" in lines:
                 break
         assert lines.get("LABEL_STUDIO_URL") == f"http://127.0.0.1:{port}", proc.stderr.read()
-        assert lines["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(ws.resolve())
+        # the data folder's own document root, which every workspace's folder is linked into
+        assert lines["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(data.resolve() / "files")
         client = LabelStudioClient(Connection(lines["LABEL_STUDIO_URL"],
                                               lines["LABEL_STUDIO_API_KEY"]), retries=1)
         assert client.check_server()

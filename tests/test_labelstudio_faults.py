@@ -91,7 +91,7 @@ def test_label_studio_killed_mid_push_and_before_a_pull_then_restarted(tmp_path,
         labels.write_text(LABELS)
         env = {**os.environ, "LABELASSIST_DB": db_url, "LABEL_STUDIO_URL": studio.url,
                "LABEL_STUDIO_API_KEY": studio.token, "LABELASSIST_LS_RETRIES": "2",
-               "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root), "HF_HUB_OFFLINE": "1"}
+               "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(studio.root), "HF_HUB_OFFLINE": "1"}
         cli = [sys.executable, "-m", "labelassist.cli"]
         subprocess.run(cli + ["run", str(photos), "--labels", str(labels), "--model",
                               str(tiny_clip_dir)], env=env, check=True, capture_output=True)

@@ -320,9 +320,14 @@ def test_a_task_that_points_anywhere_but_label_studio_is_never_fetched(shared, i
     served, files = shared, shared.count(File)
     refused = served.status()["images_refused"]
 
+    # A real task: serve reads a task it does not know from Label Studio, never from the
+    # request (a made-up id is answered empty without a look at its image)
+    served.http.post(f"/api/projects/{served.project_id}/import",
+                     json=[{"image": image}]).raise_for_status()
+    (task,) = [t for t in served.tasks() if t["data"].get("image") == image]
+
     response = httpx.post(served.url + "/predict", headers=auth(), timeout=30, json={
-        "tasks": [{"id": 10 ** 9, "data": {"image": image}}],
-        "project": f"{served.project_id}.1"})
+        "tasks": [task], "project": f"{served.project_id}.1"})
 
     assert response.status_code == 200
     assert response.json()["results"] == [{"result": [], "score": 0.0, "model_version":

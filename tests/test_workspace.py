@@ -118,7 +118,7 @@ def test_paths_inside_the_workspace_are_kept_relative_so_it_can_move(tmp_path, m
 @pytest.mark.parametrize("text, message", [
     ('db = "x.db"\ncolour = "red"\n',
      "{file}: unknown setting 'colour' (known: db, labels, model, root, ls_url, "
-     "ls_token_file)"),
+     "ls_token_file, ls_root)"),
     ('db = 3\n', "{file}: 'db' must be a string, not 3"),
     ('db = "x.db\n', "{file} is not valid TOML: "),
     ('[classes]\ncat = ["cat"]\n', "{file} is a label file, not a workspace: name it "
