@@ -382,6 +382,7 @@ class Backend:
             try:
                 self.record(event)
             except Exception as exc:  # noqa: BLE001 - which event is it? each on its own
+                self._keep_error(ids, exc)
                 if len(ids) == 1:
                     self._failed(ids[0], exc)
                     continue
@@ -419,6 +420,13 @@ class Backend:
             if record.attempts >= MAX_ATTEMPTS:
                 self._note(f"set aside a review event after {record.attempts} tries "
                            f"({record.action}, tasks {record.tasks[:5]}): {record.last_error}")
+
+    def _keep_error(self, ids: list[int], exc: Exception) -> None:
+        """The events stay journaled with the error (no try counted: Label Studio may be
+        down, which says nothing about them)."""
+        with self.db.write() as s:
+            s.execute(update(ReviewEventRecord).where(ReviewEventRecord.id.in_(ids))
+                      .values(last_error=str(exc)[:500]))
 
     def _mark_done(self, ids: list[int]) -> None:
         with self.db.write() as s:
