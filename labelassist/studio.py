@@ -131,6 +131,13 @@ def _remove_if_still(path: Path, fh) -> None:
         fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def make_private_dir(folder: Path) -> None:
+    """Label Studio's data folder: its database holds every user's token (and the serve
+    secret), so only this user may read it, whatever the umask or an earlier run made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+
+
 def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admin@localhost",
                  password: str | None = None, log_file: Path | None = None,
                  timeout: float = 180) -> Studio:
@@ -144,7 +151,7 @@ def start_studio(port: int, root: Path, data_dir: Path, *, username: str = "admi
     if not port_is_free(port):
         # Label Studio would silently move to the next port; we refuse instead.
         raise LabelStudioError(f"port {port} is busy: pass another --port")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(data_dir)
     note = earlier_root_note(data_dir)
     document_root = data_dir / DOCUMENT_ROOT
     link_root(document_root, root)

@@ -371,3 +371,18 @@ def test_a_workspace_token_file_goes_only_to_its_own_label_studio(tmp_path, monk
     assert env_url.exit_code == 1 and "--ls-token" in env_url.output, env_url.output
     assert evil.requests == []
     assert home.requests and {auth for _, auth in home.requests} == {"Token studio-token"}
+
+
+
+def test_label_studios_data_folder_is_this_users_alone(tmp_path):
+    """Its database holds every token and the serve secret: 0700, whatever the umask or
+    an earlier run left (start_studio prepares it this way before Label Studio starts)."""
+    from labelassist.studio import make_private_dir
+
+    earlier = tmp_path / "ls-data"
+    earlier.mkdir(mode=0o755)
+    earlier.chmod(0o755)
+    make_private_dir(earlier)
+    make_private_dir(tmp_path / "new" / "ls-data")
+    assert earlier.stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "new" / "ls-data").stat().st_mode & 0o777 == 0o700
