@@ -20,11 +20,11 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db import open_database
 from labelassist.ingest import ingest
-from labelassist.model import load_model
-from labelassist.predict import PredictOptions, predict
+from labelassist.model.load import load_model
+from labelassist.predict.run import PredictOptions, predict
 model_dir, photos, db_path, dtype, batch = sys.argv[1:6]
 db = open_database(f"sqlite:///{db_path}")
 ingest(db, [photos])
@@ -61,7 +61,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from throughput import synthetic_jpegs
 
-    from labelassist.tinymodels import save_random_clip
+    from labelassist.toy.tiny import save_random_clip
 
     work = Path(args.workdir)
     if not (work / "vit-b-32" / "model.safetensors").exists():

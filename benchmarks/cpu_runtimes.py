@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from throughput import LABELS, blog_loop, photo_crops, synthetic_jpegs  # noqa: E402
 
-from labelassist.model import cpu_identity, load_model  # noqa: E402
-from labelassist.runtimes.choice import apply_runtime, calibrated_int8, int8_name  # noqa: E402
+from labelassist.model.load import cpu_identity, load_model  # noqa: E402
+from labelassist.predict.choice import apply_runtime, calibrated_int8, int8_name  # noqa: E402
 
 RUNTIMES = ("fp32", "bf16", "int8", "ov-bf16", "ov-int8")
 
@@ -64,7 +64,7 @@ def crops_of(model, images) -> torch.Tensor:
 
 
 def probabilities(model, label_set, pixels: torch.Tensor) -> torch.Tensor:
-    from labelassist.zeroshot import build_text_classifier
+    from labelassist.model.zeroshot import build_text_classifier
 
     text = build_text_classifier(model, label_set)
     emb = torch.cat([model.encode_images(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
@@ -72,7 +72,7 @@ def probabilities(model, label_set, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def agreement_rows(models: dict, label_set, pixels, truth=None) -> list[str]:
-    from labelassist.learn import ece
+    from labelassist.trust.learn import ece
 
     ref = probabilities(models["fp32"], label_set, pixels)
     rows = []
@@ -93,8 +93,8 @@ def toy_world_rows(models_for, count: int) -> list[str]:
     """The 24-way colour-shape task on held-out pairs with the trained toy model."""
     import random
 
-    from labelassist import toyworld
-    from labelassist.config import LabelSet
+    from labelassist.toy import world as toyworld
+    from labelassist.labels import LabelSet
 
     toy = toyworld.cached_model(Path(tempfile.gettempdir()) / "labelassist-toy",
                                 log=lambda m: None)
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     seconds, images, blog_images, crops = (2, 64, 8, 40) if args.quick else (10, 1000, 60, 200)
-    from labelassist.tinymodels import save_random_clip
+    from labelassist.toy.tiny import save_random_clip
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="labelassist-cpu-"))
     os.environ["LABELASSIST_CACHE"] = str(work / "cache")
@@ -187,7 +187,7 @@ def _toy_models(toy: Path) -> dict:
 
 
 def _photo_labels():
-    from labelassist.config import parse_label_text
+    from labelassist.labels import parse_label_text
 
     return parse_label_text(LABELS + 'flower = ["flower"]\nbuilding = ["building"]\n')
 
@@ -196,8 +196,7 @@ def _toy_calibration(toy: Path) -> torch.Tensor:
     """Toy pictures other than the evaluated ones (another seed), as a workspace holds."""
     import random
 
-    from labelassist import toyworld
-
+    from labelassist.toy import world as toyworld
     model = load_model(str(toy), device="cpu", dtype="fp32")
     rng = random.Random(1)
     pairs = [toyworld.combos(False)[n % len(toyworld.combos(False))] for n in range(200)]

@@ -18,7 +18,7 @@ platforms=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux_2_28_x86_64)
 "$python" -m pip download -q --only-binary=:all: --python-version "$py" "${platforms[@]}" \
   -d .gpu/wheels "sqlalchemy>=2,<3" greenlet "alembic>=1.13" mako pytest
-# Only the CLIP BPE vocabulary is used from open_clip (labelassist.tinymodels).
+# Only the CLIP BPE vocabulary is used from open_clip (labelassist.toy.tiny).
 "$python" -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels "open_clip_torch>=2.20"
 images="$("$python" -c 'import os, sklearn.datasets as d; print(os.path.join(os.path.dirname(d.__file__), "images"))')"
 cp "$images"/china.jpg "$images"/flower.jpg .gpu/photos/

@@ -33,8 +33,8 @@ import json, sys
 op, url, root, server = sys.argv[1:5]
 from labelassist.db import open_database
 from labelassist.ingest import ingest
-from labelassist.accept import accept_trusted
-from labelassist.export import export
+from labelassist.trust.accept import accept_trusted
+from labelassist.outputs.export import export
 from labelassist.labelstudio.client import Connection, LabelStudioClient
 from labelassist.labelstudio.pull import pull
 db = open_database(url)

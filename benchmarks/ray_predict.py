@@ -41,12 +41,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from throughput import LABELS, synthetic_jpegs  # noqa: E402
 
-from labelassist.config import parse_label_text  # noqa: E402
+from labelassist.labels import parse_label_text  # noqa: E402
 from labelassist.db import open_database  # noqa: E402
-from labelassist.feed import Batch  # noqa: E402
-from labelassist.model import load_model  # noqa: E402
-from labelassist.tinymodels import save_random_clip  # noqa: E402
-from labelassist.zeroshot import build_text_classifier  # noqa: E402
+from labelassist.predict.feed import Batch  # noqa: E402
+from labelassist.model.load import load_model  # noqa: E402
+from labelassist.toy.tiny import save_random_clip  # noqa: E402
+from labelassist.model.zeroshot import build_text_classifier  # noqa: E402
 from tests.raycluster import LocalCluster  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -99,7 +99,7 @@ def driver_ceiling(work: Path, labels: Path, images: int) -> dict:
     Ray calls, probabilities, writes) and decoding are what is left."""
     from tests.imagegen import write_shape_images
 
-    from labelassist.tinymodels import tiny_clip_config
+    from labelassist.toy.tiny import tiny_clip_config
 
     model_dir = save_random_clip(work / "tiny", tiny_clip_config())
     write_shape_images(work / "small", images)
@@ -120,9 +120,9 @@ def write_rate(url: str, classifier, rows: int, batch: int = 256) -> float:
     with the probabilities computed as predict.Writer computes them."""
     from tests.bigledger import add_images
 
-    from labelassist.claims import register_worker
+    from labelassist.db.claims import register_worker
     from labelassist.db.models import ModelVersion, utcnow
-    from labelassist.predict import PredictOptions, PredictSummary, Run
+    from labelassist.predict.run import PredictOptions, PredictSummary, Run
 
     db = open_database(url)
     add_images(url, rows)

@@ -3,7 +3,7 @@
     python benchmarks/serve_latency.py              # 1,000 tasks: about 5 min on 2 cores
     python benchmarks/serve_latency.py --images 300 # quicker
 
-It starts a Label Studio (labelassist.studio), pre-labels toy-world pictures with the
+It starts a Label Studio (labelassist.labelstudio.studio), pre-labels toy-world pictures with the
 vague descriptions, pushes them, and starts `labelassist serve --learn-every 20`. Then:
 1. predict for known tasks: single-task requests, as Label Studio sends them when a
    reviewer opens a task; p50 and p95 over --requests of them;
@@ -40,8 +40,8 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from labelassist.cli import app
-    from labelassist.studio import free_port, start_studio
-    from labelassist.toyworld import WARM, cached_model, write_images
+    from labelassist.labelstudio.studio import free_port, start_studio
+    from labelassist.toy.world import WARM, cached_model, write_images
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     work = Path(tempfile.mkdtemp(prefix="serve-latency-"))

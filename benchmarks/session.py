@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
 
-    from labelassist.toyworld import cached_model, write_images
+    from labelassist.toy.world import cached_model, write_images
 
     work = Path(tempfile.mkdtemp(prefix="session-"))
     model_dir = cached_model(Path.home() / ".cache" / "labelassist", log=print)
@@ -72,16 +72,16 @@ def main() -> None:
 def simulate(db_url: str, photos: Path, model_dir: Path, order: str, args) -> list[dict]:
     from sqlalchemy import select
 
-    from labelassist.config import load_label_file
+    from labelassist.labels import load_label_file
     from labelassist.db import open_database
     from labelassist.db.models import Annotation, LSProject, ModelVersion, Prediction
     from labelassist.errors import LabelAssistError
     from labelassist.ingest import ingest
-    from labelassist.learn import learn
-    from labelassist.model import load_model
-    from labelassist.predict import predict
-    from labelassist.queries import first_paths, resolve_version
-    from labelassist.toyworld import WARM
+    from labelassist.trust.learn import learn
+    from labelassist.model.load import load_model
+    from labelassist.predict.run import predict
+    from labelassist.db.queries import first_paths, resolve_version
+    from labelassist.toy.world import WARM
 
     db = open_database(db_url)
     ingest(db, [photos])
@@ -142,7 +142,7 @@ def measure(db, version, reviewed, truth, target) -> dict:
     of them (the audit's thresholds, from the reviews so far), with its true precision."""
     from sqlalchemy import select
 
-    from labelassist.audit import audit
+    from labelassist.trust.audit import audit
     from labelassist.db.models import Prediction
     from labelassist.errors import LabelAssistError
 

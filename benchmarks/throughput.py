@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
-from labelassist.model import load_model  # noqa: E402
+from labelassist.model.load import load_model  # noqa: E402
 
 LABELS = '[classes]\ncat = ["cat"]\ndog = ["dog"]\nwild = ["lion", "tiger", "wolf", "fox"]\n'
 PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a lion.", "a photo of a tiger.",
@@ -133,10 +133,10 @@ def predict_rate(model, paths_dir: Path, workdir: Path, tag: str, exact: bool,
                  batch: int | None = 32, feed: str = "auto"):
     """End to end through the ledger: ingest (not timed), then predict. Returns the
     summary (images/s, seconds in writes, the feed used)."""
-    from labelassist.config import parse_label_text
+    from labelassist.labels import parse_label_text
     from labelassist.db import open_database
     from labelassist.ingest import ingest
-    from labelassist.predict import PredictOptions, predict
+    from labelassist.predict.run import PredictOptions, predict
 
     path = workdir / f"{tag}.db"
     path.unlink(missing_ok=True)
@@ -150,7 +150,7 @@ def decode_rate(preprocess, paths: list[Path], kind: str, workers: int,
                 batch: int = 256) -> float:
     """The feed alone (decode + preprocess to uint8 crops, JPEG draft), no model, no
     ledger: the ceiling that decoding puts on predict."""
-    from labelassist.feed import FeedPlan, decoded_batches
+    from labelassist.predict.feed import FeedPlan, decoded_batches
 
     jobs = [(i, [(str(p), p.stat().st_size, p.stat().st_mtime_ns)]) for i, p in
             enumerate(paths)]
@@ -178,9 +178,9 @@ def ingest_rate(folder: Path, workdir: Path, processes: bool | None = None) -> f
 
 
 def rescore_seconds(model, db_path: str) -> tuple[float, int]:
-    from labelassist.config import parse_label_text
+    from labelassist.labels import parse_label_text
     from labelassist.db import open_database
-    from labelassist.predict import predict
+    from labelassist.predict.run import predict
 
     db = open_database(f"sqlite:///{db_path}")
     new = parse_label_text(LABELS.replace('"dog"]', '"dog", "puppy"]'))
@@ -216,9 +216,9 @@ def photo_crops(count: int = 200, seed: int = 0, folder: str | None = None) -> l
 
 def agreement_report(model_dir: Path, device: str = "cpu",
                      photos: str | None = None) -> list[str]:
-    from labelassist.config import parse_label_text
+    from labelassist.labels import parse_label_text
     from labelassist.images import decode, open_image
-    from labelassist.zeroshot import build_text_classifier
+    from labelassist.model.zeroshot import build_text_classifier
 
     crops = photo_crops(folder=photos)
     labels = parse_label_text(LABELS + 'flower = ["flower"]\nbuilding = ["building"]\n')
@@ -309,8 +309,8 @@ def main() -> None:
 
     from transformers import CLIPConfig
 
-    from labelassist.model import cpu_has_fast_bf16
-    from labelassist.tinymodels import save_random_clip
+    from labelassist.model.load import cpu_has_fast_bf16
+    from labelassist.toy.tiny import save_random_clip
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="labelassist-bench-"))
     model_dir = work / "vit-b-32"
@@ -372,8 +372,8 @@ def gpu_section(args, work: Path, model_dir: Path, photos: Path, paths: list[Pat
     """One run, one table: the ways people run CLIP on a GPU, our predict (B/32 and L/14),
     and the ceilings that bound it (tower alone, decoding alone, ingest). Each figure is
     also printed as soon as it is measured, so a run cut short still reports."""
-    from labelassist.feed import plan_feed
-    from labelassist.tinymodels import save_random_clip, vit_l14_config
+    from labelassist.predict.feed import plan_feed
+    from labelassist.toy.tiny import save_random_clip, vit_l14_config
 
     device = args.device
     cores = os.cpu_count() or 1

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from .config import IMAGE_EXTENSIONS
+from .labels import IMAGE_EXTENSIONS
 from .db import Database
 from .db.models import File, Image, utcnow
 from .errors import ConfigError

@@ -14,11 +14,11 @@ unset LABELASSIST_DB  # the demo's workspace decides: demo/labelassist.toml
 photos="$(realpath -m "${DEMO_PHOTOS:-demo/photos}")"
 labels="$(realpath "${DEMO_LABELS:-examples/toyworld/labels.toml}")"
 if [ -z "${DEMO_PHOTOS:-}" ] && [ ! -d demo/photos ]; then
-  python -m labelassist.toyworld images demo/photos --count 300
+  python -m labelassist.toy.world images demo/photos --count 300
 fi
 if [ -z "${LABELASSIST_MODEL:-}" ]; then
   echo "unpacking the toy-world CLIP (shipped with labelassist) into ~/.cache/labelassist ..." >&2
-  LABELASSIST_MODEL="$(python -m labelassist.toyworld train "$HOME/.cache/labelassist")"
+  LABELASSIST_MODEL="$(python -m labelassist.toy.world train "$HOME/.cache/labelassist")"
 fi
 # One workspace: every labelassist command run in demo/ finds this database, label file,
 # model and image root without a flag.
@@ -51,7 +51,7 @@ if [ -z "${DEMO_PHOTOS:-}" ] && [ -z "${DEMO_LABELS:-}" ]; then
     labelassist predictions --version "$(version_for "$repo/examples/toyworld/$file")" \
       | FILE="$file" python -c '
 import json, os, sys
-from labelassist.toyworld import WARM
+from labelassist.toy.world import WARM
 rows = [json.loads(line) for line in sys.stdin]
 right = sum((r["path"].rsplit("/", 1)[-1].split("_")[0] in WARM) == (r["label"] == "warm")
             for r in rows)

@@ -10,7 +10,7 @@ extras="${1:-}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".${extras:+[$extras]}"
-# Only the CLIP BPE vocabulary file is used from this wheel (labelassist.tinymodels);
+# Only the CLIP BPE vocabulary file is used from this wheel (labelassist.toy.tiny);
 # --no-deps keeps it from pulling torchvision.
 python -m pip install -q --no-deps "open_clip_torch>=2.20"
 echo "labelassist installed in .venv (activate with: . .venv/bin/activate)" >&2

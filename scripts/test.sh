@@ -25,5 +25,8 @@ if [ "$workers" -gt 1 ]; then
   # 21 s alone. (The waiting policy changes no result.)
   export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 fi
+# The stages' import layers ([tool.importlinter] in pyproject.toml): a wrong import fails
+# here, with its chain, before any test runs.
+lint-imports
 # pytest exits 5 when it collects nothing: set -e turns that into a failure.
 python -m pytest "${parallel[@]}" "$@"

@@ -11,7 +11,7 @@ import random
 
 from sqlalchemy import insert, select
 
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db import open_database
 from labelassist.db.models import (Annotation, File, Image, LSProject, LSTask, ModelVersion,
                                    Prediction, utcnow)

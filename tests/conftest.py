@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 
 from labelassist.db import open_database  # noqa: E402
-from labelassist.tinymodels import save_random_clip, tiny_clip_config  # noqa: E402
+from labelassist.toy.tiny import save_random_clip, tiny_clip_config  # noqa: E402
 
 from .imagegen import write_shape_images  # noqa: E402
 
@@ -29,7 +29,7 @@ def tiny_clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_clip_dir):
-    from labelassist.model import load_model
+    from labelassist.model.load import load_model
 
     return load_model(str(tiny_clip_dir), device="cpu", dtype="fp32")
 
@@ -67,7 +67,7 @@ def toy_model_dir():
     """The toy-world CLIP: its shipped weights, unpacked once into a cache (seconds)."""
     from pathlib import Path
 
-    from labelassist.toyworld import cached_model
+    from labelassist.toy.world import cached_model
 
     cache = Path(os.environ.get("LABELASSIST_TEST_CACHE", Path.home() / ".cache" / "labelassist"))
     return cached_model(cache, log=lambda message: None)
@@ -76,7 +76,7 @@ def toy_model_dir():
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     """One real Label Studio server for the whole test session, on a free port."""
-    from labelassist.studio import free_port, start_studio
+    from labelassist.labelstudio.studio import free_port, start_studio
 
     root = tmp_path_factory.mktemp("ls-root")
     studio = start_studio(free_port(), root, tmp_path_factory.mktemp("ls-data"))
@@ -134,10 +134,10 @@ def reviewed_db(db, tiny_model, tmp_path):
 
     from sqlalchemy import select
 
-    from labelassist.config import parse_label_text
+    from labelassist.labels import parse_label_text
     from labelassist.db.models import Prediction
     from labelassist.ingest import ingest
-    from labelassist.predict import predict
+    from labelassist.predict.run import predict
 
     from .imagegen import shape_image
 

@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from labelassist import audit as A
+from labelassist.trust import audit as A
 from labelassist.cli import app
 from labelassist.db.models import Annotation
 from labelassist.errors import ConfigError

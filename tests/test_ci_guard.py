@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from labelassist.studio import free_port
+from labelassist.labelstudio.studio import free_port
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow  # each runs a pytest of its own

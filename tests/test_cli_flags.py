@@ -162,7 +162,7 @@ def test_worker_flags_and_a_second_sigterm_stops_at_once(tmp_path, tiny_clip_dir
 # ---- report and export ------------------------------------------------------------------
 
 def version_of(db):
-    from labelassist.queries import resolve_version
+    from labelassist.db.queries import resolve_version
 
     return resolve_version(db).name
 
@@ -217,9 +217,9 @@ def test_export_flags_links_overwrite_and_exclusions(reviewed_db, db_url, tmp_pa
 
 
 def test_nothing_to_export_is_a_clear_error(db, db_url, tiny_model, photo_dir, tmp_path):
-    from labelassist.config import parse_label_text
+    from labelassist.labels import parse_label_text
     from labelassist.ingest import ingest
-    from labelassist.predict import predict
+    from labelassist.predict.run import predict
 
     ingest(db, [photo_dir])
     predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))

@@ -10,14 +10,14 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from labelassist import learn as L
-from labelassist.config import load_label_file, parse_label_text
+from labelassist.trust import learn as L
+from labelassist.labels import load_label_file, parse_label_text
 from labelassist.db import open_database
 from labelassist.db.models import Prediction
 from labelassist.ingest import ingest
-from labelassist.predict import PredictOptions, predict
-from labelassist.queries import resolve_version
-from labelassist.zeroshot import ZeroShotClassifier, build_text_classifier
+from labelassist.predict.run import PredictOptions, predict
+from labelassist.db.queries import resolve_version
+from labelassist.model.zeroshot import ZeroShotClassifier, build_text_classifier
 
 from .elsewhere import DeviceMixup, model_elsewhere
 from .imagegen import shape_image

@@ -8,14 +8,14 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-import labelassist.export as E
+import labelassist.outputs.export as E
 from labelassist.cli import app
 from labelassist.errors import ConfigError
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db.models import Image, ModelVersion, Prediction
 from labelassist.errors import ExportError
 from labelassist.ingest import ingest
-from labelassist.predict import predict
+from labelassist.predict.run import predict
 
 from .conftest import add_annotation
 from .imagegen import shape_image
@@ -113,7 +113,7 @@ def test_split_fractions_hold_on_many_hashes():
 
 
 def test_include_auto_adds_only_predictions_above_their_class_threshold(reviewed_db, tmp_path):
-    from labelassist.audit import audit
+    from labelassist.trust.audit import audit
 
     (result,) = audit(reviewed_db, target_precision=0.9, min_support=2)
     thresholds = {c: t["threshold"] for c, t in result.thresholds["per_class"].items()}
@@ -137,8 +137,8 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
     """A ledger where auto rows must appear: per class, reviewers confirmed the model on
     the middle of its confidence range, left the top unreviewed (above the threshold:
     exported as auto) and the lowest one unreviewed (below it: left out)."""
-    from labelassist.accept import accept_trusted
-    from labelassist.audit import audit
+    from labelassist.trust.accept import accept_trusted
+    from labelassist.trust.audit import audit
 
     photos = tmp_path / "photos"
     photos.mkdir()

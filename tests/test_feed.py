@@ -12,12 +12,12 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
-from labelassist.config import load_label_file
+from labelassist.labels import load_label_file
 from labelassist.db import open_database
 from labelassist.db.models import Prediction
-from labelassist.feed import plan_feed
+from labelassist.predict.feed import plan_feed
 from labelassist.ingest import ingest
-from labelassist.predict import PredictOptions, default_batch_size, predict
+from labelassist.predict.run import PredictOptions, default_batch_size, predict
 
 from .imagegen import shape_image, truncated_copy
 

@@ -1,5 +1,5 @@
-"""The formats other tools rely on are documented in README.md ("File formats"): every
-field that labelassist writes must be listed there, in backticks."""
+"""The formats other tools rely on are documented in docs/formats.md (from "Prediction
+records" on): every field that labelassist writes must be listed there, in backticks."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from typer.testing import CliRunner
 
 from labelassist.cli import app
 
-README = Path(__file__).parent.parent / "README.md"
+FORMATS = Path(__file__).parent.parent / "docs" / "formats.md"
 
 
 def documented() -> set[str]:
-    text = README.read_text()
-    section = text[text.index("## File formats"):]
-    section = section[:section.index("\n## ", 1)]
+    text = FORMATS.read_text()
+    section = text[text.index("## Prediction records"):]
     return set(re.findall(r"`([A-Za-z_0-9]+)`", section))
 
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from labelassist import learn as L
-from labelassist.config import load_label_file, parse_label_text
+from labelassist.trust import learn as L
+from labelassist.labels import load_label_file, parse_label_text
 from labelassist.db import open_database
 from labelassist.db.models import Prediction
 from labelassist.ingest import ingest
-from labelassist.model import load_model
-from labelassist.predict import PredictOptions, predict
-from labelassist.queries import resolve_version
-from labelassist.zeroshot import ZeroShotClassifier, build_text_classifier
+from labelassist.model.load import load_model
+from labelassist.predict.run import PredictOptions, predict
+from labelassist.db.queries import resolve_version
+from labelassist.model.zeroshot import ZeroShotClassifier, build_text_classifier
 
 from .imagegen import shape_image
 

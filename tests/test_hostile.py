@@ -8,13 +8,13 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db import open_database
 from labelassist.db.models import File, Prediction
 from labelassist.db.models import Image as ImageRow
 from labelassist.images import decode, open_image, read_bytes
 from labelassist.ingest import ingest
-from labelassist.predict import predict
+from labelassist.predict.run import predict
 
 from .imagegen import png_bomb, shape_image, truncated_copy
 

@@ -1,6 +1,6 @@
 import pytest
 
-from labelassist.config import LabelSet, load_label_file, parse_label_text
+from labelassist.labels import LabelSet, load_label_file, parse_label_text
 from labelassist.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db.models import Annotation, LSTask
 from labelassist.errors import LabelStudioError
 from labelassist.ingest import ingest
@@ -24,8 +24,8 @@ from labelassist.labelstudio import (
 )
 from labelassist.labelstudio.client import Connection, LabelStudioClient, resolve_connection
 from labelassist.labelstudio.pull import MARGIN
-from labelassist.predict import predict
-from labelassist.queries import resolve_version
+from labelassist.predict.run import predict
+from labelassist.db.queries import resolve_version
 
 pytestmark = pytest.mark.labelstudio
 
@@ -209,7 +209,7 @@ def test_connection_problems_each_give_one_clear_line(label_studio, monkeypatch)
         resolve_connection(label_studio.url, None)
     with pytest.raises(LabelStudioError, match=r"refused the token \(401\).*--ls-token"):
         LabelStudioClient(Connection(label_studio.url, "wrong-token"), retries=0).check_server()
-    from labelassist.studio import free_port
+    from labelassist.labelstudio.studio import free_port
 
     with pytest.raises(LabelStudioError, match="cannot reach Label Studio.*Is it running"):
         LabelStudioClient(Connection(f"http://127.0.0.1:{free_port()}", "t"),
@@ -397,7 +397,7 @@ def test_studio_in_a_workspace_records_itself_so_push_needs_no_flags(tmp_path, t
     import subprocess
     import sys
 
-    from labelassist.studio import free_port
+    from labelassist.labelstudio.studio import free_port
 
     from .imagegen import write_shape_images
 
@@ -461,8 +461,7 @@ def test_reviews_from_a_real_label_studio_flow_into_audit_learn_accept_and_expor
     import json
     import random
 
-    from labelassist import toyworld
-
+    from labelassist.toy import world as toyworld
     photos = ls_env.root / "loop"
     toyworld.write_images(photos, 90, seed=31)
     vague = tmp_path / "vague.toml"
@@ -533,10 +532,10 @@ def test_junk_goes_to_reviewers_first_and_their_other_comes_back(db_url, db, toy
     pull into the report and out of the export."""
     import json
 
-    from labelassist import toyworld
+    from labelassist.toy import world as toyworld
     from labelassist.db.models import Prediction
-    from labelassist.outofset import class_bars, flagged
-    from labelassist.queries import first_paths
+    from labelassist.trust.outofset import class_bars, flagged
+    from labelassist.db.queries import first_paths
 
     photos = ls_env.root / "junky"
     toyworld.write_images(photos, 40, seed=51)

@@ -12,14 +12,14 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db.models import LSPushJournal, LSTask
 from labelassist.ingest import ingest
 from labelassist.labelstudio import ImageSource, list_remote_tasks, push
 from labelassist.labelstudio.client import Connection, LabelStudioClient
-from labelassist.predict import predict
-from labelassist.queries import resolve_version
-from labelassist.studio import free_port, start_studio
+from labelassist.predict.run import predict
+from labelassist.db.queries import resolve_version
+from labelassist.labelstudio.studio import free_port, start_studio
 
 from .imagegen import write_shape_images
 

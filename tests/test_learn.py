@@ -9,15 +9,15 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from labelassist import learn as L
-from labelassist import toyworld
+from labelassist.trust import learn as L
+from labelassist.toy import world as toyworld
 from labelassist.cli import app
-from labelassist.config import load_label_file
+from labelassist.labels import load_label_file
 from labelassist.db.models import AutoAccept, ModelVersion, Prediction
 from labelassist.ingest import ingest
-from labelassist.model import load_model
-from labelassist.predict import predict
-from labelassist.queries import resolve_version
+from labelassist.model.load import load_model
+from labelassist.predict.run import predict
+from labelassist.db.queries import resolve_version
 
 from .conftest import add_annotation
 
@@ -41,7 +41,7 @@ def toy_workspace(db, toy_model_dir, tmp_path):
 def review(db, count, wrong=(), start=0):
     """Reviewers give the true colour temperature of `count` images, a shuffled sample
     (files are ingested in name order, i.e. sorted by colour)."""
-    from labelassist.queries import first_paths
+    from labelassist.db.queries import first_paths
 
     with db.read() as s:
         ids = s.scalars(select(Prediction.image_id).order_by(Prediction.image_id)).all()
@@ -92,7 +92,7 @@ def test_with_0_to_5_reviews_per_class_the_probe_is_never_worse(db, toy_model_di
     ingest(db, [tmp_path / "photos"])
     model = load_model(str(toy_model_dir), device="cpu", dtype="fp32")
     if labels == "colours":  # 6 classes: 5 reviews each is enough for the probe to be tried
-        from labelassist.config import parse_label_text
+        from labelassist.labels import parse_label_text
 
         predict(db, model, parse_label_text(COLOURS))
         truth = lambda path: Path(path).name.split("_")[0]  # noqa: E731
@@ -103,8 +103,8 @@ def test_with_0_to_5_reviews_per_class_the_probe_is_never_worse(db, toy_model_di
     for n, p in enumerate(_all_predictions(db)):
         add_annotation(db, p.image_id, truth(_path(db, p.image_id)), n=n)
     ids, keys, x, y, classes = L.load_training_set(db, version, "majority")
-    from labelassist.config import LabelSet
-    from labelassist.zeroshot import build_text_classifier
+    from labelassist.labels import LabelSet
+    from labelassist.model.zeroshot import build_text_classifier
 
     offset = L.zero_shot_log_probs(build_text_classifier(
         model, LabelSet.from_json(version.label_set)), x)
@@ -129,7 +129,7 @@ def _all_predictions(db):
 
 
 def _path(db, image_id):
-    from labelassist.queries import first_paths
+    from labelassist.db.queries import first_paths
 
     with db.read() as s:
         return first_paths(s, [image_id])[image_id]
@@ -234,7 +234,7 @@ def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_di
 
 def images_of_the_base_version(db, order_by):
     """The zero-shot version, its images in the given order, and their paths."""
-    from labelassist.queries import first_paths
+    from labelassist.db.queries import first_paths
 
     base = resolve_version(db, None)
     with db.read() as s:
@@ -249,7 +249,7 @@ def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(to
     on the images reviewed later equals the toy world's own truth, and its auto-accept
     share uses only earlier reviews (wrong later labels change accuracy, never the share)."""
     from labelassist.db.models import Annotation
-    from labelassist.session import session_sections
+    from labelassist.trust.replay import session_sections
 
     db, model, _ = toy_workspace
     base, order, paths = images_of_the_base_version(db, Prediction.image_id)
@@ -296,8 +296,7 @@ def test_sample_bias_agrees_with_scipy_and_scikit_learn():
     from scipy.stats import mannwhitneyu
     from sklearn.metrics import roc_auc_score
 
-    from labelassist import accept as A
-
+    from labelassist.trust import accept as A
     rng = np.random.default_rng(0)
     for shift in (0.0, 0.1, 0.6):
         reviewed = np.round(rng.random(40) * (1 - shift), 2)  # margins: in [0, 1], ties

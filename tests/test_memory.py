@@ -15,9 +15,9 @@ import tracemalloc
 
 import pytest
 
-from labelassist.accept import accept_trusted
+from labelassist.trust.accept import accept_trusted
 from labelassist.db import open_database
-from labelassist.export import export
+from labelassist.outputs.export import export
 from labelassist.ingest import ingest
 from labelassist.labelstudio.client import Connection, LabelStudioClient
 from labelassist.labelstudio.pull import pull

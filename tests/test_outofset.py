@@ -10,16 +10,16 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from labelassist import toyworld
-from labelassist.accept import accept_trusted
+from labelassist.toy import world as toyworld
+from labelassist.trust.accept import accept_trusted
 from labelassist.cli import app
-from labelassist.config import load_label_file
+from labelassist.labels import load_label_file
 from labelassist.db.models import AutoAccept, Prediction
 from labelassist.ingest import ingest
-from labelassist.model import load_model
-from labelassist.outofset import OTHER, class_bars, flagged, flagged_first, out_of_set_summary
-from labelassist.predict import predict
-from labelassist.queries import first_paths, resolve_version
+from labelassist.model.load import load_model
+from labelassist.trust.outofset import OTHER, class_bars, flagged, flagged_first, out_of_set_summary
+from labelassist.predict.run import predict
+from labelassist.db.queries import first_paths, resolve_version
 
 from .conftest import add_annotation
 
@@ -135,7 +135,7 @@ def test_the_report_counts_them_and_what_reviewers_said(junky_folder, db_url, tm
 def test_export_leaves_out_junk_and_what_reviewers_called_other(junky_folder, tmp_path):
     import csv
 
-    from labelassist.export import export
+    from labelassist.outputs.export import export
 
     db, rows = junky_folder
     junk_ids = sorted(i for i, r in rows.items() if r[2] == "junk")

@@ -13,11 +13,11 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
-from labelassist.config import load_label_file, parse_label_text
+from labelassist.labels import load_label_file, parse_label_text
 from labelassist.db import open_database
 from labelassist.db.models import Claim, Embedding, Image, Prediction
 from labelassist.ingest import ingest
-from labelassist.predict import PredictOptions, predict
+from labelassist.predict.run import PredictOptions, predict
 
 from .imagegen import write_shape_images
 

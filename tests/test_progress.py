@@ -64,9 +64,9 @@ def test_predict_workers_progress_counts_the_version_being_predicted(tmp_path, p
                                                                     labels_file, tiny_clip_dir):
     """What `predict --workers N` draws each second: (predicted, all usable images) of the
     version for this model and prompt set, once a worker has registered it."""
-    from labelassist.config import load_label_file
+    from labelassist.labels import load_label_file
     from labelassist.db import open_database
-    from labelassist.status import progress_of
+    from labelassist.db.status import progress_of
 
     db_url = f"sqlite:///{tmp_path / 'p.db'}"
     label_set = load_label_file(labels_file).to_json()

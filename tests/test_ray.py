@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db import open_database
 from labelassist.db.models import Embedding, Image, Prediction
 from labelassist.ingest import ingest
-from labelassist.predict import predict
+from labelassist.predict.run import predict
 
 from .imagegen import write_shape_images
 from .raycluster import LocalCluster, free_port
@@ -182,11 +182,11 @@ def test_the_driver_killed_mid_run_a_rerun_resumes_without_duplicates(
 
 DRIVER = """
 import json, sys, threading, tracemalloc
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db import open_database
-from labelassist.distributed.driver import RayOptions, predict_on_ray
-from labelassist.model import load_model
-from labelassist.predict import PredictOptions
+from labelassist.predict.distributed.driver import RayOptions, predict_on_ray
+from labelassist.model.load import load_model
+from labelassist.predict.run import PredictOptions
 
 url, model_dir, address = sys.argv[1:]
 model = load_model(model_dir, device="cpu", dtype="fp32")

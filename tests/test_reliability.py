@@ -11,13 +11,13 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-import labelassist.export as E
+import labelassist.outputs.export as E
 from labelassist.cli import app
-from labelassist.config import load_label_file, parse_label_text
+from labelassist.labels import load_label_file, parse_label_text
 from labelassist.db.models import File, Image, Prediction
 from labelassist.errors import ExportError
 from labelassist.ingest import ingest
-from labelassist.predict import predict
+from labelassist.predict.run import predict
 
 from .conftest import add_annotation
 from .imagegen import shape_image, write_shape_images

@@ -10,14 +10,14 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import func, select
 
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db.models import Annotation, Image, LSProject, LSTask
 from labelassist.errors import LabelStudioError
 from labelassist.ingest import ingest
 from labelassist.labelstudio import ImageSource, choice_result, list_remote_tasks, pull, push
 from labelassist.labelstudio.client import Connection, LabelStudioClient, resolve_connection
-from labelassist.predict import predict
-from labelassist.reviews import load_reviews
+from labelassist.predict.run import predict
+from labelassist.trust.reviews import load_reviews
 
 from .hostile_server import JSON, HostileServer
 from .imagegen import shape_image, write_shape_images
@@ -348,7 +348,7 @@ def test_a_server_that_never_recovers_gives_one_clear_line():
 
 
 def test_nothing_listening_is_reported_at_once_and_retries_are_shown():
-    from labelassist.studio import free_port
+    from labelassist.labelstudio.studio import free_port
 
     shown = []
     nobody = LabelStudioClient(Connection(f"http://127.0.0.1:{free_port()}", "t"), retries=6,

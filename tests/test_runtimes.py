@@ -13,16 +13,16 @@ import torch
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from labelassist import toyworld
+from labelassist.toy import world as toyworld
 from labelassist.cli import app
-from labelassist.config import load_label_file
+from labelassist.labels import load_label_file
 from labelassist.db.models import Embedding, ModelVersion, Prediction, RuntimeChoice
 from labelassist.errors import ModelLoadError
 from labelassist.ingest import ingest
-from labelassist.model import load_model
-from labelassist.predict import predict
-from labelassist.runtimes import choice as runtime_choice
-from labelassist.runtimes.choice import MAX_DRIFT, MIN_AGREEMENT, Trial, _trial
+from labelassist.model.load import load_model
+from labelassist.predict.run import predict
+from labelassist.predict import choice as runtime_choice
+from labelassist.predict.choice import MAX_DRIFT, MIN_AGREEMENT, Trial, _trial
 
 from .conftest import add_annotation
 
@@ -209,7 +209,7 @@ def test_without_the_extra_nothing_new_is_imported_and_forcing_it_says_how_to_in
 def test_a_version_is_only_predicted_with_its_own_runtime(tmp_path, toy_model_dir, db):
     """serve and the worker predict for an existing version: a torch model must never
     write its embeddings under an OpenVINO version's key."""
-    from labelassist.predict import ensure_model_version, predict_version
+    from labelassist.predict.run import ensure_model_version, predict_version
 
     toyworld.write_images(tmp_path / "pics", 4, seed=8)
     ingest(db, [tmp_path / "pics"])

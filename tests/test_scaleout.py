@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from labelassist.claims import active_workers
+from labelassist.db.claims import active_workers
 from labelassist.cli import app
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db import open_database
 from labelassist.db.models import Claim, Embedding, Image, ModelVersion, Prediction, Worker, utcnow
 from labelassist.ingest import ingest
-from labelassist.predict import PredictOptions, ensure_model_version, predict
+from labelassist.predict.run import PredictOptions, ensure_model_version, predict
 
 from .conftest import terminate_connections
 from .imagegen import write_shape_images
@@ -229,7 +229,7 @@ def test_migrate_a_sqlite_workspace_to_postgres(db, db_url, pg_url, photo_dir, t
 
 def test_id_lists_beyond_postgres_parameter_limit(pg_url, tmp_path, tiny_model):
     """PostgreSQL takes at most 65,535 parameters per statement: id lists are chunked."""
-    from labelassist.queries import first_paths
+    from labelassist.db.queries import first_paths
 
     write_shape_images(tmp_path / "photos", 3)
     db = open_database(pg_url)

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from labelassist.cli import app
 from labelassist.db import open_database
 from labelassist.db.models import Annotation, File, LSTask, Prediction
-from labelassist.studio import free_port
+from labelassist.labelstudio.studio import free_port
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
 SECRET = "s3cret-for-tests"
@@ -360,7 +360,7 @@ def test_reviews_teach_the_model_and_reviewers_see_the_better_guess_next(
 
     from pathlib import Path
 
-    from labelassist.toyworld import WARM, write_images
+    from labelassist.toy.world import WARM, write_images
 
     photos = label_studio.root / "toy_loop"
     write_images(photos, 100, seed=5)

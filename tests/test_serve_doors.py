@@ -18,14 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from labelassist.studio import free_port, read_or_make_secret
+from labelassist.labelstudio.studio import free_port, read_or_make_secret
 
 from .test_serve import SECRET, auth, start_serve, stop, wait_for
 
 SLOW_MAKE = """
 import sys, time, secrets
 from pathlib import Path
-from labelassist.studio import read_or_make_secret
+from labelassist.labelstudio.studio import read_or_make_secret
 
 def make():
     print("making", file=sys.stderr, flush=True)
@@ -329,7 +329,7 @@ def default_studio(tmp_path_factory):
     local addresses, as a Label Studio installed with its defaults does."""
     import shutil
 
-    from labelassist.studio import LEAKY_ENV, Studio, wait_until_healthy
+    from labelassist.labelstudio.studio import LEAKY_ENV, Studio, wait_until_healthy
 
     root, data = tmp_path_factory.mktemp("default-ls-root"), tmp_path_factory.mktemp(
         "default-ls-data")

@@ -14,12 +14,12 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
-from labelassist.config import parse_label_text
+from labelassist.labels import parse_label_text
 from labelassist.db.models import Annotation, File, Image, LSTask
 from labelassist.ingest import ingest
 from labelassist.labelstudio import ImageSource, choice_result, list_remote_tasks, pull, push
 from labelassist.labelstudio.client import Connection, LabelStudioClient
-from labelassist.predict import predict
+from labelassist.predict.run import predict
 
 from .test_labelstudio import LABELS, predicted
 
@@ -73,7 +73,7 @@ def live_reviews(db) -> list[Annotation]:
 
 def predicted_again(db, model):
     """A second prompt set: a new model_version for the same images."""
-    from labelassist.queries import resolve_version
+    from labelassist.db.queries import resolve_version
 
     predict(db, model, parse_label_text(LABELS.replace('"grey"]', '"grey", "white"]')))
     return resolve_version(db)

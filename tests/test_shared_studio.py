@@ -21,7 +21,7 @@ from labelassist.db import open_database
 from labelassist.errors import ConfigError
 from labelassist.labelstudio import Connection, ImageSource, LabelStudioClient, push
 from labelassist.serve.fetch import RefusedImage, fetch_image, image_url
-from labelassist.studio import free_port, start_studio
+from labelassist.labelstudio.studio import free_port, start_studio
 
 from .imagegen import shape_image
 
@@ -184,10 +184,10 @@ def test_a_redirect_to_another_host_is_refused_and_the_token_stays_home(tmp_path
 def test_push_local_uploads_the_images_that_serve_fetched(db, tiny_model, label_studio,
                                                           ls_project, ls_photos, tmp_path,
                                                           request):
-    from labelassist.config import parse_label_text
+    from labelassist.labels import parse_label_text
     from labelassist.ingest import ingest
-    from labelassist.predict import predict
-    from labelassist.queries import resolve_version
+    from labelassist.predict.run import predict
+    from labelassist.db.queries import resolve_version
 
     client = LabelStudioClient(Connection(label_studio.url, label_studio.token), retries=1)
     picture = png_bytes((20, 20, 250))
@@ -297,7 +297,7 @@ def test_label_studio_never_serves_the_whole_disk_or_its_own_data(tmp_path):
 
 
 def test_a_data_folder_used_before_says_its_old_tasks_need_their_old_root(tmp_path):
-    from labelassist.studio import earlier_root_note
+    from labelassist.labelstudio.studio import earlier_root_note
 
     data = tmp_path / "ls-data"
     data.mkdir()
@@ -377,7 +377,7 @@ def test_a_workspace_token_file_goes_only_to_its_own_label_studio(tmp_path, monk
 def test_label_studios_data_folder_is_this_users_alone(tmp_path):
     """Its database holds every token and the serve secret: 0700, whatever the umask or
     an earlier run left (start_studio prepares it this way before Label Studio starts)."""
-    from labelassist.studio import make_private_dir
+    from labelassist.labelstudio.studio import make_private_dir
 
     earlier = tmp_path / "ls-data"
     earlier.mkdir(mode=0o755)

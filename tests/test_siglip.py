@@ -9,10 +9,10 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
 from labelassist.cli import app
-from labelassist.config import LabelSet
-from labelassist.model import load_model
-from labelassist.tinymodels import save_random_siglip
-from labelassist.zeroshot import ZeroShotClassifier
+from labelassist.labels import LabelSet
+from labelassist.model.load import load_model
+from labelassist.toy.tiny import save_random_siglip
+from labelassist.model.zeroshot import ZeroShotClassifier
 
 from .imagegen import shape_image, write_shape_images
 

@@ -16,11 +16,11 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
-from labelassist.config import load_label_file
+from labelassist.labels import load_label_file
 from labelassist.db import open_database
 from labelassist.db.models import File
-from labelassist.suggest import auc, load_vocabulary, spherical_kmeans
-from labelassist.toyworld import COOL, WARM, write_images
+from labelassist.trust.suggest import auc, load_vocabulary, spherical_kmeans
+from labelassist.toy.world import COOL, WARM, write_images
 
 from .conftest import add_annotation
 
@@ -106,7 +106,7 @@ def test_vague_descriptions_get_members_that_are_right_on_unreviewed_images(tmp_
 
 
 def test_member_descriptions_already_in_use_get_no_proposal(tmp_path, toy_model_dir):
-    from labelassist.queries import resolve_version
+    from labelassist.db.queries import resolve_version
 
     db_url, _, _ = reviewed_toy_ledger(tmp_path, toy_model_dir, EXAMPLES / "labels.toml")
     out = tmp_path / "proposed.toml"

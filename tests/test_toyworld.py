@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from labelassist import toyworld
+from labelassist.toy import world as toyworld
 from labelassist.cli import app
-from labelassist.model import cpu_identity
+from labelassist.model.load import cpu_identity
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "toyworld"
 
@@ -53,7 +53,7 @@ def test_describing_a_class_by_its_members_beats_a_vague_description(
 
 TRAIN_COUNTING = """
 import sys
-from labelassist import toyworld
+from labelassist.toy import world as toyworld
 real = toyworld.train
 def counting(*args, **kwargs):
     print("TRAINING", flush=True)
@@ -99,7 +99,7 @@ def test_the_toy_model_comes_from_the_shipped_weights_without_training(tmp_path,
     """The demo and the tests need the model at once: with the recipe unchanged, the cache
     is filled from the weights shipped in the package, and nothing is trained."""
     manifest = toyworld.shipped_manifest(1600, 0)
-    assert manifest, "no shipped weights for this recipe: run python -m labelassist.toyworld ship"
+    assert manifest, "no shipped weights for this recipe: run python -m labelassist.toy.world ship"
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained although shipped weights fit the recipe")
@@ -162,7 +162,7 @@ def test_training_reproduces_the_shipped_weights(tmp_path):
     two runs in one test session gave weights 0.1 apart (a test had changed torch's
     threads), and suggest's proposal changed with them. On that kind of CPU the test
     above checks the first steps, and this one runs only with LABELASSIST_FULL_RETRAIN=1
-    (python -m labelassist.toyworld ship checks the whole run too: the weights it writes
+    (python -m labelassist.toy.world ship checks the whole run too: the weights it writes
     must be byte for byte the ones in git).
 
     On another kind of CPU (an Intel Xeon with AMX against the AMD EPYC of the shipped
@@ -207,7 +207,7 @@ def test_training_reproduces_the_shipped_weights(tmp_path):
 ])
 def test_stop_after_is_refused_where_it_would_mean_nothing(argv, message, monkeypatch, capsys,
                                                           tmp_path):
-    monkeypatch.setattr("sys.argv", ["python -m labelassist.toyworld", *argv])
+    monkeypatch.setattr("sys.argv", ["python -m labelassist.toy.world", *argv])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         toyworld.main()

@@ -3,10 +3,10 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, pipeline
 
-from labelassist.config import LabelSet
+from labelassist.labels import LabelSet
 from labelassist.errors import ModelLoadError
-from labelassist.model import load_model
-from labelassist.zeroshot import ZeroShotClassifier
+from labelassist.model.load import load_model
+from labelassist.model.zeroshot import ZeroShotClassifier
 
 from .imagegen import shape_image
 
@@ -97,8 +97,8 @@ def test_int8_and_bf16_paths_agree_with_fp32_where_it_is_sure(toy_model_dir, tmp
     score sat within 0.1 of the others, and an encoder that ignored the image passed.)"""
     from PIL import Image
 
-    from labelassist import toyworld
-    from labelassist.config import parse_label_text
+    from labelassist.toy import world as toyworld
+    from labelassist.labels import parse_label_text
 
     written = toyworld.write_images(tmp_path / "toy", 60, seed=11)
     images = [Image.open(path).convert("RGB") for path, _, _ in written]
@@ -123,6 +123,6 @@ def test_int8_and_bf16_paths_agree_with_fp32_where_it_is_sure(toy_model_dir, tmp
 
 def test_int8_is_a_cpu_path():
     with pytest.raises(ModelLoadError, match="CPU path"):
-        from labelassist.model import resolve_dtype
+        from labelassist.model.load import resolve_dtype
 
         resolve_dtype("int8", torch.device("cuda"))

@@ -23,7 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..config import DEFAULT_MODEL
+from ..labels import DEFAULT_MODEL
 from ..errors import DatabaseError, LabelAssistError
 
 app = typer.Typer(
@@ -261,7 +261,7 @@ def send_token_home(url: str, whose: str) -> None:
     """Refuse, in one line naming what to pass, a token bound for a Label Studio it does
     not belong to (a labelassist.toml above here must not send it elsewhere)."""
     from ..errors import ConfigError
-    from ..studio import token_owner
+    from ..labelstudio.studio import token_owner
 
     if whose == "env":
         home = os.environ.get("LABEL_STUDIO_URL")

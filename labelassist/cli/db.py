@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..config import DEFAULT_DB
+from ..labels import DEFAULT_DB
 from . import DbOpt, app, err, handles_errors, open_db, progress_bar
 
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import DEFAULT_DB, LABEL_FILE_HELP, load_label_file
+from ..labels import DEFAULT_DB, LABEL_FILE_HELP, load_label_file
 from ..errors import ConfigError
 from . import (
     DbOpt,
@@ -40,8 +40,8 @@ DecodeWorkersOpt = Annotated[Optional[int], typer.Option(
 
 
 def predict_options(batch_size, feed, decode_workers, exact):
-    from ..feed import check_feed
-    from ..predict import PredictOptions
+    from ..predict.feed import check_feed
+    from ..predict.run import PredictOptions
 
     check_feed(feed)  # before the model loads
     return PredictOptions(batch_size=batch_size, feed=feed, decode_workers=decode_workers,
@@ -140,8 +140,8 @@ def status(db: DbOpt = DEFAULT_DB) -> None:
 
     Example: labelassist status --db sqlite:///labelassist.db
     """
-    from ..runtimes import describe_choice, version_choice
-    from ..status import workspace_status
+    from ..predict import describe_choice, version_choice
+    from ..db.status import workspace_status
 
     from . import workspace
 
@@ -298,9 +298,9 @@ def runtimes(
 
     Example: labelassist runtimes --labels labels.toml --sample 256
     """
-    from ..model import load_model
-    from ..runtimes import describe_choice
-    from ..runtimes.choice import measure_runtimes
+    from ..model.load import load_model
+    from ..predict import describe_choice
+    from ..predict.choice import measure_runtimes
 
     label_set = load_label_file(labels)
     database = open_db(db)
@@ -312,9 +312,9 @@ def runtimes(
 
 
 def run_predict_processes(db, labels, model, options, device, dtype, workers):
-    from ..runtimes.choice import load_for_predict, needs_choice
-    from ..status import progress_of
-    from ..worker import predict_in_processes
+    from ..predict.choice import load_for_predict, needs_choice
+    from ..db.status import progress_of
+    from ..predict.workers import predict_in_processes
 
     label_set = load_label_file(labels)
     database = open_db(db)  # upgrades the schema once, before the workers start
@@ -338,8 +338,8 @@ def run_predict_processes(db, labels, model, options, device, dtype, workers):
 
 def run_predict_ray(db, labels, model, options, device, dtype, workers, address, actors,
                     actor_cpus):
-    from ..distributed.driver import RayOptions, check_address, check_dtype, predict_on_ray
-    from ..model import load_model
+    from ..predict.distributed.driver import RayOptions, check_address, check_dtype, predict_on_ray
+    from ..model.load import load_model
 
     if options.feed != "auto" or options.decode_workers:
         raise ConfigError("--feed and --decode-workers are for a local predict: on --ray, "
@@ -363,8 +363,8 @@ def run_predict_ray(db, labels, model, options, device, dtype, workers, address,
 
 
 def run_predict(db, labels, model, options, device, dtype, threads):
-    from ..predict import predict as run
-    from ..runtimes.choice import load_for_predict
+    from ..predict.run import predict as run
+    from ..predict.choice import load_for_predict
 
     label_set = load_label_file(labels)
     database = open_db(db)
@@ -405,8 +405,8 @@ def predictions(
 
     Example: labelassist predictions --format csv > predictions.csv
     """
-    from ..export import spreadsheet_safe
-    from ..queries import prediction_records, resolve_version
+    from ..outputs.export import spreadsheet_safe
+    from ..db.queries import prediction_records, resolve_version
 
     if format not in ("jsonl", "csv"):
         raise ConfigError(f"--format {format!r}: use jsonl or csv")
@@ -456,8 +456,8 @@ def worker(
     import signal
     import threading
 
-    from ..model import load_model
-    from ..worker import serve
+    from ..model.load import load_model
+    from ..predict.workers import run_worker
 
     options = predict_options(batch_size, feed, decode_workers, exact=False)
     label_sets = [load_label_file(p) for p in labels or []]
@@ -477,14 +477,14 @@ def worker(
     after_round = None
     if push:
         from ..labelstudio import resolve_image_source
-        from ..worker import push_after_rounds
+        from ..labelstudio.push import push_after_rounds
 
         client = ls_client(ls_url, ls_token)
         after_round = push_after_rounds(
             database, client, resolve_image_source("auto", ls_root, client.conn.url),
             log=lambda line: err.print(line, markup=False))
     err.print(f"worker on {loaded.model_key}: waiting for work (Ctrl-C to stop)", markup=False)
-    stats = serve(database, loaded, label_sets, stop,
+    stats = run_worker(database, loaded, label_sets, stop,
                   options=options, poll_seconds=poll,
                   after_round=after_round)
     err.print(f"worker stopped: {stats.predicted:,} predicted in {stats.rounds} rounds"

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import DEFAULT_DB
+from ..labels import DEFAULT_DB
 from . import DbOpt, VersionOpt, command, err, open_db, progress_bar
 
 
@@ -36,12 +36,12 @@ def report(
 
     Example: labelassist report --html audit.html --json audit.json
     """
-    from ..audit import audit
-    from ..outofset import out_of_set_sections
-    from ..report import learning_sections, write_html, write_json
-    from ..runtimes import describe_choice, runtime_sections
-    from ..session import session_sections
-    from ..suggest import suggestion_sections
+    from ..trust.audit import audit
+    from ..trust.outofset import out_of_set_sections
+    from ..outputs.report import learning_sections, write_html, write_json
+    from ..predict import describe_choice, runtime_sections
+    from ..trust.replay import session_sections
+    from ..trust.suggest import suggestion_sections
 
     database = open_db(db)
     audits = audit(database, version, target_precision=target_precision,
@@ -74,7 +74,7 @@ def report(
 
 def print_out_of_set(out: Console, flagged: dict) -> None:
     """Images that match none of the classes: flagged, and what reviewers said of them."""
-    from ..outofset import OTHER
+    from ..trust.outofset import OTHER
 
     if flagged["without_similarity"]:
         out.print(f"out of set for {flagged['model_version']}: {flagged['without_similarity']:,} "
@@ -170,7 +170,7 @@ def export(
 
     Example: labelassist export dataset/ --format hf --split 0.8,0.1,0.1 --seed 0
     """
-    from ..export import export as run_export
+    from ..outputs.export import export as run_export
 
     with progress_bar("export", unit="files") as on_progress:
         summary = run_export(open_db(db), out, format, include_auto=include_auto, split=split,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..config import DEFAULT_DB
+from ..labels import DEFAULT_DB
 from . import (
     DbOpt,
     LsTokenOpt,
@@ -54,7 +54,7 @@ def push(
     """
     from ..labelstudio import push as run_push
     from ..labelstudio import resolve_image_source
-    from ..queries import resolve_version
+    from ..db.queries import resolve_version
 
     database = open_db(db)
     client = ls_client(ls_url, ls_token)
@@ -141,7 +141,7 @@ def studio(
     """
     import signal
 
-    from ..studio import start_studio
+    from ..labelstudio.studio import start_studio
 
     err.print("starting Label Studio (the first start takes about 40 s) ...", markup=False)
     s = start_studio(port, root.resolve(), data_dir)
@@ -162,7 +162,7 @@ def studio(
 
 
 def record_studio_in_workspace(s) -> None:
-    from ..studio import TOKEN_FILE
+    from ..labelstudio.studio import TOKEN_FILE
     from ..workspace import relative_to, update_workspace
     from . import workspace
 
@@ -195,9 +195,9 @@ def learn(
 
     Example: labelassist learn && labelassist push --version probe@1a2b3c4d
     """
-    from ..learn import learn as run_learn
-    from ..model import load_model
-    from ..queries import resolve_version
+    from ..trust.learn import learn as run_learn
+    from ..model.load import load_model
+    from ..db.queries import resolve_version
 
     database = open_db(db)
     base = resolve_version(database, version)
@@ -253,10 +253,10 @@ def suggest(
 
     Example: labelassist suggest --vocabulary words.txt  (then: predict --labels proposed.toml)
     """
-    from ..model import load_model
-    from ..queries import resolve_version
-    from ..suggest import load_vocabulary, store_suggestion, write_proposal
-    from ..suggest import suggest as run_suggest
+    from ..model.load import load_model
+    from ..db.queries import resolve_version
+    from ..trust.suggest import load_vocabulary, store_suggestion, write_proposal
+    from ..trust.suggest import suggest as run_suggest
 
     database = open_db(db)
     base = resolve_version(database, version)
@@ -316,7 +316,7 @@ def accept(
 
     Example: labelassist accept --target-precision 0.99 && labelassist export out/ --include-auto
     """
-    from ..accept import accept_trusted
+    from ..trust.accept import accept_trusted
 
     s = accept_trusted(open_db(db), version, target_precision=target_precision,
                        min_support=min_support, policy=resolve,
@@ -382,7 +382,7 @@ def serve(
     import signal
 
     from ..labelstudio import pull as run_pull
-    from ..model import load_model
+    from ..model.load import load_model
     from ..serve import (Backend, ServeOptions, fetch_dir_for, find_project, run_server,
                          serve_secret, status_file_for)
 

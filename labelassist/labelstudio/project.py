@@ -31,7 +31,7 @@ Progress = Callable[[int, int], None]
 def with_other(classes: list[str]) -> list[str]:
     """The classes and the reviewers' "none of these" (outofset.OTHER), unless a class has
     that name already."""
-    from ..outofset import OTHER
+    from ..trust.outofset import OTHER
 
     return list(classes) + ([] if OTHER in classes else [OTHER])
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from ..db import Database
 from ..db.models import Annotation, Image, LSProject, LSTask, ModelVersion, as_utc, utcnow
 from ..errors import LabelStudioError
-from ..queries import rows_in_chunks
+from ..db.queries import rows_in_chunks
 from .client import LabelStudioClient
 from .project import BATCH, FROM_NAME, Progress, iter_remote_pages, iter_remote_task_ids
 from .tasks import Forgotten, TaskRow, forget_tasks, match, task_rows

@@ -30,8 +30,9 @@ from ..db.models import (
     Prediction,
 )
 from ..errors import LabelStudioError
-from ..queries import rows_in_chunks
-from ..locks import hold
+from ..predict.workers import WorkerStats
+from ..db.queries import rows_in_chunks
+from ..db.locks import hold
 from .client import LabelStudioClient
 from .project import (
     BATCH,
@@ -157,7 +158,7 @@ class _Pusher:
     def batches(self, order: str, batch_size: int):
         """In `order`, after the images that match none of the classes well (outofset.py):
         reviewers answer "other" for those first, and each answer sharpens the flag."""
-        from ..outofset import class_bars, flagged_first
+        from ..trust.outofset import class_bars, flagged_first
 
         odd_first = flagged_first(self.db, self.version, class_bars(self.db, self.version))
         sort = ORDERS[order]
@@ -431,3 +432,23 @@ def _version_name(db: Database, version_id: int) -> str:
         return s.get(ModelVersion, version_id).name
 
 
+def push_after_rounds(db: Database, client: LabelStudioClient, source: ImageSource,
+                      log: Callable[[str], None] = lambda line: None
+                      ) -> Callable[[WorkerStats], None]:
+    """`worker --push`: after a round that predicted something, push those versions."""
+    from ..db.queries import resolve_version
+
+    seen = {"predicted": 0}
+
+    def after_round(stats: WorkerStats) -> None:
+        if stats.predicted == seen["predicted"]:
+            return
+        seen["predicted"] = stats.predicted
+        for name in stats.per_version:
+            summary = push(db, client, resolve_version(db, name), source)
+            stats.pushed_tasks += summary.tasks_created
+            if summary.tasks_created or summary.predictions_added:
+                log(f"pushed {summary.tasks_created:,} tasks, "
+                    f"{summary.predictions_added:,} predictions ({name})")
+
+    return after_round

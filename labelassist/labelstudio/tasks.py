@@ -18,7 +18,7 @@ from sqlalchemy import delete, select, update
 
 from ..db import Database, insert_ignoring_duplicates
 from ..db.models import Annotation, Image, LSDeletedTask, LSPrediction, LSTask, utcnow
-from ..queries import rows_in_chunks
+from ..db.queries import rows_in_chunks
 from .client import LabelStudioClient
 
 # Ids are Integer columns here (32 bits on PostgreSQL): a larger one names no task of ours.

@@ -64,7 +64,7 @@ def serve_secret(given: str | None, *, log=lambda line: None) -> str:
     and made again when a torn write left it empty)."""
     import secrets
 
-    from ..studio import read_or_make_secret
+    from ..labelstudio.studio import read_or_make_secret
 
     if given is not None:
         if len(given.strip()) < MIN_SECRET:

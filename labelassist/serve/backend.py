@@ -267,7 +267,7 @@ class Backend:
         """Ingest fetched files, predict them with this project's zero-shot version, and
         record their tasks as ours (so reviews of them count like any other)."""
         from ..ingest import ingest
-        from ..predict import predict_version
+        from ..predict.run import predict_version
 
         paths = {task: path for task, (path, _) in fetched.items()}
         ingest(self.db, sorted(set(paths.values())))
@@ -542,7 +542,7 @@ class Backend:
             return self._learn()
 
     def _learn(self) -> LearnRecord | None:
-        from ..learn import learn
+        from ..trust.learn import learn
         from ..labelstudio import push, resolve_image_source
 
         with self.db.read() as s:
@@ -588,7 +588,7 @@ class Backend:
     def auto_accept_share(self) -> float | None:
         """The share of this version's unreviewed predictions that `accept` would take: its
         own dry run. 0 when accept would refuse the reviews (and status says why)."""
-        from ..accept import BiasedSample, accept_trusted
+        from ..trust.accept import BiasedSample, accept_trusted
 
         name = self.status.model_version
         if name is None:

@@ -1,0 +1,2 @@
+"""What leaves labelassist: the audit report (report.py) and the exported dataset
+(export.py)."""

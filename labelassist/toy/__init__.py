@@ -1,0 +1,3 @@
+"""The toy world: pictures whose labels are known, and a small CLIP trained on them on a
+CPU and shipped with the code (world.py, `python -m labelassist.toy.world`), plus tiny
+random CLIP and SigLIP models for tests (tiny.py)."""
