@@ -19,7 +19,8 @@ from labelassist.cli import app
 from labelassist.labels import load_label_file
 from labelassist.db import open_database
 from labelassist.db.models import File
-from labelassist.trust.suggest import auc, load_vocabulary, spherical_kmeans
+from labelassist.trust.descriptions import auc, spherical_kmeans
+from labelassist.trust.vocabulary import load_vocabulary
 from labelassist.toy.world import COOL, WARM, write_images
 
 from .conftest import add_annotation

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from labelassist.toy import world as toyworld
 from labelassist.cli import app
+from labelassist.errors import ConfigError
 from labelassist.model.load import cpu_identity
+from labelassist.toy import world as toyworld
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "toyworld"
 
@@ -219,13 +220,29 @@ def test_stop_after_is_refused_where_it_would_mean_nothing(argv, message, monkey
 def test_ship_refuses_a_model_that_is_not_a_whole_run(tmp_path):
     """Only a whole run's weights may ship, with the digest of its first steps: a model
     stopped early, or trained before training.json existed, is refused before anything
-    in the package is touched."""
+    in the package is touched. The refusal is a ConfigError, so the Python API can catch
+    it; exiting is the command line's business."""
     shipped = (toyworld.SHIPPED / "manifest.json").read_text()
     model = tmp_path / "early"
     model.mkdir()
     (model / "training.json").write_text(json.dumps(
         {"steps": 1600, "seed": 0, "steps_done": 200, "prefix": {"steps": 200, "digest": "x"}}))
     for record in (model, tmp_path):  # stopped early; no training.json at all
-        with pytest.raises(SystemExit, match="is not a whole training run of 1600 steps"):
+        with pytest.raises(ConfigError, match="is not a whole training run of 1600 steps"):
             toyworld.ship(record, 1600, 0)
+    assert (toyworld.SHIPPED / "manifest.json").read_text() == shipped
+
+
+def test_ship_on_the_command_line_refuses_in_one_line_with_exit_1(tmp_path, monkeypatch,
+                                                                 capsys):
+    """The command line turns ship's ConfigError into its message on stderr and exit 1,
+    with no traceback, and the shipped weights untouched."""
+    shipped = (toyworld.SHIPPED / "manifest.json").read_text()
+    monkeypatch.setattr("sys.argv", ["python -m labelassist.toy.world", "ship", "--model",
+                                     str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        toyworld.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "is not a whole training run of 1600 steps" in err and "Traceback" not in err
     assert (toyworld.SHIPPED / "manifest.json").read_text() == shipped

@@ -255,8 +255,9 @@ def suggest(
     """
     from ..model.load import load_model
     from ..db.queries import resolve_version
-    from ..trust.suggest import load_vocabulary, store_suggestion, write_proposal
+    from ..trust.suggest import store_suggestion, write_proposal
     from ..trust.suggest import suggest as run_suggest
+    from ..trust.vocabulary import load_vocabulary
 
     database = open_db(db)
     base = resolve_version(database, version)
