@@ -217,7 +217,7 @@ def test_events_are_journaled_so_label_studio_down_loses_nothing(served, tmp_pat
         assert unreachable.event({"action": "ANNOTATION_CREATED", "task": {"id": task["id"]},
                                   "annotation": {"id": annotation, "task": task["id"]}}) == 1
     with pytest.raises(Exception):
-        unreachable.replay()
+        unreachable.journal.replay()
     with db.read() as s:
         journal = s.execute(select(ReviewEventRecord.tasks, ReviewEventRecord.attempts,
                                    ReviewEventRecord.last_error, ReviewEventRecord.done_at)
@@ -229,8 +229,8 @@ def test_events_are_journaled_so_label_studio_down_loses_nothing(served, tmp_pat
                for row in journal)
     assert served.count(Annotation) == 0
 
-    assert backend(live).replay() == 2  # Label Studio is back (or a restart)
-    assert backend(live).replay() == 0  # nothing left, nothing done twice
+    assert backend(live).journal.replay() == 2  # Label Studio is back (or a restart)
+    assert backend(live).journal.replay() == 0  # nothing left, nothing done twice
     with db.read() as s:
         stored = s.execute(select(Annotation.ls_annotation_id, Annotation.label)).all()
         assert s.scalar(select(func.count()).where(ReviewEventRecord.done_at.is_(None))) == 0

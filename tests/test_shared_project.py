@@ -265,7 +265,7 @@ def test_one_event_that_always_fails_is_set_aside_and_the_others_go_on(db, tmp_p
     """A task that Label Studio answers with 500 for ever: a server of the test's own (the
     real one cannot be made to), playing Label Studio for an in-process serve backend."""
     from labelassist.db.models import ReviewEventRecord
-    from labelassist.serve.backend import MAX_ATTEMPTS
+    from labelassist.serve.journal import MAX_ATTEMPTS
 
     from .hostile_server import JSON, HostileServer
 
@@ -288,11 +288,11 @@ def test_one_event_that_always_fails_is_set_aside_and_the_others_go_on(db, tmp_p
                        "annotation": {"id": 80, "task": 8}})
 
         for _ in range(MAX_ATTEMPTS):
-            backend.replay()
+            backend.journal.replay()
 
         assert [(a.ls_annotation_id, a.label) for a in live_reviews(db)] == [(80, "warm")]
-        assert backend.pending_events()[0] == []  # nothing left that would block
-        assert backend._count_waiting() == (0, 1)  # the 500 one, set aside
+        assert backend.journal.pending_events()[0] == []  # nothing left that would block
+        assert backend.journal.count_waiting() == (0, 1)  # the 500 one, set aside
         with db.read() as s:
             errors = s.scalars(select(ReviewEventRecord.last_error).where(
                 ReviewEventRecord.done_at.is_(None))).all()
@@ -343,7 +343,7 @@ def test_a_tasks_deleted_event_forgets_the_task_and_its_reviews(db, tmp_path):
                                 reviews=[90])
 
         assert backend.event({"action": "TASKS_DELETED", "tasks": [{"id": 9}]}) == 1
-        backend.replay()
+        backend.journal.replay()
 
         assert live_reviews(db) == []
         with db.read() as s:
@@ -362,8 +362,8 @@ def test_a_review_made_then_deleted_at_once_is_read_once_not_twenty_times(db, tm
         backend.event({"action": "ANNOTATION_CREATED", "task": {"id": 5},
                        "annotation": {"id": 50, "task": 5, "updated_at": "2026-12-06"}})
 
-        backend.replay()
+        backend.journal.replay()
 
         assert server.requests["/api/tasks/5"] == 1
         assert server.requests["/api/annotations/50"] == 1  # 404 here: deleted
-        assert backend.pending_events()[0] == []
+        assert backend.journal.pending_events()[0] == []
