@@ -54,7 +54,7 @@ class LabelSet:
         return [t.replace("{}", description) for t in self.templates]
 
     def fingerprint(self, model_id: str, revision: str) -> str:
-        """sha256 over everything that changes the predictions (DESIGN.md: model_version)."""
+        """sha256 over everything that changes the predictions (docs/design.md, "model_version")."""
         payload = json.dumps(
             {"model": model_id, "revision": revision,
              "classes": {k: list(v) for k, v in self.classes.items()},

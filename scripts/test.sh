@@ -13,7 +13,7 @@ fi
 export HF_HUB_OFFLINE=1
 # One pytest worker (pytest-xdist) per core, at most 4 (each starts its own Label Studio
 # when it runs a test that needs one): on the 2-core AVX512 EPYC the suite took 13 min
-# 33 s that way (15 min 32 s while it retrained the toy model whole; see README.md).
+# 33 s that way (15 min 32 s while it retrained the toy model whole; see benchmarks/RESULTS.md).
 # LABELASSIST_TEST_WORKERS=1 runs it in one process (easier to read when one test fails).
 workers="${LABELASSIST_TEST_WORKERS:-$(python -c 'import os; print(min(os.cpu_count() or 1, 4))')}"
 parallel=()

@@ -1,4 +1,4 @@
-"""The device boundary (README, "Devices"): every path runs with the model on an accelerator.
+"""The device boundary (docs/runtimes.md, "On a GPU"): every path runs with the model on an accelerator.
 
 On this CPU-only machine the accelerator is simulated by tests/elsewhere.py, which refuses
 every host/device mix-up that CUDA refuses. benchmarks/gpu_check.sh runs the same paths on

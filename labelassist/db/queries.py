@@ -60,7 +60,7 @@ def first_paths(session, image_ids) -> dict[int, str]:
 
 
 def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:
-    """The prediction record (README, "File formats"): path, sha256, label, confidence,
+    """The prediction record (docs/formats.md, "Prediction records"): path, sha256, label, confidence,
     margin, scores, model_version, similarity."""
     last_id = 0
     while True:

@@ -1,5 +1,6 @@
 """Start a local Label Studio wired for local files and an API token (`labelassist studio`,
-and the test session's server). Facts measured on Label Studio 1.23 are in DESIGN.md."""
+and the test session's server). Facts measured on Label Studio 1.23: docs/design.md,
+"Label Studio facts"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prompt set -> text classifier -> class probabilities (DESIGN.md, "Probabilities").
+"""Prompt set -> text classifier -> class probabilities (docs/design.md, "Probabilities").
 
 Each description gets one text embedding: the normalised mean of its templates'
 normalised embeddings (CLIP's prompt ensembling). Logits are logit_scale * cosine

@@ -1,4 +1,4 @@
-"""Render audits: JSON (fields: README, "File formats") and one self-contained HTML file (inline SVG
+"""Render audits: JSON (fields: docs/formats.md, "Report JSON") and one self-contained HTML file (inline SVG
 charts, embedded thumbnails, no network) from templates/report.html.j2."""
 
 from __future__ import annotations

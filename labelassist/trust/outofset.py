@@ -154,7 +154,7 @@ def flagged_first(db: Database, version: ModelVersion, bars: dict[str, ClassBar]
 def out_of_set_summary(db: Database, version: ModelVersion, reviews: Reviews | None = None
                        ) -> dict:
     """For the report: how many images are flagged, and what reviewers said of those they
-    saw. The JSON's `out_of_set` section (README, "File formats")."""
+    saw. The JSON's `out_of_set` section (docs/formats.md, "Report JSON")."""
     reviews = load_reviews(db) if reviews is None else reviews
     base = base_version(db, version)
     bars = class_bars(db, base, reviews)
