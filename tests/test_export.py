@@ -301,3 +301,41 @@ def test_full_disk_while_exporting_leaves_nothing_behind(reviewed_db, tmp_path):
         assert list(small.iterdir()) == []  # no OUT, no temp folder
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_include_auto_takes_its_thresholds_from_reviews_resolved_by_the_same_policy(
+        db, tiny_model, tmp_path):
+    """--resolve latest: the thresholds that decide the auto rows come from the latest
+    review of each image, as the exported labels do, not from the majority's."""
+    from datetime import datetime, timedelta, timezone
+
+    from labelassist.trust.audit import audit
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(40):
+        shape_image(i).save(photos / f"p{i:02d}.png")
+    ingest(db, [photos])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+    with db.read() as s:
+        preds = sorted(s.scalars(select(Prediction)).all(), key=lambda p: p.confidence)
+    old = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    n = 0
+    for rank, p in enumerate(preds[:30]):
+        # Two reviewers agree with the model; a third, later, disagrees on the less sure
+        # half: the majority keeps the model's label, the latest review does not.
+        later = "dog" if p.label == "cat" else "cat"
+        for label, when in ((p.label, old), (p.label, old), (later if rank < 15 else p.label,
+                                                          old + timedelta(days=1))):
+            add_annotation(db, p.image_id, label, n=n, when=when)
+            n += 1
+    options = dict(target_precision=0.9, min_support=2)
+    majority = audit(db, **options, policy="majority")[0].thresholds["per_class"]
+    latest = audit(db, **options, policy="latest")[0].thresholds["per_class"]
+    assert majority != latest  # the two policies do disagree here
+
+    plan = E.plan_export(db, include_auto=True, version=None, policy="latest",
+                         allow_biased_sample=True, **options)
+
+    assert plan.thresholds == {c: t["threshold"] for c, t in latest.items()
+                               if t["threshold"] is not None}

@@ -138,30 +138,31 @@ def plan_export(db: Database, *, include_auto: bool, version: str | None, policy
 
     reviews = load_reviews(db, policy)
     chosen = resolve_version(db, version)
+    zero_shot = base_version(db, chosen)  # looked up once
     if include_auto and not allow_biased_sample:
-        require_fair_sample(db, chosen, reviews)  # before anything is written
+        require_fair_sample(db, chosen, reviews, zero_shot)  # before anything is written
     with db.read() as s:
         versions = s.execute(select(ModelVersion.id, ModelVersion.name,
                                     ModelVersion.label_set)).all()
     classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
     labels = frozenset(classes | {h.label for h in reviews.labels.values()
                                   if h.label != OTHER or OTHER in classes})
-    thresholds = trust_thresholds(db, chosen.name, target_precision, min_support) \
+    thresholds = trust_thresholds(db, chosen, reviews, target_precision, min_support) \
         if include_auto else None
-    bars = class_bars(db, chosen, reviews) if include_auto else {}
+    bars = class_bars(db, chosen, reviews, zero_shot) if include_auto else {}
     return _Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
-                 thresholds, labels, base_version(db, chosen).id, bars)
+                 thresholds, labels, zero_shot.id, bars)
 
 
-def trust_thresholds(db: Database, version: str, target_precision: float,
+def trust_thresholds(db: Database, version: ModelVersion, reviews, target_precision: float,
                      min_support: int) -> dict[str, float]:
-    """Per class, the audited confidence above which unreviewed predictions are trusted."""
-    from ..trust.audit import audit
+    """Per class, the audited confidence above which unreviewed predictions are trusted,
+    from the reviews as this export resolves them (its --resolve policy)."""
+    from ..trust.audit import audit_version
 
-    try:
-        (result,) = audit(db, version, target_precision=target_precision,
-                          min_support=min_support)
-    except ConfigError:
+    result = audit_version(db, version, reviews, target_precision, min_support) \
+        if reviews.labels else None
+    if result is None:
         return {}  # nothing reviewed yet: no threshold can be trusted
     return {c: t["threshold"] for c, t in result.thresholds["per_class"].items()
             if t["threshold"] is not None}

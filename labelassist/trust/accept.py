@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
-from .audit import audit
+from .audit import audit_version, check_target
 from ..db import Database, insert_ignoring_duplicates
 from ..db.models import AutoAccept, ModelVersion, Prediction, utcnow
 from ..errors import ConfigError
@@ -55,20 +55,15 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
     write=False is a dry run: what accept would take (serve's status)."""
     version = resolve_version(db, version_name)
     reviews = load_reviews(db, policy)
+    zero_shot = base_version(db, version)  # looked up once, for the three uses below
     if not allow_biased_sample:
-        require_fair_sample(db, version, reviews)  # before the audit: a refusal is cheap
-    (result,) = audit(db, version.name, target_precision=target_precision,
-                      min_support=min_support, policy=policy)
-    summary = AcceptSummary(version.name)
-    for cls, t in result.thresholds["per_class"].items():
-        summary.thresholds[cls] = t["threshold"]
-        if t["threshold"] is None:
-            summary.reasons[cls] = t["reason"]
+        require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap: first
+    summary = _audited(db, version, reviews, target_precision, min_support)
     reviewed = set(reviews.labels) | reviews.skipped
     trusted = {c: t for c, t in summary.thresholds.items() if t is not None}
-    bars = class_bars(db, version, reviews)
+    bars = class_bars(db, version, reviews, zero_shot)
     base = aliased(Prediction)  # the zero-shot prediction whose similarity flags the image
-    base_id = base_version(db, version).id
+    base_id = zero_shot.id
     last = 0
     while True:  # in chunks, by id: a million predictions never sit in memory at once
         with db.read() as s:
@@ -97,10 +92,29 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
         summary.accepted.update(r["label"] for r in rows)
 
 
-def require_fair_sample(db: Database, version: ModelVersion, reviews) -> None:
+def _audited(db: Database, version: ModelVersion, reviews, target_precision: float,
+             min_support: int) -> AcceptSummary:
+    """The summary with each class's audited threshold (or the reason it has none), from
+    the reviews already loaded."""
+    check_target(target_precision)
+    result = audit_version(db, version, reviews, target_precision, min_support) \
+        if reviews.labels else None
+    if result is None:
+        raise ConfigError(f"no reviewed image has a prediction from {version.name}: "
+                          "review some of its tasks, then pull")
+    summary = AcceptSummary(version.name)
+    for cls, t in result.thresholds["per_class"].items():
+        summary.thresholds[cls] = t["threshold"]
+        if t["threshold"] is None:
+            summary.reasons[cls] = t["reason"]
+    return summary
+
+
+def require_fair_sample(db: Database, version: ModelVersion, reviews,
+                        base: ModelVersion | None = None) -> None:
     """Refuse to trust thresholds (accept, export --include-auto) set from reviews that the
     model chose: they can fail on the rest."""
-    bias = review_sample_bias(db, version, reviews)
+    bias = review_sample_bias(db, version, reviews, base)
     if bias and bias["biased"]:
         raise BiasedSample(
             f"the {bias['reviewed']:,} reviewed images are not a fair sample of the "
@@ -112,12 +126,13 @@ def require_fair_sample(db: Database, version: ModelVersion, reviews) -> None:
             "random sample too (push --order random), or pass --allow-biased-sample")
 
 
-def review_sample_bias(db: Database, version: ModelVersion, reviews) -> dict | None:
+def review_sample_bias(db: Database, version: ModelVersion, reviews,
+                       base: ModelVersion | None = None) -> dict | None:
     """Were the reviewed images chosen by the model? Compares the zero-shot margins (of the
     version itself, or of the zero-shot version a probe was learned from) of reviewed and
     unreviewed images with a rank test. Margins are counted in bins of 1e-4, a chunk at a
     time: memory stays flat. None when either side has under 10 images."""
-    base_id = base_version(db, version).id
+    base_id = (base or base_version(db, version)).id
     reviewed = np.fromiter(reviews.labels, dtype=np.int64)
     reviewed.sort()
     counts = np.zeros((2, BINS + 1), dtype=np.int64)  # row 1: reviewed

@@ -148,11 +148,15 @@ class VersionAudit:
         return asdict(self)
 
 
+def check_target(target_precision: float) -> None:
+    if not 0 < target_precision <= 1:
+        raise ConfigError("--target-precision must be in (0, 1], e.g. 0.99")
+
+
 def audit(db: Database, version: str | None = None, *, target_precision: float = 0.99,
           min_support: int = DEFAULT_MIN_SUPPORT, policy: str = "majority") -> list[VersionAudit]:
     """One audit per model_version with reviewed predictions (or just `version`)."""
-    if not 0 < target_precision <= 1:
-        raise ConfigError("--target-precision must be in (0, 1], e.g. 0.99")
+    check_target(target_precision)
     reviews = load_reviews(db, policy)
     if not reviews.labels:
         raise ConfigError("no reviewed images yet: push to Label Studio, review some tasks, "

@@ -63,10 +63,11 @@ def base_version(db: Database, version: ModelVersion) -> ModelVersion:
         return s.scalars(select(ModelVersion).where(ModelVersion.name == name)).one()
 
 
-def class_bars(db: Database, version: ModelVersion, reviews: Reviews | None = None
-               ) -> dict[str, ClassBar]:
-    """Per class of the zero-shot base, the similarity below which it flags."""
-    base = base_version(db, version)
+def class_bars(db: Database, version: ModelVersion, reviews: Reviews | None = None,
+               base: ModelVersion | None = None) -> dict[str, ClassBar]:
+    """Per class of the zero-shot base (`base`: already looked up), the similarity below
+    which it flags."""
+    base = base or base_version(db, version)
     reviews = load_reviews(db) if reviews is None else reviews
     classes = list(base.label_set["classes"])
     with db.read() as s:
