@@ -1,7 +1,14 @@
 """The `labelassist` command: one thin command per verb (parse, call core, print).
 
 Shared here: the app, error handling, progress bars and common options. The verbs live
-in labeling.py, review.py, outputs.py and db.py, grouped by the user's task."""
+in a module per stage, imported at the bottom in --help order:
+  ingesting.py    init, ingest, status
+  predicting.py   predict, runtimes, predictions, worker, run
+  outputs.py      report, export
+  labelstudio.py  push, pull, studio
+  trust.py        learn, suggest, accept
+  serving.py      serve
+  db.py           db migrate-to"""
 
 from __future__ import annotations
 
@@ -42,11 +49,12 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Hub id or local directory of a CLIP-family model. Default: the "
     "label file's 'model', else $LABELASSIST_MODEL, else the workspace's, else "
     f"{DEFAULT_MODEL}.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")]
 
 
 WORKSPACE_HELP = ("Run inside a workspace (`labelassist init`: a labelassist.toml found by "
                   "walking up from here) and --db, --labels, --model, --ls-url and --ls-root "
-                  "default to what it records. File formats: the README's 'File formats'.")
+                  "default to what it records. File formats: docs/formats.md.")
 workspace = None  # the labelassist.toml in force for this command, if any
 
 
@@ -311,4 +319,4 @@ def resolve_model_id(model, label_set=None) -> str:
 
 
 # Register the verbs (in --help order).
-from . import db, labeling, outputs, review  # noqa: E402,F401
+from . import ingesting, predicting, outputs, labelstudio, trust, serving, db  # noqa: E402,F401

@@ -12,6 +12,12 @@ from rich.table import Table
 from ..labels import DEFAULT_DB
 from . import DbOpt, VersionOpt, command, err, open_db, progress_bar
 
+ResolveOpt = Annotated[str, typer.Option(
+    help="When annotators disagree: majority (ties go to the latest) or latest.")]
+ExportFormatOpt = Annotated[str, typer.Option(
+    help="imagefolder (OUT/<split>/<class>/<file>), csv or jsonl (manifests only), hf (loads "
+    "with datasets.load_dataset('imagefolder', data_dir=OUT)).")]
+
 
 @command()
 def report(
@@ -26,8 +32,7 @@ def report(
                                                     "its trust threshold.")] = 0.99,
     min_support: Annotated[int, typer.Option(min=1, help="Reviews a threshold needs before "
                                              "it is trusted.")] = 30,
-    resolve: Annotated[str, typer.Option(help="When annotators disagree: majority (ties "
-                                         "go to the latest) or latest.")] = "majority",
+    resolve: ResolveOpt = "majority",
 ) -> None:
     """Audit model-human agreement per model_version: accuracy, Cohen's kappa, per-class
     precision/recall/F1, confusion matrix, calibration (ECE), the confidence above which
@@ -36,17 +41,32 @@ def report(
 
     Example: labelassist report --html audit.html --json audit.json
     """
+    from ..outputs.report import write_html, write_json
     from ..trust.audit import audit
-    from ..trust.outofset import out_of_set_sections
-    from ..outputs.report import learning_sections, write_html, write_json
-    from ..predict import describe_choice, runtime_sections
-    from ..trust.replay import session_sections
-    from ..trust.suggest import suggestion_sections
 
     database = open_db(db)
     audits = audit(database, version, target_precision=target_precision,
                    min_support=min_support, policy=resolve)
-    sections = {
+    sections = report_sections(database, audits, target_precision, min_support, resolve)
+    print_report(Console(highlight=False, soft_wrap=True, stderr=json_out == "-"), audits,
+                 sections)
+    if json_out:
+        write_json(audits, json_out, sections)
+    if html:
+        write_html(audits, html, sections)
+        err.print(f"wrote {html}", markup=False)
+
+
+def report_sections(database, audits, target_precision, min_support, resolve) -> dict:
+    """The report's sections beside the audits: learning, the replayed session,
+    suggestions, out of set and runtimes."""
+    from ..outputs.report import learning_sections
+    from ..predict import runtime_sections
+    from ..trust.outofset import out_of_set_sections
+    from ..trust.replay import session_sections
+    from ..trust.suggest import suggestion_sections
+
+    return {
         "learning": learning_sections(database),
         "session": session_sections(database, target_precision=target_precision,
                                     min_support=min_support, policy=resolve),
@@ -54,7 +74,11 @@ def report(
         "out_of_set": out_of_set_sections(database, [a.model_version for a in audits],
                                           policy=resolve),
         "runtimes": runtime_sections(database, [a.model_version for a in audits])}
-    out = Console(highlight=False, soft_wrap=True, stderr=json_out == "-")
+
+
+def print_report(out: Console, audits, sections: dict) -> None:
+    from ..predict import describe_choice
+
     for a in audits:
         print_audit(out, a)
     for flagged in sections["out_of_set"]:
@@ -65,11 +89,6 @@ def report(
         print_session(out, section)
     for found in sections["suggestions"]:
         print_suggestion(out, found)
-    if json_out:
-        write_json(audits, json_out, sections)
-    if html:
-        write_html(audits, html, sections)
-        err.print(f"wrote {html}", markup=False)
 
 
 def print_out_of_set(out: Console, flagged: dict) -> None:
@@ -139,10 +158,7 @@ def print_audit(out: Console, a) -> None:
 def export(
     out: Annotated[Path, typer.Argument(help="Folder to create (it must not exist, unless "
                                         "--overwrite).")],
-    format: Annotated[str, typer.Option(help="imagefolder (OUT/<split>/<class>/<file>), csv "
-                                        "or jsonl (manifests only), hf (loads with "
-                                        "datasets.load_dataset('imagefolder', data_dir=OUT)).")]
-    = "imagefolder",
+    format: ExportFormatOpt = "imagefolder",
     db: DbOpt = DEFAULT_DB,
     include_auto: Annotated[bool, typer.Option(help="Also export unreviewed predictions whose "
                                                "confidence clears their class's trust "
@@ -152,8 +168,7 @@ def export(
     seed: Annotated[int, typer.Option(help="Split seed: same seed, same split for the same "
                                       "content, whatever else is added.")] = 0,
     link: Annotated[str, typer.Option(help="copy, hardlink or symlink the images.")] = "copy",
-    resolve: Annotated[str, typer.Option(help="When annotators disagree: majority (ties go "
-                                         "to the latest) or latest.")] = "majority",
+    resolve: ResolveOpt = "majority",
     version: VersionOpt = None,
     target_precision: Annotated[float, typer.Option(help="With --include-auto: precision a "
                                                     "class threshold must reach.")] = 0.99,
@@ -178,6 +193,10 @@ def export(
                              target_precision=target_precision, min_support=min_support,
                              overwrite=overwrite, on_progress=on_progress,
                              allow_biased_sample=allow_biased_sample)
+    print_export_summary(summary)
+
+
+def print_export_summary(summary) -> None:
     splits = sorted({s for c in summary.per_class_split.values() for s in c},
                     key=["train", "validation", "test"].index)
     table = Table("class", *splits, "total")
@@ -192,5 +211,3 @@ def export(
         example = summary.excluded_examples.get(reason)
         out_console.print(f"  left out: {n:,} {reason}" + (f" (e.g. {example})" if example
                                                             else ""), markup=False)
-
-

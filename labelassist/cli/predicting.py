@@ -1,4 +1,5 @@
-"""Verbs that turn folders into predictions: ingest, predict, run, worker, status."""
+"""Verbs that turn ingested images into predictions: predict, runtimes, predictions,
+worker, run."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..labels import DEFAULT_DB, LABEL_FILE_HELP, load_label_file
 from ..errors import ConfigError
 from . import (
     DbOpt,
+    DeviceOpt,
     LabelsOpt,
     LsTokenOpt,
     LsRootOpt,
@@ -28,6 +28,7 @@ from . import (
     progress_bar,
     resolve_model_id,
 )
+from .ingesting import print_ingest_summary
 
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
     min=1, help="Images per forward pass (default: 256 on CUDA, 64 on MPS, 32 on a CPU).")]
@@ -38,6 +39,13 @@ DecodeWorkersOpt = Annotated[Optional[int], typer.Option(
     min=1, help="Decode threads or processes (default: all cores but one for processes, "
     "up to 4 threads).")]
 
+DtypeOpt = Annotated[str, typer.Option(
+    help="auto: on a GPU bf16 where supported; on a CPU the fastest runtime measured to "
+    "agree with fp32 on this workspace's images (see `labelassist runtimes`). Or force one: "
+    "fp32, bf16, int8 (torch, dynamic), ov-bf16 or ov-int8 (OpenVINO, CPU: pip install "
+    "'labelassist[openvino]').")]
+DtypeBriefOpt = Annotated[str, typer.Option(
+    help="auto, fp32, bf16, int8, ov-bf16 or ov-int8 (see predict).")]
 
 def predict_options(batch_size, feed, decode_workers, exact):
     from ..predict.feed import check_feed
@@ -46,170 +54,6 @@ def predict_options(batch_size, feed, decode_workers, exact):
     check_feed(feed)  # before the model loads
     return PredictOptions(batch_size=batch_size, feed=feed, decode_workers=decode_workers,
                           exact=exact)
-
-
-@command()
-def init(
-    folder: Annotated[Path, typer.Argument(help="The workspace folder (made if missing).")] =
-    Path("."),
-    labels: Annotated[Optional[Path], typer.Option(
-        "--labels", "-l", help="Label file that predict, run and learn use.")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="Hub id or local folder of the model.")] = None,
-    db: Annotated[Optional[str], typer.Option(
-        help="Database: a file or a URL. Default: labelassist.db in the workspace.")] = None,
-    root: Annotated[Optional[Path], typer.Option(
-        help="Folder Label Studio serves the images from (studio --root, push --ls-root). "
-        "Default: the workspace folder.")] = None,
-    ls_url: Annotated[Optional[str], typer.Option(
-        help="Label Studio URL (labelassist studio records its own).")] = None,
-) -> None:
-    """Make FOLDER a workspace: write FOLDER/labelassist.toml, which records the database,
-    label file, model and image root. Every command run in FOLDER or below it then needs
-    no --db, --labels, --model or --ls-root (a flag or an env var still wins).
-    `labelassist studio` run there records its URL and where its token is kept, so push
-    and pull need no flags either. Run init again to change one setting; the rest stay.
-
-    Example: labelassist init . --labels labels.toml --model openai/clip-vit-base-patch32
-    """
-    from ..workspace import FILE_NAME, load_workspace, relative_to, save_workspace
-
-    folder = folder.absolute()
-    existing = (folder / FILE_NAME).is_file()
-    settings = load_workspace(folder / FILE_NAME).settings if existing else \
-        {"db": "labelassist.db", "root": "."}
-    if labels is not None:
-        load_label_file(labels)  # a mistake is reported now, not at the first predict
-        settings["labels"] = relative_to(folder, labels)
-    if model is not None:
-        settings["model"] = relative_to(folder, Path(model)) if Path(model).exists() else model
-    if db is not None:
-        settings["db"] = db if "://" in db else relative_to(folder, Path(db).absolute())
-    if root is not None:
-        settings["root"] = relative_to(folder, root)
-    if ls_url is not None:
-        settings["ls_url"] = ls_url
-    ws = save_workspace(folder, settings)
-    err.print(f"{'updated' if existing else 'wrote'} {ws.file}:", markup=False)
-    for key, value in ws.settings.items():
-        err.print(f"  {key} = {value}", markup=False)
-    err.print(f"Commands run in {ws.folder} (or below it) now use these settings.",
-              markup=False)
-
-
-@command()
-def ingest(
-    dirs: Annotated[list[Path], typer.Argument(help="Folders (or files) to register.")],
-    db: DbOpt = DEFAULT_DB,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels "
-                                            "than this (decompression bombs).")] = 178_956_970,
-    workers: Annotated[Optional[int], typer.Option(
-        min=1, help="Files checked in parallel (default: the cores; worker processes from "
-        "2,000 files on).")] = None,
-) -> None:
-    """Register the images under DIRS: path, content hash, size, dimensions, mtime.
-
-    Re-running does nothing for unchanged files and re-registers changed ones. The
-    same content under two paths is one image (predicted and reviewed once).
-    Unreadable files are recorded with their reason and never stop the run.
-
-    Example: labelassist ingest photos/ more_photos/
-    """
-    from ..ingest import ingest as run_ingest
-
-    database = open_db(db, create=True)
-    with progress_bar("ingest", unit="files") as on_progress:
-        summary = run_ingest(database, dirs, max_pixels=max_pixels, workers=workers,
-                             on_progress=on_progress)
-    print_ingest_summary(summary)
-
-
-def print_ingest_summary(summary) -> None:
-    err.print(f"{summary.seen:,} files: {summary.added:,} added, {summary.duplicates:,} "
-              f"duplicates of known content, {summary.unchanged:,} unchanged, "
-              f"{summary.changed:,} changed, {summary.error_count:,} errors", markup=False)
-    for reason, count in summary.errors.most_common():
-        example = summary.error_examples.get(reason)
-        err.print(f"  {reason}: {count:,}" + (f" (e.g. {example})" if example else ""),
-                  markup=False)
-
-
-@command()
-def status(db: DbOpt = DEFAULT_DB) -> None:
-    """Counts per state: files, images, errors, predictions per model_version, workers.
-
-    Example: labelassist status --db sqlite:///labelassist.db
-    """
-    from ..predict import describe_choice, version_choice
-    from ..db.status import workspace_status
-
-    from . import workspace
-
-    database = open_db(db)
-    s = workspace_status(database)
-    out = Console(highlight=False, soft_wrap=True)
-    if workspace is not None:
-        out.print(f"workspace: {workspace.file}", markup=False)
-    out.print(f"files: {s.files:,}   images: {s.images:,}", markup=False)
-    for title, errors in (("file errors", s.file_errors), ("image errors", s.image_errors)):
-        if errors:
-            out.print(f"{title}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(errors.items())),
-                      markup=False)
-    if s.versions:
-        table = Table("model_version", "predicted", "pending", "auto-accepted")
-        for v in s.versions:
-            table.add_row(v.name, f"{v.predicted:,}", f"{v.pending:,}", f"{v.auto_accepted:,}")
-        out.print(table)
-        for v in s.versions:
-            choice = version_choice(database, v.name)
-            if choice:
-                out.print(f"{v.name} runs on {describe_choice(choice)}", markup=False)
-    if s.versions or s.workers:
-        out.print(f"pushed to Label Studio: {s.versions[0].pushed if s.versions else 0:,}   "
-                  f"reviewed: {s.versions[0].reviewed if s.versions else 0:,}", markup=False)
-    out.print(f"active workers: {len(s.workers)}", markup=False)
-    print_serve_status(out, db)
-    for w in s.workers:
-        out.print(f"  worker {w['id']} on {w['host']} pid {w['pid']}: {w['claims']} claimed, "
-                  f"heartbeat {w['heartbeat_at']:%H:%M:%S}", markup=False)
-
-
-def print_serve_status(out: Console, db: str) -> None:
-    """What `labelassist serve` reported last (it keeps a JSON file beside the ledger)."""
-    from ..serve import status_file_for
-
-    path = status_file_for(db)
-    try:
-        s = json.loads(path.read_text()) if path is not None else None
-    except (OSError, ValueError):
-        return
-    if not s:
-        return
-    state = "running" if s.get("running") else "stopped"
-    out.print(f"serve ({state}, {s['updated_at']}): project {s['project']!r}, showing "
-              f"{s['model_version']}; {s['reviews_recorded']:,} reviews recorded live, "
-              f"{s['predictions_served']:,} predictions served, {s['images_fetched']:,} "
-              "images fetched", markup=False)
-    if s.get("events_waiting"):
-        out.print(f"  {s['events_waiting']:,} review events journaled and not yet stored "
-                  f"(Label Studio unreachable?): {(s.get('errors') or ['?'])[-1]}",
-                  markup=False)
-    if s.get("events_set_aside"):
-        out.print(f"  {s['events_set_aside']:,} review events set aside after failing "
-                  "again and again while Label Studio answered (their reviews arrive with "
-                  "the next `labelassist pull`)", markup=False)
-    learned = s.get("last_learn")
-    if learned:
-        share = s.get("auto_accept_share")
-        out.print(f"  last learn {learned['at']} on {learned['reviews']:,} reviews: "
-                  f"probe {learned['probe_accuracy']:.1%} against zero-shot "
-                  f"{learned['zero_shot_accuracy']:.1%} (cross-validated); "
-                  + (f"{learned['stored_version']} sent to Label Studio"
-                     if learned["stored_version"] else "zero-shot kept")
-                  + (f"; accept would now take {share:.0%} of the rest"
-                     if share is not None else ""), markup=False)
-        if s.get("accept_refused"):
-            out.print(f"  accept refuses: {s['accept_refused']}", markup=False)
 
 
 PREDICT_HELP = """Classify every ingested image that has no prediction for this model_version.
@@ -238,15 +82,8 @@ def predict(
     db: DbOpt = DEFAULT_DB,
     model: ModelOpt = None,
     batch_size: BatchSizeOpt = None,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
-    "auto",
-    dtype: Annotated[str, typer.Option(help="auto: on a GPU bf16 where supported; on a CPU the "
-                                       "fastest runtime measured to agree with fp32 on this "
-                                       "workspace's images (see `labelassist runtimes`). Or "
-                                       "force one: fp32, bf16, int8 (torch, dynamic), ov-bf16 "
-                                       "or ov-int8 (OpenVINO, CPU: pip install "
-                                       "'labelassist[openvino]').")]
-    = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     exact: Annotated[bool, typer.Option("--exact", help="The reference path: fp32 and full "
                                         "decoding of every JPEG (slower).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: all cores).")]
@@ -433,10 +270,8 @@ def worker(
     db: DbOpt = DEFAULT_DB,
     model: ModelOpt = None,
     batch_size: BatchSizeOpt = None,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
-    "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16, int8, ov-bf16 or ov-int8 (see "
-                                       "predict).")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeBriefOpt = "auto",
     feed: FeedOpt = "auto",
     decode_workers: DecodeWorkersOpt = None,
     poll: Annotated[float, typer.Option(help="Seconds to wait when there is no work.")] = 5.0,
@@ -453,9 +288,6 @@ def worker(
 
     Example: labelassist worker --db postgresql+psycopg://host/labels -l labels.toml --push
     """
-    import signal
-    import threading
-
     from ..model.load import load_model
     from ..predict.workers import run_worker
 
@@ -464,6 +296,21 @@ def worker(
     model_id = resolve_model_id(model, label_sets[0] if label_sets else None)
     database = open_db(db, create=True)  # others may ingest while it waits for work
     loaded = load_model(model_id, device=device, dtype=dtype)
+    stop = stop_on_signals()
+    after_round = push_each_round(database, ls_url, ls_token, ls_root) if push else None
+    err.print(f"worker on {loaded.model_key}: waiting for work (Ctrl-C to stop)", markup=False)
+    stats = run_worker(database, loaded, label_sets, stop, options=options, poll_seconds=poll,
+                       after_round=after_round)
+    err.print(f"worker stopped: {stats.predicted:,} predicted in {stats.rounds} rounds"
+              + "".join(f"; {v}: {n:,}" for v, n in stats.per_version.items()), markup=False)
+
+
+def stop_on_signals():
+    """An event that the first SIGTERM or Ctrl-C sets (the worker finishes the batch in
+    flight); a second one stops at once."""
+    import signal
+    import threading
+
     stop = threading.Event()
 
     def request_stop(signum, _frame):
@@ -474,21 +321,18 @@ def worker(
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    after_round = None
-    if push:
-        from ..labelstudio import resolve_image_source
-        from ..labelstudio.push import push_after_rounds
+    return stop
 
-        client = ls_client(ls_url, ls_token)
-        after_round = push_after_rounds(
-            database, client, resolve_image_source("auto", ls_root, client.conn.url),
-            log=lambda line: err.print(line, markup=False))
-    err.print(f"worker on {loaded.model_key}: waiting for work (Ctrl-C to stop)", markup=False)
-    stats = run_worker(database, loaded, label_sets, stop,
-                  options=options, poll_seconds=poll,
-                  after_round=after_round)
-    err.print(f"worker stopped: {stats.predicted:,} predicted in {stats.rounds} rounds"
-              + "".join(f"; {v}: {n:,}" for v, n in stats.per_version.items()), markup=False)
+
+def push_each_round(database, ls_url, ls_token, ls_root):
+    """worker --push: after each round, push its new predictions to Label Studio."""
+    from ..labelstudio import resolve_image_source
+    from ..labelstudio.push import push_after_rounds
+
+    client = ls_client(ls_url, ls_token)
+    return push_after_rounds(
+        database, client, resolve_image_source("auto", ls_root, client.conn.url),
+        log=lambda line: err.print(line, markup=False))
 
 
 @command(name="run")
@@ -498,10 +342,8 @@ def run_all(
     db: DbOpt = DEFAULT_DB,
     model: ModelOpt = None,
     batch_size: BatchSizeOpt = None,
-    device: Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")] =
-    "auto",
-    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16, int8, ov-bf16 or ov-int8 (see "
-                                       "predict).")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeBriefOpt = "auto",
     exact: Annotated[bool, typer.Option("--exact", help="fp32 and full JPEG decoding.")] =
     False,
     feed: FeedOpt = "auto",
@@ -519,5 +361,4 @@ def run_all(
     with progress_bar("ingest", unit="files") as on_progress:
         print_ingest_summary(run_ingest(database, dirs, on_progress=on_progress))
     print_predict_summary(run_predict(db, labels, model, options, device, dtype, None))
-
 

@@ -1,0 +1,188 @@
+"""Verbs that learn from the reviews and decide what to trust: learn, suggest, accept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..labels import DEFAULT_DB
+from . import DbOpt, ModelOpt, VersionOpt, command, open_db
+
+ResolveBriefOpt = Annotated[str, typer.Option(help="majority or latest (see report).")]
+
+
+def zero_shot_version(database, version):
+    """The zero-shot model_version that --version names (default: the newest)."""
+    from ..db.queries import resolve_version
+    from ..errors import ConfigError
+
+    base = resolve_version(database, version)
+    if base.kind != "zeroshot":
+        raise ConfigError(f"{base.name} is a {base.kind}; pass --version with a zero-shot one")
+    return base
+
+
+@command()
+def learn(
+    db: DbOpt = DEFAULT_DB,
+    version: Annotated[Optional[str], typer.Option(
+        help="Zero-shot model_version to improve (default: the newest with predictions).")]
+    = None,
+    model: ModelOpt = None,
+    resolve: ResolveBriefOpt = "majority",
+    store: Annotated[bool, typer.Option(help="Store the probe's predictions when it beats "
+                                        "zero-shot.")] = True,
+) -> None:
+    """Fit a linear probe on the stored embeddings of reviewed images, anchored to the
+    zero-shot classifier so it is never worse with few reviews. Its accuracy is estimated
+    by cross-validation next to zero-shot's on the same reviews; when it wins, its
+    predictions for every unreviewed image are stored as a new model_version
+    (probe@<hash>), ready to push. Runs in seconds: nothing is decoded or encoded.
+
+    Example: labelassist learn && labelassist push --version probe@1a2b3c4d
+    """
+    from ..trust.learn import learn as run_learn
+    from ..model.load import load_model
+
+    database = open_db(db)
+    base = zero_shot_version(database, version)
+    loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
+    print_learn_summary(run_learn(database, loaded, base, policy=resolve, store=store), store)
+
+
+def print_learn_summary(s, store: bool) -> None:
+    out = Console(highlight=False, soft_wrap=True)
+    chosen = "zero-shot kept: no probe beat it" if s.chosen_lambda is None \
+        else f"lambda {s.chosen_lambda:g}"
+    out.print(f"{s.base_version}: {s.reviews:,} reviews; cross-validated accuracy: zero-shot "
+              f"{s.zero_shot_accuracy:.1%}, probe {s.probe_accuracy:.1%} ({chosen}); "
+              f"temperature {s.temperature:.2f}, ECE {s.ece_before:.3f} -> {s.ece_after:.3f}",
+              markup=False)
+    if s.stored_version:
+        out.print(f"stored {s.stored_predictions:,} predictions as {s.stored_version}: "
+                  f"labelassist push --version {s.stored_version}", markup=False)
+    elif not store:
+        out.print("--no-store: nothing stored", markup=False)
+    else:
+        out.print("the probe does not beat zero-shot on held-out reviews: nothing stored",
+                  markup=False)
+    if s.label_issues:
+        out.print(f"{len(s.label_issues)} human labels worth a second look (see report)",
+                  markup=False)
+
+
+@command()
+def suggest(
+    db: DbOpt = DEFAULT_DB,
+    version: Annotated[Optional[str], typer.Option(
+        help="Zero-shot model_version whose descriptions to improve (default: the newest "
+        "with predictions).")] = None,
+    vocabulary: Annotated[Optional[str], typer.Option(
+        help="Candidate descriptions: a file with one a line, or a shipped one: imagenet "
+        "(the 1,000 ImageNet class names) or toyworld. Default: toyworld for the toy "
+        "model, else imagenet. The current descriptions are always candidates too.")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the proposed label file.")] =
+    Path("proposed.toml"),
+    model: ModelOpt = None,
+    resolve: ResolveBriefOpt = "majority",
+) -> None:
+    """Propose better class descriptions from the reviews, and prove them first.
+
+    For each class, the stored embeddings of its reviewed images fall into a few modes;
+    for each mode, the candidate description that best picks it out against the other
+    classes' images is proposed (the seed's lesson: a class described by its members
+    beats a vague description). The whole procedure is cross-validated on the reviews,
+    and a label file is written only when it gains on every fold. Nothing is re-encoded.
+
+    Example: labelassist suggest --vocabulary words.txt  (then: predict --labels proposed.toml)
+    """
+    from ..model.load import load_model
+    from ..trust.suggest import store_suggestion, write_proposal
+    from ..trust.suggest import suggest as run_suggest
+    from ..trust.vocabulary import load_vocabulary
+
+    database = open_db(db)
+    base = zero_shot_version(database, version)
+    words = load_vocabulary(vocabulary, base.model_id)
+    loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
+    s = run_suggest(database, loaded, base, words, policy=resolve)
+    print_suggest_accuracy(s)
+    if s.proposed is not None:
+        write_proposal(s, out, model or base.model_id)
+    store_suggestion(database, base, s, out.absolute() if s.proposed is not None else None)
+    print_proposal(s, out)
+
+
+def print_suggest_accuracy(s) -> None:
+    """Held-out accuracy and recall per class, now and with the proposed descriptions."""
+    if not s.folds:
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"{s.version}: {s.reviews:,} reviews, {s.vocabulary:,} candidate "
+              f"descriptions; held-out accuracy: current {s.current_accuracy:.1%}, "
+              f"proposed {s.proposed_accuracy:.1%} "
+              f"({sum(f['proposed'] > f['current'] for f in s.folds)} of "
+              f"{len(s.folds)} folds gain)", markup=False)
+    for cls, r in s.recall.items():
+        out.print(f"  recall {cls}: {r['current']:.1%} -> {r['proposed']:.1%} "
+                  f"({r['reviews']} reviews)", markup=False)
+
+
+def print_proposal(s, path: Path) -> None:
+    """What the proposed label file adds and retires, and how to adopt it."""
+    out = Console(highlight=False, soft_wrap=True)
+    if s.proposed is None:
+        out.print(f"no proposal: {s.reason}", markup=False)
+        return
+    for a in s.additions:
+        out.print(f"  {a.cls} += {a.description!r}: picks out {a.covers} reviewed "
+                  f"images (AUC {a.auc:.2f})", markup=False)
+    for cls, description in s.retired:
+        out.print(f"  {cls} -= {description!r}: the reviews fit better without it",
+                  markup=False)
+    out.print(f"wrote {path} ({'added to' if s.mode == 'add' else 'in place of'} "
+              f"the current descriptions); adopt it with: labelassist predict "
+              f"--labels {path}", markup=False)
+
+
+@command()
+def accept(
+    db: DbOpt = DEFAULT_DB,
+    target_precision: Annotated[float, typer.Option(help="Precision each class's threshold "
+                                                    "must reach on the reviews.")] = 0.99,
+    version: VersionOpt = None,
+    min_support: Annotated[int, typer.Option(min=1, help="Reviews each class's threshold "
+                                             "must rest on.")] = 30,
+    resolve: ResolveBriefOpt = "majority",
+    allow_biased_sample: Annotated[bool, typer.Option(
+        "--allow-biased-sample", help="Accept even when the reviewed images are not a fair "
+        "sample of the rest (reviewed in uncertainty order), where thresholds may not "
+        "hold.")] = False,
+) -> None:
+    """Mark unreviewed predictions as auto-accepted where their class's audited threshold
+    says they can be trusted. They are recorded with provenance (source 'auto' in the
+    export) and Label Studio is never told: nothing is passed off as human work. Images
+    that match none of the classes well (out of set) are never accepted.
+
+    Example: labelassist accept --target-precision 0.99 && labelassist export out/ --include-auto
+    """
+    from ..trust.accept import accept_trusted
+
+    s = accept_trusted(open_db(db), version, target_precision=target_precision,
+                       min_support=min_support, policy=resolve,
+                       allow_biased_sample=allow_biased_sample)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"{s.model_version}: {sum(s.accepted.values()):,} predictions auto-accepted at "
+              f"{target_precision:.1%} target precision", markup=False)
+    for cls, threshold in s.thresholds.items():
+        if threshold is None:
+            out.print(f"  {cls}: none ({s.reasons[cls]})", markup=False)
+        else:
+            out.print(f"  {cls}: {s.accepted[cls]:,} at confidence >= {threshold:.3f}",
+                      markup=False)
+    if s.out_of_set:
+        out.print(f"  {s.out_of_set:,} unreviewed images match none of the classes well (out "
+                  "of set): never accepted; push sends them to reviewers first", markup=False)
