@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 from sqlalchemy import select
@@ -35,6 +36,22 @@ def resolve_version(db: Database, name: str | None = None) -> ModelVersion:
 IN_CHUNK = 10_000
 
 
+def keyset_pages(db: Database, query, key, *, size: int = 5000,
+                 stop: threading.Event | None = None) -> Iterator[list]:
+    """The rows of `query`, a page at a time in the order of `key` (an id column, which
+    each row must hold first), each page read in its own short session: memory stays flat
+    whatever the ledger's size, and no read stays open across the caller's work on a page.
+    `stop` ends it between pages."""
+    last = 0
+    while stop is None or not stop.is_set():
+        with db.read() as session:
+            rows = session.execute(query.where(key > last).order_by(key).limit(size)).all()
+        if not rows:
+            return
+        last = rows[-1][0]
+        yield rows
+
+
 def rows_in_chunks(session, make_query, ids, *, scalars: bool = False) -> list:
     """Run make_query(chunk) for each chunk of `ids` (an IN list) and gather the rows."""
     ids = list(ids)
@@ -62,19 +79,14 @@ def first_paths(session, image_ids) -> dict[int, str]:
 def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:
     """The prediction record (docs/formats.md, "Prediction records"): path, sha256, label, confidence,
     margin, scores, model_version, similarity."""
-    last_id = 0
-    while True:
+    query = (select(Prediction.id, Prediction, Image.sha256)
+             .join(Image, Image.id == Prediction.image_id)
+             .where(Prediction.model_version_id == version.id))
+    for rows in keyset_pages(db, query, Prediction.id, size=chunk):
         with db.read() as session:
-            rows = session.execute(
-                select(Prediction, Image.sha256).join(Image, Image.id == Prediction.image_id)
-                .where(Prediction.model_version_id == version.id, Prediction.id > last_id)
-                .order_by(Prediction.id).limit(chunk)).all()
-            if not rows:
-                return
-            paths = first_paths(session, [p.image_id for p, _ in rows])
-        for prediction, sha in rows:
+            paths = first_paths(session, [p.image_id for _, p, _ in rows])
+        for _, prediction, sha in rows:
             yield {"path": paths.get(prediction.image_id), "sha256": sha,
                    "label": prediction.label, "confidence": prediction.confidence,
                    "margin": prediction.margin, "scores": prediction.scores,
                    "model_version": version.name, "similarity": prediction.similarity}
-        last_id = rows[-1][0].id

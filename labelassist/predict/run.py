@@ -34,6 +34,7 @@ from ..db.claims import (
 from ..labels import LabelSet
 from ..db import Database, insert_ignoring_duplicates, retrying
 from ..db.models import Embedding, File, Image, ModelVersion, Prediction, utcnow
+from ..db.queries import keyset_pages
 from .feed import Batch, Job, decoded_batches, plan_feed
 from ..images import DEFAULT_MAX_PIXELS
 from ..model.load import LoadedModel
@@ -188,19 +189,13 @@ class Run:
         """Predictions stored before the ledger kept their similarity (revision 0007) are
         never flagged out of set: measure them from their stored embeddings (nothing is
         decoded), a chunk at a time."""
-        last = 0
-        while not self.stop.is_set():
-            with self.db.read() as session:
-                rows = session.execute(
-                    select(Prediction.id, Embedding.vector)
-                    .join(Embedding, (Embedding.image_id == Prediction.image_id)
-                          & (Embedding.model_key == self.version.model_key))
-                    .where(Prediction.model_version_id == self.version.id,
-                           Prediction.similarity.is_(None), Prediction.id > last)
-                    .order_by(Prediction.id).limit(RESCORE_CHUNK)).all()
-            if not rows:
-                return
-            last = rows[-1][0]
+        query = (select(Prediction.id, Embedding.vector)
+                 .join(Embedding, (Embedding.image_id == Prediction.image_id)
+                       & (Embedding.model_key == self.version.model_key))
+                 .where(Prediction.model_version_id == self.version.id,
+                        Prediction.similarity.is_(None)))
+        for rows in keyset_pages(self.db, query, Prediction.id, size=RESCORE_CHUNK,
+                                 stop=self.stop):
             vectors = torch.from_numpy(np.stack([np.frombuffer(v, dtype=np.float32)
                                                  for _, v in rows]))
             similarities = self.classifier.similarities(vectors).tolist()

@@ -20,7 +20,7 @@ from ..db import Database, insert_ignoring_duplicates
 from ..db.models import AutoAccept, ModelVersion, Prediction, utcnow
 from ..errors import ConfigError
 from .outofset import base_version, class_bars, flagged
-from ..db.queries import resolve_version
+from ..db.queries import keyset_pages, resolve_version
 from .reviews import load_reviews
 
 CHUNK = 5000
@@ -64,19 +64,13 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
     bars = class_bars(db, version, reviews, zero_shot)
     base = aliased(Prediction)  # the zero-shot prediction whose similarity flags the image
     base_id = zero_shot.id
-    last = 0
-    while True:  # in chunks, by id: a million predictions never sit in memory at once
-        with db.read() as s:
-            chunk = s.execute(select(Prediction.id, Prediction.image_id, Prediction.label,
-                                     Prediction.confidence, base.label, base.similarity)
-                              .outerjoin(base, (base.image_id == Prediction.image_id)
-                                         & (base.model_version_id == base_id))
-                              .where(Prediction.model_version_id == version.id,
-                                     Prediction.id > last)
-                              .order_by(Prediction.id).limit(CHUNK)).all()
-        if not chunk:
-            return summary
-        last = chunk[-1][0]
+    query = (select(Prediction.id, Prediction.image_id, Prediction.label,
+                    Prediction.confidence, base.label, base.similarity)
+             .outerjoin(base, (base.image_id == Prediction.image_id)
+                        & (base.model_version_id == base_id))
+             .where(Prediction.model_version_id == version.id))
+    # in pages, by id: a million predictions never sit in memory at once
+    for chunk in keyset_pages(db, query, Prediction.id, size=CHUNK):
         fresh = [row for row in chunk if row[1] not in reviewed]
         summary.unreviewed += len(fresh)
         odd = {row[1] for row in fresh if flagged(row[4], row[5], bars)}
@@ -90,6 +84,7 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
             with db.write() as s:
                 insert_ignoring_duplicates(s, AutoAccept, rows)
         summary.accepted.update(r["label"] for r in rows)
+    return summary
 
 
 def _audited(db: Database, version: ModelVersion, reviews, target_precision: float,
@@ -136,16 +131,9 @@ def review_sample_bias(db: Database, version: ModelVersion, reviews,
     reviewed = np.fromiter(reviews.labels, dtype=np.int64)
     reviewed.sort()
     counts = np.zeros((2, BINS + 1), dtype=np.int64)  # row 1: reviewed
-    last = 0
-    while True:
-        with db.read() as s:
-            rows = s.execute(select(Prediction.id, Prediction.image_id, Prediction.margin)
-                             .where(Prediction.model_version_id == base_id,
-                                    Prediction.id > last)
-                             .order_by(Prediction.id).limit(CHUNK)).all()
-        if not rows:
-            break
-        last = rows[-1][0]
+    query = select(Prediction.id, Prediction.image_id, Prediction.margin).where(
+        Prediction.model_version_id == base_id)
+    for rows in keyset_pages(db, query, Prediction.id, size=CHUNK):
         ids = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
         bins = _bins(np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows)))
         at = np.searchsorted(reviewed, ids).clip(max=max(len(reviewed) - 1, 0))

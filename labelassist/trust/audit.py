@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from ..db import Database
 from ..db.models import Annotation, ModelVersion, Prediction
 from ..errors import ConfigError
-from ..db.queries import first_paths, rows_in_chunks
+from ..db.queries import first_paths, keyset_pages, rows_in_chunks
 from .reviews import load_reviews
 
 N_BINS = 10
@@ -230,16 +230,9 @@ def class_confidences(db: Database, version_id: int, classes: list[str],
     all its predictions, reviewed or not, nulls left out, read a chunk at a time: 8 bytes
     a prediction, not a Python row each."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in classes}
-    last = 0
-    while True:
-        with db.read() as s:
-            rows = s.execute(select(Prediction.id, Prediction.label, column)
-                             .where(Prediction.model_version_id == version_id,
-                                    Prediction.id > last, column.is_not(None))
-                             .order_by(Prediction.id).limit(chunk)).all()
-        if not rows:
-            break
-        last = rows[-1][0]
+    query = select(Prediction.id, Prediction.label, column).where(
+        Prediction.model_version_id == version_id, column.is_not(None))
+    for rows in keyset_pages(db, query, Prediction.id, size=chunk):
         by_class: dict[str, list[float]] = {}
         for _, label, conf in rows:
             by_class.setdefault(label, []).append(conf)

@@ -22,7 +22,7 @@ from ..labels import LabelSet
 from ..db import Database, insert_ignoring_duplicates
 from ..db.models import Embedding, Image, ModelVersion, Prediction, utcnow
 from ..errors import ConfigError
-from ..db.queries import rows_in_chunks
+from ..db.queries import keyset_pages, rows_in_chunks
 from .reviews import load_reviews
 from ..model.zeroshot import TextClassifier, to_predictions
 
@@ -243,16 +243,11 @@ def store_probe(db: Database, base: ModelVersion, text, w, b, temperature: float
              "confidence": p.confidence, "margin": p.margin, "scores": p.scores,
              "created_at": utcnow()} for i, p in held_out.items()])
     reviewed = set(held_out)
-    stored, last = 0, 0
+    stored = 0
     classes = text.class_names
-    while True:
-        with db.read() as s:
-            rows = s.execute(select(Embedding.image_id, Embedding.vector).where(
-                Embedding.model_key == base.model_key, Embedding.image_id > last)
-                .order_by(Embedding.image_id).limit(4096)).all()
-        if not rows:
-            break
-        last = rows[-1][0]
+    query = select(Embedding.image_id, Embedding.vector).where(
+        Embedding.model_key == base.model_key)
+    for rows in keyset_pages(db, query, Embedding.image_id, size=4096):
         rows = [(i, v) for i, v in rows if i not in reviewed]
         if not rows:
             continue

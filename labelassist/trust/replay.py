@@ -26,6 +26,7 @@ from sqlalchemy import select
 from .audit import DEFAULT_MIN_SUPPORT, class_threshold
 from ..db import Database
 from ..db.models import ModelVersion, Prediction, as_utc
+from ..db.queries import keyset_pages
 from .reviews import load_reviews
 
 CHUNK = 20_000
@@ -48,18 +49,11 @@ def review_order(reviews) -> list[int]:
 def _predictions(db: Database, version_id: int, classes: list[str]):
     """(image ids, class index, confidence) of every prediction of a version, as arrays
     read a chunk at a time."""
-    ids, labels, confs, last = [], [], [], 0
+    ids, labels, confs = [], [], []
     index = {c: n for n, c in enumerate(classes)}
-    while True:
-        with db.read() as s:
-            rows = s.execute(select(Prediction.id, Prediction.image_id, Prediction.label,
-                                    Prediction.confidence)
-                             .where(Prediction.model_version_id == version_id,
-                                    Prediction.id > last)
-                             .order_by(Prediction.id).limit(CHUNK)).all()
-        if not rows:
-            break
-        last = rows[-1][0]
+    query = select(Prediction.id, Prediction.image_id, Prediction.label,
+                   Prediction.confidence).where(Prediction.model_version_id == version_id)
+    for rows in keyset_pages(db, query, Prediction.id, size=CHUNK):
         ids += [r[1] for r in rows]
         labels += [index.get(r[2], -1) for r in rows]
         confs += [r[3] for r in rows]
