@@ -230,7 +230,7 @@ def record_and_push(folder: Path, studio, title: str, monkeypatch) -> None:
     """What `labelassist studio` records in its workspace, then a push there with no flags
     and no exported variables."""
     from labelassist import cli
-    from labelassist.cli.review import record_studio_in_workspace
+    from labelassist.cli.labelstudio import record_studio_in_workspace
     from labelassist.workspace import load_workspace
 
     monkeypatch.chdir(folder)
