@@ -33,11 +33,11 @@ from sqlalchemy import func, select
 
 from ..db.claims import pid_alive
 from ..db import Database
-from ..db.models import AutoAccept, File, Image, ModelVersion, Prediction
+from ..db.models import AutoAccept, File, Image, Prediction
 from ..errors import ConfigError, ExportError
-from ..trust.outofset import OTHER, base_version, class_bars, flagged
 from ..db.queries import first_files
-from ..trust.reviews import load_reviews
+from ..trust.outofset import OTHER, flagged
+from .plan import Plan, plan_export
 
 FORMATS = ("imagefolder", "csv", "jsonl", "hf")
 LINKS = ("copy", "hardlink", "symlink")
@@ -117,58 +117,7 @@ def class_folders(labels: list[str]) -> dict[str, str]:
     return folders
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What decides each image's row: the reviews, the version and the trust thresholds."""
-    version_id: int
-    version_name: str
-    version_names: dict[int, str]
-    reviews: object  # reviews.Reviews
-    thresholds: dict[str, float] | None  # None: unreviewed predictions stay out
-    labels: frozenset[str]
-    base_id: int  # the zero-shot version whose similarities flag images out of set
-    bars: dict  # outofset.class_bars: flagged images are never exported as "auto"
-
-
-def plan_export(db: Database, *, include_auto: bool, version: str | None, policy: str,
-                target_precision: float, min_support: int,
-                allow_biased_sample: bool = False) -> _Plan:
-    from ..trust.accept import require_fair_sample
-    from ..db.queries import resolve_version
-
-    reviews = load_reviews(db, policy)
-    chosen = resolve_version(db, version)
-    zero_shot = base_version(db, chosen)  # looked up once
-    if include_auto and not allow_biased_sample:
-        require_fair_sample(db, chosen, reviews, zero_shot)  # before anything is written
-    with db.read() as s:
-        versions = s.execute(select(ModelVersion.id, ModelVersion.name,
-                                    ModelVersion.label_set)).all()
-    classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
-    labels = frozenset(classes | {h.label for h in reviews.labels.values()
-                                  if h.label != OTHER or OTHER in classes})
-    thresholds = trust_thresholds(db, chosen, reviews, target_precision, min_support) \
-        if include_auto else None
-    bars = class_bars(db, chosen, reviews, zero_shot) if include_auto else {}
-    return _Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
-                 thresholds, labels, zero_shot.id, bars)
-
-
-def trust_thresholds(db: Database, version: ModelVersion, reviews, target_precision: float,
-                     min_support: int) -> dict[str, float]:
-    """Per class, the audited confidence above which unreviewed predictions are trusted,
-    from the reviews as this export resolves them (its --resolve policy)."""
-    from ..trust.audit import audit_version
-
-    result = audit_version(db, version, reviews, target_precision, min_support) \
-        if reviews.labels else None
-    if result is None:
-        return {}  # nothing reviewed yet: no threshold can be trusted
-    return {c: t["threshold"] for c, t in result.thresholds["per_class"].items()
-            if t["threshold"] is not None}
-
-
-def iter_rows(db: Database, plan: _Plan, summary: ExportSummary,
+def iter_rows(db: Database, plan: Plan, summary: ExportSummary,
               on_progress: Progress | None = None) -> Iterator[Row]:
     """Every image's row, in id order, a chunk of images at a time: memory stays flat
     whatever the size of the ledger. Each image lands in one place: a row, or one reason
@@ -216,7 +165,7 @@ def iter_rows(db: Database, plan: _Plan, summary: ExportSummary,
             on_progress(done, max(total, done))
 
 
-def _row_of(plan: _Plan, image_id: int, sha: str, pred, accepted,
+def _row_of(plan: Plan, image_id: int, sha: str, pred, accepted,
             summary: ExportSummary, out_of_set: bool = False) -> Row | None:
     """The image's row (without its file), or None with the reason counted."""
     human = plan.reviews.labels.get(image_id)

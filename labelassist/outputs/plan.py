@@ -1,0 +1,65 @@
+"""What decides each exported image's row: the reviews (by the export's --resolve policy),
+the version, and, with --include-auto, the trust thresholds audited from those same
+reviews and the out-of-set bars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from ..db import Database
+from ..db.models import ModelVersion
+from ..trust.outofset import OTHER, base_version, class_bars
+from ..trust.reviews import load_reviews
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What decides each image's row: the reviews, the version and the trust thresholds."""
+    version_id: int
+    version_name: str
+    version_names: dict[int, str]
+    reviews: object  # reviews.Reviews
+    thresholds: dict[str, float] | None  # None: unreviewed predictions stay out
+    labels: frozenset[str]
+    base_id: int  # the zero-shot version whose similarities flag images out of set
+    bars: dict  # outofset.class_bars: flagged images are never exported as "auto"
+
+
+def plan_export(db: Database, *, include_auto: bool, version: str | None, policy: str,
+                target_precision: float, min_support: int,
+                allow_biased_sample: bool = False) -> Plan:
+    from ..trust.accept import require_fair_sample
+    from ..db.queries import resolve_version
+
+    reviews = load_reviews(db, policy)
+    chosen = resolve_version(db, version)
+    zero_shot = base_version(db, chosen)  # looked up once
+    if include_auto and not allow_biased_sample:
+        require_fair_sample(db, chosen, reviews, zero_shot)  # before anything is written
+    with db.read() as s:
+        versions = s.execute(select(ModelVersion.id, ModelVersion.name,
+                                    ModelVersion.label_set)).all()
+    classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
+    labels = frozenset(classes | {h.label for h in reviews.labels.values()
+                                  if h.label != OTHER or OTHER in classes})
+    thresholds = trust_thresholds(db, chosen, reviews, target_precision, min_support) \
+        if include_auto else None
+    bars = class_bars(db, chosen, reviews, zero_shot) if include_auto else {}
+    return Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
+                 thresholds, labels, zero_shot.id, bars)
+
+
+def trust_thresholds(db: Database, version: ModelVersion, reviews, target_precision: float,
+                     min_support: int) -> dict[str, float]:
+    """Per class, the audited confidence above which unreviewed predictions are trusted,
+    from the reviews as this export resolves them (its --resolve policy)."""
+    from ..trust.audit import audit_version
+
+    result = audit_version(db, version, reviews, target_precision, min_support) \
+        if reviews.labels else None
+    if result is None:
+        return {}  # nothing reviewed yet: no threshold can be trusted
+    return {c: t["threshold"] for c, t in result.thresholds["per_class"].items()
+            if t["threshold"] is not None}
