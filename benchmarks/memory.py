@@ -34,6 +34,7 @@ op, url, root, server = sys.argv[1:5]
 from labelassist.db import open_database
 from labelassist.ingest import ingest
 from labelassist.trust.accept import accept_trusted
+from labelassist.trust.audit import TrustOptions
 from labelassist.outputs.export import export
 from labelassist.labelstudio.client import Connection, LabelStudioClient
 from labelassist.labelstudio.pull import pull
@@ -47,11 +48,11 @@ base = status("VmRSS")
 if op == "ingest":
     result = ingest(db, [root]).added
 elif op == "accept":
-    result = sum(accept_trusted(db, min_support=30, target_precision=0.9).accepted.values())
+    result = sum(accept_trusted(db, trust=TrustOptions(0.9, 30)).accepted.values())
 elif op.startswith("export"):
     fmt = op.split("-")[1]
-    result = export(db, f"{root}.{fmt}", fmt, include_auto=True, target_precision=0.9,
-                    min_support=30, overwrite=True).rows
+    result = export(db, f"{root}.{fmt}", fmt, include_auto=True,
+                    trust=TrustOptions(0.9, 30), overwrite=True).rows
 else:
     result = pull(db, LabelStudioClient(Connection(server, "token")), full=True).tasks_seen
 peak = status("VmHWM")

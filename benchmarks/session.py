@@ -142,7 +142,7 @@ def measure(db, version, reviewed, truth, target) -> dict:
     of them (the audit's thresholds, from the reviews so far), with its true precision."""
     from sqlalchemy import select
 
-    from labelassist.trust.audit import audit
+    from labelassist.trust.audit import TrustOptions, audit
     from labelassist.db.models import Prediction
     from labelassist.errors import LabelAssistError
 
@@ -156,7 +156,7 @@ def measure(db, version, reviewed, truth, target) -> dict:
     thresholds = {}
     if reviewed:
         try:
-            (result,) = audit(db, version.name, target_precision=target)
+            (result,) = audit(db, version.name, trust=TrustOptions(target_precision=target))
             thresholds = {c: t["threshold"] for c, t in result.thresholds["per_class"].items()}
         except LabelAssistError:
             pass

@@ -13,6 +13,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from labelassist.trust.audit import TrustOptions
 from labelassist.trust import audit as A
 from labelassist.cli import app
 from labelassist.db.models import Annotation
@@ -90,7 +91,7 @@ from .conftest import EVIL  # noqa: E402,F401
 
 
 def test_audit_of_a_reviewed_workspace(reviewed_db):
-    (result,) = A.audit(reviewed_db, target_precision=0.9, min_support=2)
+    (result,) = A.audit(reviewed_db, trust=TrustOptions(target_precision=0.9, min_support=2))
     assert result.reviewed == 24 and result.skipped == 1
     matrix = np.array(result.confusion["matrix"])
     assert matrix.sum() == 24 and result.confusion["labels"] == ["cat", "dog", "<b>wild</b>"]
@@ -120,7 +121,7 @@ def test_report_json_and_html_from_the_cli(reviewed_db, db_url, tmp_path):
     assert "24 reviewed" in result.output
     data = json.loads(js.read_text())
     # The values, not just the keys: the report says exactly what the audit found.
-    (expected,) = A.audit(reviewed_db, target_precision=0.9, min_support=2)
+    (expected,) = A.audit(reviewed_db, trust=TrustOptions(target_precision=0.9, min_support=2))
     want = json.loads(json.dumps(expected.to_json()))
     for key in ("model_version", "reviewed", "agreement", "accuracy", "per_class",
                 "confusion", "thresholds", "annotators", "effort", "skipped"):

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 import labelassist.outputs.export as E
+from labelassist.trust.audit import TrustOptions
 from labelassist.cli import app
 from labelassist.errors import ConfigError
 from labelassist.labels import parse_label_text
@@ -115,10 +116,10 @@ def test_split_fractions_hold_on_many_hashes():
 def test_include_auto_adds_only_predictions_above_their_class_threshold(reviewed_db, tmp_path):
     from labelassist.trust.audit import audit
 
-    (result,) = audit(reviewed_db, target_precision=0.9, min_support=2)
+    (result,) = audit(reviewed_db, trust=TrustOptions(target_precision=0.9, min_support=2))
     thresholds = {c: t["threshold"] for c, t in result.thresholds["per_class"].items()}
     summary = E.export(reviewed_db, tmp_path / "auto", "jsonl", include_auto=True,
-                       target_precision=0.9, min_support=2)
+                       trust=TrustOptions(target_precision=0.9, min_support=2))
 
     with reviewed_db.read() as s:
         preds = s.scalars(select(Prediction).order_by(Prediction.image_id)).all()
@@ -158,17 +159,18 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
             add_annotation(db, p.image_id, label, n=1000 * len(top) + n)
         top[label] = ranked[len(ranked) // 2 + 1:]
         lowest[label] = ranked[0]
-    (result,) = audit(db, target_precision=0.99, min_support=2)
+    (result,) = audit(db, trust=TrustOptions(target_precision=0.99, min_support=2))
     for label in ("cat", "dog"):  # the threshold sits at the lowest confirmed confidence
         assert result.thresholds["per_class"][label]["threshold"] is not None
 
     # The middle of the range was reviewed on purpose: not a fair sample, and said so
     with pytest.raises(ConfigError, match="not a fair sample"):
         E.export(db, tmp_path / "refused", "jsonl", include_auto=True,
-                 target_precision=0.99, min_support=2)
+                 trust=TrustOptions(target_precision=0.99, min_support=2))
     assert not (tmp_path / "refused").exists()
     summary = E.export(db, tmp_path / "out", "jsonl", include_auto=True,
-                       target_precision=0.99, min_support=2, allow_biased_sample=True)
+                       allow_biased_sample=True,
+                       trust=TrustOptions(target_precision=0.99, min_support=2))
 
     expected = {p.image_id: p for label in top for p in top[label]}
     assert len(expected) >= 6
@@ -185,11 +187,12 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
     assert shas[lowest["cat"].image_id] not in {r["sha256"] for r in manifest(tmp_path / "out")}
 
     # accept records the same trust; the export then carries it without re-auditing
-    accepted = accept_trusted(db, version, target_precision=0.99, min_support=2,
+    accepted = accept_trusted(db, version, TrustOptions(target_precision=0.99, min_support=2),
                               allow_biased_sample=True)
     assert sum(accepted.accepted.values()) == len(expected)
     again = E.export(db, tmp_path / "again", "jsonl", include_auto=True,
-                     target_precision=0.99, min_support=2, allow_biased_sample=True)
+                     allow_biased_sample=True,
+                     trust=TrustOptions(target_precision=0.99, min_support=2))
     assert again.per_source == summary.per_source
 
 
@@ -204,7 +207,7 @@ def test_annotator_conflicts_follow_the_policy(db, tiny_model, photo_dir, tmp_pa
     add_annotation(db, image_id, "dog", n=3, annotator="c", when=t0 + timedelta(hours=2))
 
     E.export(db, tmp_path / "majority", "jsonl")
-    E.export(db, tmp_path / "latest", "jsonl", policy="latest")
+    E.export(db, tmp_path / "latest", "jsonl", trust=TrustOptions(policy="latest"))
 
     (m,), (lt,) = manifest(tmp_path / "majority"), manifest(tmp_path / "latest")
     assert (m["label"], m["annotators"]) == ("cat", ["a", "b"])
@@ -329,13 +332,12 @@ def test_include_auto_takes_its_thresholds_from_reviews_resolved_by_the_same_pol
                                                           old + timedelta(days=1))):
             add_annotation(db, p.image_id, label, n=n, when=when)
             n += 1
-    options = dict(target_precision=0.9, min_support=2)
-    majority = audit(db, **options, policy="majority")[0].thresholds["per_class"]
-    latest = audit(db, **options, policy="latest")[0].thresholds["per_class"]
+    majority = audit(db, trust=TrustOptions(0.9, 2, "majority"))[0].thresholds["per_class"]
+    latest = audit(db, trust=TrustOptions(0.9, 2, "latest"))[0].thresholds["per_class"]
     assert majority != latest  # the two policies do disagree here
 
-    plan = E.plan_export(db, include_auto=True, version=None, policy="latest",
-                         allow_biased_sample=True, **options)
+    plan = E.plan_export(db, include_auto=True, version=None,
+                         trust=TrustOptions(0.9, 2, "latest"), allow_biased_sample=True)
 
     assert plan.thresholds == {c: t["threshold"] for c, t in latest.items()
                                if t["threshold"] is not None}

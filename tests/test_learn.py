@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from labelassist.trust.audit import TrustOptions
 from labelassist.trust import learn as L
 from labelassist.toy import world as toyworld
 from labelassist.cli import app
@@ -261,7 +262,7 @@ def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(to
     for n, image_id in enumerate(order[60:], start=61):  # the rest, reviewed later
         add_annotation(db, image_id, truth_of(paths[image_id]), n=n)
 
-    (section,) = session_sections(db, target_precision=0.95, min_support=5)
+    (section,) = session_sections(db, trust=TrustOptions(target_precision=0.95, min_support=5))
     points = section["points"]
     assert section["base"] == base.name and section["reviews"] == 150
     assert [p["reviews"] for p in points][0] == 0 and len(points) >= 2
@@ -282,7 +283,7 @@ def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(to
     with db.write() as s:  # later reviewers disagree with everything: no version saw them
         for a in s.scalars(select(Annotation).where(Annotation.ls_annotation_id > 60)):
             a.label = "cool" if a.label == "warm" else "warm"
-    (flipped,) = session_sections(db, target_precision=0.95, min_support=5)
+    (flipped,) = session_sections(db, trust=TrustOptions(target_precision=0.95, min_support=5))
     for before, after in zip(points, flipped["points"]):
         assert after["accept_share"] == before["accept_share"]
         assert after["thresholds"] == before["thresholds"]

@@ -15,6 +15,7 @@ import tracemalloc
 
 import pytest
 
+from labelassist.trust.audit import TrustOptions
 from labelassist.trust.accept import accept_trusted
 from labelassist.db import open_database
 from labelassist.outputs.export import export
@@ -91,7 +92,7 @@ def growth(ledgers, run) -> int:
 def test_export_streams(ledgers, tmp_path):
     def run(db, size):
         summary = export(db, tmp_path / f"out{size}", "jsonl", include_auto=True,
-                         target_precision=0.9, min_support=30, on_progress=collect)
+                         on_progress=collect, trust=TrustOptions(target_precision=0.9, min_support=30))
         assert summary.per_source["auto"] > (size - 500) // 2  # most really are exported
 
     grown = growth(ledgers, run)
@@ -101,7 +102,8 @@ def test_export_streams(ledgers, tmp_path):
 
 def test_accept_streams(ledgers):
     def run(db, size):
-        assert sum(accept_trusted(db, target_precision=0.9).accepted.values()) > (size - 500) // 2
+        accepted = accept_trusted(db, trust=TrustOptions(target_precision=0.9)).accepted
+        assert sum(accepted.values()) > (size - 500) // 2
 
     grown = growth(ledgers, run)
     print(f"grew {grown:.1f} bytes an image")

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from labelassist.trust.audit import TrustOptions
 from labelassist.toy import world as toyworld
 from labelassist.trust.accept import accept_trusted
 from labelassist.cli import app
@@ -97,7 +98,7 @@ def test_an_other_review_raises_the_bar_of_its_class_to_cover_it(junky_folder):
 def test_flagged_images_are_never_auto_accepted_and_come_first(junky_folder):
     db, rows = junky_folder
     version = resolve_version(db)
-    summary = accept_trusted(db, target_precision=0.9, min_support=5)
+    summary = accept_trusted(db, trust=TrustOptions(target_precision=0.9, min_support=5))
     with db.read() as s:
         accepted = set(s.scalars(select(AutoAccept.image_id)).all())
         order = s.scalars(select(Prediction.image_id).where(
@@ -141,8 +142,8 @@ def test_export_leaves_out_junk_and_what_reviewers_called_other(junky_folder, tm
     junk_ids = sorted(i for i, r in rows.items() if r[2] == "junk")
     for n, image_id in enumerate(junk_ids[:3]):
         add_annotation(db, image_id, OTHER, n=700 + n)
-    summary = export(db, tmp_path / "out", "csv", include_auto=True, target_precision=0.9,
-                     min_support=5)
+    summary = export(db, tmp_path / "out", "csv", include_auto=True,
+                     trust=TrustOptions(target_precision=0.9, min_support=5))
     with open(tmp_path / "out" / "labels.csv", newline="") as fh:
         exported = list(csv.DictReader(fh))
     assert exported and not any(Path(r["path"]).name.split("_")[0] in toyworld.JUNK

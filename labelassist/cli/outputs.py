@@ -42,12 +42,12 @@ def report(
     Example: labelassist report --html audit.html --json audit.json
     """
     from ..outputs.report import write_html, write_json
-    from ..trust.audit import audit
+    from ..trust.audit import TrustOptions, audit
 
     database = open_db(db)
-    audits = audit(database, version, target_precision=target_precision,
-                   min_support=min_support, policy=resolve)
-    sections = report_sections(database, audits, target_precision, min_support, resolve)
+    trust = TrustOptions(target_precision, min_support, resolve)
+    audits = audit(database, version, trust)
+    sections = report_sections(database, audits, trust)
     print_report(Console(highlight=False, soft_wrap=True, stderr=json_out == "-"), audits,
                  sections)
     if json_out:
@@ -57,7 +57,7 @@ def report(
         err.print(f"wrote {html}", markup=False)
 
 
-def report_sections(database, audits, target_precision, min_support, resolve) -> dict:
+def report_sections(database, audits, trust) -> dict:
     """The report's sections beside the audits: learning, the replayed session,
     suggestions, out of set and runtimes."""
     from ..outputs.report import learning_sections
@@ -68,11 +68,10 @@ def report_sections(database, audits, target_precision, min_support, resolve) ->
 
     return {
         "learning": learning_sections(database),
-        "session": session_sections(database, target_precision=target_precision,
-                                    min_support=min_support, policy=resolve),
+        "session": session_sections(database, trust),
         "suggestions": suggestion_sections(database),
         "out_of_set": out_of_set_sections(database, [a.model_version for a in audits],
-                                          policy=resolve),
+                                          policy=trust.policy),
         "runtimes": runtime_sections(database, [a.model_version for a in audits])}
 
 
@@ -186,13 +185,14 @@ def export(
     Example: labelassist export dataset/ --format hf --split 0.8,0.1,0.1 --seed 0
     """
     from ..outputs.export import export as run_export
+    from ..trust.audit import TrustOptions
 
     with progress_bar("export", unit="files") as on_progress:
         summary = run_export(open_db(db), out, format, include_auto=include_auto, split=split,
-                             seed=seed, link=link, policy=resolve, version=version,
-                             target_precision=target_precision, min_support=min_support,
+                             seed=seed, link=link, version=version,
                              overwrite=overwrite, on_progress=on_progress,
-                             allow_biased_sample=allow_biased_sample)
+                             allow_biased_sample=allow_biased_sample,
+                             trust=TrustOptions(target_precision, min_support, resolve))
     print_export_summary(summary)
 
 

@@ -170,9 +170,9 @@ def accept(
     Example: labelassist accept --target-precision 0.99 && labelassist export out/ --include-auto
     """
     from ..trust.accept import accept_trusted
+    from ..trust.audit import TrustOptions
 
-    s = accept_trusted(open_db(db), version, target_precision=target_precision,
-                       min_support=min_support, policy=resolve,
+    s = accept_trusted(open_db(db), version, TrustOptions(target_precision, min_support, resolve),
                        allow_biased_sample=allow_biased_sample)
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"{s.model_version}: {sum(s.accepted.values()):,} predictions auto-accepted at "

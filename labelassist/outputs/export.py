@@ -37,6 +37,7 @@ from ..db.models import AutoAccept, File, Image, Prediction
 from ..errors import ConfigError, ExportError
 from ..db.queries import first_files
 from ..trust.outofset import OTHER, flagged
+from ..trust.audit import TrustOptions
 from .plan import Plan, plan_export
 
 FORMATS = ("imagefolder", "csv", "jsonl", "hf")
@@ -194,8 +195,8 @@ def _row_of(plan: Plan, image_id: int, sha: str, pred, accepted,
 
 def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = False,
            split: str = "0.8,0.1,0.1", seed: int = 0, link: str = "copy",
-           policy: str = "majority", version: str | None = None,
-           target_precision: float = 0.99, min_support: int = 30, overwrite: bool = False,
+           trust: TrustOptions = TrustOptions(), version: str | None = None,
+           overwrite: bool = False,
            on_progress: Progress | None = None,
            allow_biased_sample: bool = False) -> ExportSummary:
     if fmt not in FORMATS:
@@ -206,8 +207,7 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
     refuse_unsafe_target(db, out, overwrite)
     fractions = parse_split(split)
     summary = ExportSummary(out, fmt)
-    plan = plan_export(db, include_auto=include_auto, version=version, policy=policy,
-                       target_precision=target_precision, min_support=min_support,
+    plan = plan_export(db, include_auto=include_auto, version=version, trust=trust,
                        allow_biased_sample=allow_biased_sample)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"

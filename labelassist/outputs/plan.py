@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from ..db import Database
 from ..db.models import ModelVersion
+from ..trust.audit import TrustOptions
 from ..trust.outofset import OTHER, base_version, class_bars
 from ..trust.reviews import load_reviews
 
@@ -27,13 +28,12 @@ class Plan:
     bars: dict  # outofset.class_bars: flagged images are never exported as "auto"
 
 
-def plan_export(db: Database, *, include_auto: bool, version: str | None, policy: str,
-                target_precision: float, min_support: int,
-                allow_biased_sample: bool = False) -> Plan:
+def plan_export(db: Database, *, include_auto: bool, version: str | None,
+                trust: TrustOptions, allow_biased_sample: bool = False) -> Plan:
     from ..trust.accept import require_fair_sample
     from ..db.queries import resolve_version
 
-    reviews = load_reviews(db, policy)
+    reviews = load_reviews(db, trust.policy)
     chosen = resolve_version(db, version)
     zero_shot = base_version(db, chosen)  # looked up once
     if include_auto and not allow_biased_sample:
@@ -44,20 +44,20 @@ def plan_export(db: Database, *, include_auto: bool, version: str | None, policy
     classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
     labels = frozenset(classes | {h.label for h in reviews.labels.values()
                                   if h.label != OTHER or OTHER in classes})
-    thresholds = trust_thresholds(db, chosen, reviews, target_precision, min_support) \
+    thresholds = trust_thresholds(db, chosen, reviews, trust) \
         if include_auto else None
     bars = class_bars(db, chosen, reviews, zero_shot) if include_auto else {}
     return Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
                  thresholds, labels, zero_shot.id, bars)
 
 
-def trust_thresholds(db: Database, version: ModelVersion, reviews, target_precision: float,
-                     min_support: int) -> dict[str, float]:
+def trust_thresholds(db: Database, version: ModelVersion, reviews,
+                     trust: TrustOptions) -> dict[str, float]:
     """Per class, the audited confidence above which unreviewed predictions are trusted,
     from the reviews as this export resolves them (its --resolve policy)."""
     from ..trust.audit import audit_version
 
-    result = audit_version(db, version, reviews, target_precision, min_support) \
+    result = audit_version(db, version, reviews, trust) \
         if reviews.labels else None
     if result is None:
         return {}  # nothing reviewed yet: no threshold can be trusted

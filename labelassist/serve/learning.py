@@ -93,13 +93,14 @@ class LearningLoop:
         """The share of this version's unreviewed predictions that `accept` would take: its
         own dry run. 0 when accept would refuse the reviews (and status says why)."""
         from ..trust.accept import BiasedSample, accept_trusted
+        from ..trust.audit import TrustOptions
 
         name = self.status.model_version
         if name is None:
             return None
         self.status.accept_refused = None
         try:
-            would = accept_trusted(self.db, name, target_precision=self.target_precision,
+            would = accept_trusted(self.db, name, TrustOptions(self.target_precision),
                                    write=False)
         except BiasedSample as exc:
             self.status.accept_refused = str(exc)

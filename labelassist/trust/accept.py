@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
-from .audit import audit_version, check_target
+from .audit import TrustOptions, audit_version
 from ..db import Database, insert_ignoring_duplicates
 from ..db.models import AutoAccept, ModelVersion, Prediction, utcnow
 from ..errors import ConfigError
@@ -47,18 +47,17 @@ class BiasedSample(ConfigError):
     """The reviews are not a fair sample of the rest: their thresholds are not trusted."""
 
 
-def accept_trusted(db: Database, version_name: str | None = None, *,
-                   target_precision: float = 0.99, min_support: int = 30,
-                   policy: str = "majority", allow_biased_sample: bool = False,
+def accept_trusted(db: Database, version_name: str | None = None,
+                   trust: TrustOptions = TrustOptions(), *, allow_biased_sample: bool = False,
                    write: bool = True) -> AcceptSummary:
     """Record the unreviewed predictions that clear their class's audited threshold.
     write=False is a dry run: what accept would take (serve's status)."""
     version = resolve_version(db, version_name)
-    reviews = load_reviews(db, policy)
+    reviews = load_reviews(db, trust.policy)
     zero_shot = base_version(db, version)  # looked up once, for the three uses below
     if not allow_biased_sample:
         require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap: first
-    summary = _audited(db, version, reviews, target_precision, min_support)
+    summary = _audited(db, version, reviews, trust)
     reviewed = set(reviews.labels) | reviews.skipped
     trusted = {c: t for c, t in summary.thresholds.items() if t is not None}
     bars = class_bars(db, version, reviews, zero_shot)
@@ -77,7 +76,7 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
         summary.out_of_set += len(odd)
         rows = [{"image_id": image_id, "model_version_id": version.id, "label": label,
                  "confidence": confidence, "threshold": trusted[label],
-                 "target_precision": target_precision, "created_at": utcnow()}
+                 "target_precision": trust.target_precision, "created_at": utcnow()}
                 for _, image_id, label, confidence, _, _ in fresh
                 if label in trusted and confidence >= trusted[label] and image_id not in odd]
         if write and rows:
@@ -87,12 +86,11 @@ def accept_trusted(db: Database, version_name: str | None = None, *,
     return summary
 
 
-def _audited(db: Database, version: ModelVersion, reviews, target_precision: float,
-             min_support: int) -> AcceptSummary:
+def _audited(db: Database, version: ModelVersion, reviews,
+             trust: TrustOptions) -> AcceptSummary:
     """The summary with each class's audited threshold (or the reason it has none), from
     the reviews already loaded."""
-    check_target(target_precision)
-    result = audit_version(db, version, reviews, target_precision, min_support) \
+    result = audit_version(db, version, reviews, trust) \
         if reviews.labels else None
     if result is None:
         raise ConfigError(f"no reviewed image has a prediction from {version.name}: "

@@ -148,16 +148,25 @@ class VersionAudit:
         return asdict(self)
 
 
-def check_target(target_precision: float) -> None:
-    if not 0 < target_precision <= 1:
-        raise ConfigError("--target-precision must be in (0, 1], e.g. 0.99")
+@dataclass(frozen=True)
+class TrustOptions:
+    """What a trust threshold must hold: the precision asked for, the reviews a class
+    needs before it gets a threshold, and how annotators' conflicts resolve (--resolve).
+    audit, accept, export --include-auto and the report's session all take one."""
+
+    target_precision: float = 0.99
+    min_support: int = DEFAULT_MIN_SUPPORT
+    policy: str = "majority"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_precision <= 1:
+            raise ConfigError("--target-precision must be in (0, 1], e.g. 0.99")
 
 
-def audit(db: Database, version: str | None = None, *, target_precision: float = 0.99,
-          min_support: int = DEFAULT_MIN_SUPPORT, policy: str = "majority") -> list[VersionAudit]:
+def audit(db: Database, version: str | None = None,
+          trust: TrustOptions = TrustOptions()) -> list[VersionAudit]:
     """One audit per model_version with reviewed predictions (or just `version`)."""
-    check_target(target_precision)
-    reviews = load_reviews(db, policy)
+    reviews = load_reviews(db, trust.policy)
     if not reviews.labels:
         raise ConfigError("no reviewed images yet: push to Label Studio, review some tasks, "
                           "then run labelassist pull")
@@ -169,15 +178,16 @@ def audit(db: Database, version: str | None = None, *, target_precision: float =
     if version and not versions:
         raise ConfigError(f"no model_version {version!r} (see labelassist status)")
     audits = [a for v in versions
-              if (a := audit_version(db, v, reviews, target_precision, min_support))]
+              if (a := audit_version(db, v, reviews, trust))]
     if not audits:
         raise ConfigError("none of the reviewed images has a prediction from "
                           f"{version or 'any model_version'}")
     return audits
 
 
-def audit_version(db: Database, version: ModelVersion, reviews, target: float,
-                  min_support: int) -> VersionAudit | None:
+def audit_version(db: Database, version: ModelVersion, reviews,
+                  trust: TrustOptions) -> VersionAudit | None:
+    target, min_support = trust.target_precision, trust.min_support
     with db.read() as s:
         preds = {p.image_id: p for p in rows_in_chunks(s, lambda chunk: select(Prediction).where(
             Prediction.model_version_id == version.id, Prediction.image_id.in_(chunk)),

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import numpy as np
 from sqlalchemy import select
 
-from .audit import DEFAULT_MIN_SUPPORT, class_threshold
+from .audit import TrustOptions, class_threshold
 from ..db import Database
 from ..db.models import ModelVersion, Prediction, as_utc
 from ..db.queries import keyset_pages
@@ -94,9 +94,7 @@ def session_point(db: Database, version: ModelVersion, reviews_before: int, orde
     }
 
 
-def session_sections(db: Database, *, target_precision: float = 0.99,
-                     min_support: int = DEFAULT_MIN_SUPPORT, policy: str = "majority"
-                     ) -> list[dict]:
+def session_sections(db: Database, trust: TrustOptions = TrustOptions()) -> list[dict]:
     """One section per zero-shot version that probes were learned from: its points, in
     the order of the reviews they were made from. Empty when nothing was learned."""
     with db.read() as s:
@@ -108,7 +106,8 @@ def session_sections(db: Database, *, target_precision: float = 0.99,
     bases = [v for v in versions if v.name in probes]
     if not bases:
         return []
-    reviews = load_reviews(db, policy)
+    reviews = load_reviews(db, trust.policy)
+    target_precision, min_support = trust.target_precision, trust.min_support
     order = review_order(reviews)
     truth = {i: h.label for i, h in reviews.labels.items()}
     sections = []
