@@ -193,7 +193,7 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
     assert sum(r["source"] == "auto" for r in rows) >= n_auto
 
 
-def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_dir):
+def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_dir, tmp_path):
     db, _, _ = toy_workspace
     runner = CliRunner()
     base = resolve_version(db).name
@@ -220,6 +220,17 @@ def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_di
     refused = runner.invoke(app, ["learn", "--db", db_url, "--version", probe])
     assert refused.exit_code == 1 and "is a probe; pass --version with a zero-shot" \
         in refused.output
+
+    # The loop's second turn, with no --version: learn and suggest work on the zero-shot
+    # version the newest probe was learned from (not "is a probe; pass --version")
+    again = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir),
+                                "--no-store"])
+    assert again.exit_code == 0, again.output
+    assert again.output.startswith(f"{base}: ")
+    suggested = runner.invoke(app, ["suggest", "--db", db_url, "--model", str(toy_model_dir),
+                                    "--out", str(tmp_path / "proposed.toml")])
+    assert suggested.exit_code == 0, suggested.output
+    assert suggested.output.startswith(f"{base}: ")
 
     # accept judges the version it is given, not the newest
     accepted = runner.invoke(app, ["accept", "--db", db_url, "--version", base, "--resolve",

@@ -15,21 +15,19 @@ ResolveBriefOpt = Annotated[str, typer.Option(help="majority or latest (see repo
 
 
 def zero_shot_version(database, version):
-    """The zero-shot model_version that --version names (default: the newest)."""
-    from ..db.queries import resolve_version
-    from ..errors import ConfigError
+    """The zero-shot model_version that --version names (default: the one the newest
+    work is based on)."""
+    from ..db.queries import resolve_zero_shot
 
-    base = resolve_version(database, version)
-    if base.kind != "zeroshot":
-        raise ConfigError(f"{base.name} is a {base.kind}; pass --version with a zero-shot one")
-    return base
+    return resolve_zero_shot(database, version)
 
 
 @command()
 def learn(
     db: DbOpt = DEFAULT_DB,
     version: Annotated[Optional[str], typer.Option(
-        help="Zero-shot model_version to improve (default: the newest with predictions).")]
+        help="Zero-shot model_version to improve (default: the newest, or the one the "
+        "newest probe was learned from).")]
     = None,
     model: ModelOpt = None,
     resolve: ResolveBriefOpt = "majority",
@@ -78,8 +76,8 @@ def print_learn_summary(s, store: bool) -> None:
 def suggest(
     db: DbOpt = DEFAULT_DB,
     version: Annotated[Optional[str], typer.Option(
-        help="Zero-shot model_version whose descriptions to improve (default: the newest "
-        "with predictions).")] = None,
+        help="Zero-shot model_version whose descriptions to improve (default: the newest, "
+        "or the one the newest probe was learned from).")] = None,
     vocabulary: Annotated[Optional[str], typer.Option(
         help="Candidate descriptions: a file with one a line, or a shipped one: imagenet "
         "(the 1,000 ImageNet class names) or toyworld. Default: toyworld for the toy "

@@ -31,6 +31,20 @@ def resolve_version(db: Database, name: str | None = None) -> ModelVersion:
         return version
 
 
+def resolve_zero_shot(db: Database, name: str | None = None) -> ModelVersion:
+    """The zero-shot model_version that learn and suggest improve: the one named, else the
+    one the newest work is based on (the newest version itself, or the zero-shot version
+    a newest probe was learned from: the loop's second turn needs no --version)."""
+    version = resolve_version(db, name)
+    if version.kind == "zeroshot":
+        return version
+    base = version.label_set.get("probe", {}).get("base")
+    if name is not None or not base:
+        raise ConfigError(f"{version.name} is a {version.kind}; pass --version with a "
+                          "zero-shot one")
+    return resolve_version(db, base)
+
+
 # PostgreSQL takes at most 65,535 bind parameters per statement; reviews, tasks and
 # exports easily hold more ids than that, so every id list is sent in chunks.
 IN_CHUNK = 10_000
