@@ -17,6 +17,8 @@ from .errors import ConfigError
 
 FILE_NAME = "labelassist.toml"
 KEYS = ("db", "labels", "model", "root", "ls_url", "ls_token_file", "ls_root")
+PATH_KEYS = ("db", "labels", "model", "root", "ls_token_file", "ls_root")
+SQLITE_URL_PREFIX = "sqlite:///"
 HEADER = """\
 # A labelassist workspace. Commands run in this folder, or below it, use these settings
 # unless a flag or an environment variable says otherwise. Paths are relative to this file.
@@ -123,12 +125,32 @@ def relative_to(folder: Path, path: Path) -> str:
         return str(path)
 
 
+def relative_inside(folder: Path, key: str, value: str) -> str:
+    """An absolute path inside the workspace (or an SQLite URL of a file inside it), as
+    the file keeps it: relative, so that the workspace can move. Anything else as given."""
+    if key == "db" and value.startswith(SQLITE_URL_PREFIX) and "?" not in value:
+        path = Path(value[len(SQLITE_URL_PREFIX):])
+    elif key in PATH_KEYS:
+        path = Path(value)
+    else:
+        return value
+    if not path.is_absolute():
+        return value
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix() or "."
+    except ValueError:
+        return value
+
+
 def save_workspace(folder: Path, settings: dict[str, str]) -> Workspace:
-    """Write folder/labelassist.toml whole (through a temp file: never half written)."""
+    """Write folder/labelassist.toml whole (through a temp file: never half written).
+    Paths inside the folder are written relative to it, whoever rewrites the file."""
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / FILE_NAME
-    lines = [f"{key} = {json.dumps(settings[key], ensure_ascii=False)}"
-             for key in KEYS if key in settings]
+    written = {key: relative_inside(folder, key, settings[key])
+               for key in KEYS if key in settings}
+    lines = [f"{key} = {json.dumps(value, ensure_ascii=False)}"
+             for key, value in written.items()]
     partial = file.with_name(f".{FILE_NAME}.{os.getpid()}")
     partial.write_text(HEADER + "\n".join(lines) + "\n", encoding="utf-8")
     partial.replace(file)

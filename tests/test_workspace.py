@@ -177,3 +177,44 @@ def test_a_label_file_that_names_its_model_beats_the_workspace_model(tmp_path, m
 
     assert result.exit_code == 1
     assert str(tmp_path / "its-own-model") in result.output
+
+
+def test_init_run_again_inside_the_workspace_keeps_its_paths_relative(tmp_path, monkeypatch,
+                                                                      photo_dir):
+    """Before: the second init took the workspace's own defaults (db as an absolute
+    sqlite:/// URL, root as an absolute path) as if given, and the moved workspace said
+    'no labelassist database'."""
+    ws = tmp_path / "ws"
+    monkeypatch.chdir(tmp_path)
+    assert invoke("init", ws).exit_code == 0
+    monkeypatch.chdir(ws)
+    again = invoke("init", "--ls-url", "http://127.0.0.1:9")
+    assert again.exit_code == 0, again.output
+    assert invoke("ingest", photo_dir).exit_code == 0
+
+    text = (ws / "labelassist.toml").read_text()
+    assert 'db = "labelassist.db"' in text and 'root = "."' in text, text
+    assert str(tmp_path) not in text
+    moved = tmp_path / "moved"
+    ws.rename(moved)
+    monkeypatch.chdir(moved)
+    status = invoke("status")
+    assert status.exit_code == 0, status.output
+    assert "files: 24" in status.output
+
+    assert invoke("init", tmp_path / "other").exit_code == 0  # from inside another one
+    assert str(moved) not in (tmp_path / "other" / "labelassist.toml").read_text()
+
+
+def test_a_workspace_file_rewritten_with_absolute_paths_inside_it_stores_them_relative(
+        tmp_path):
+    """Whatever command rewrites labelassist.toml (init, studio), a path inside the
+    workspace is written relative to it, a database URL included."""
+    from labelassist.workspace import save_workspace
+
+    ws = save_workspace(tmp_path, {"db": f"sqlite:///{tmp_path / 'data' / 'l.db'}",
+                                   "root": str(tmp_path), "ls_root": str(tmp_path / "media"),
+                                   "labels": "/elsewhere/labels.toml"})
+
+    assert ws.settings == {"db": "data/l.db", "root": ".", "ls_root": "media",
+                           "labels": "/elsewhere/labels.toml"}

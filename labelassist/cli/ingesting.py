@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..labels import DEFAULT_DB, load_label_file
-from . import DbOpt, command, err, open_db, progress_bar
+from . import DbOpt, command, err, open_db, option_source, progress_bar
 
 
 @command()
@@ -44,7 +44,12 @@ def init(
     existing = (folder / FILE_NAME).is_file()
     settings = load_workspace(folder / FILE_NAME).settings if existing else \
         {"db": "labelassist.db", "root": "."}
-    settings.update(changed_settings(folder, labels, model, db, root, ls_url))
+    # What the workspace in force here filled in was not given: it must not be copied,
+    # made absolute, into FOLDER's file (the same one, or another workspace's).
+    given = {name: None if option_source(name) == "DEFAULT_MAP" else value
+             for name, value in (("labels", labels), ("model", model), ("db", db),
+                                 ("root", root), ("ls_url", ls_url))}
+    settings.update(changed_settings(folder, **given))
     ws = save_workspace(folder, settings)
     err.print(f"{'updated' if existing else 'wrote'} {ws.file}:", markup=False)
     for key, value in ws.settings.items():
