@@ -112,3 +112,34 @@ def test_opening_a_ledger_again_in_one_process_keeps_other_processes_from_its_wa
         db_url], check=True)
     with holder.read() as s:  # what another process wrote is seen here
         assert sorted(s.scalars(select(ModelVersion.name))) == ["before", "other"]
+
+
+@pytest.mark.parametrize("args", [["status"], ["ingest", "{photos}"]])
+def test_another_programs_database_is_refused_and_left_byte_for_byte(tmp_path, photo_dir,
+                                                                     args):
+    """Before: `status --db sqlite:///<Label Studio's database>` exited 0 after adding
+    labelassist's tables to it (83 -> 101 tables)."""
+    import hashlib
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from labelassist.cli import app
+
+    foreign = tmp_path / "label_studio.sqlite3"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE task (id INTEGER PRIMARY KEY, data TEXT)")
+        conn.execute("INSERT INTO task (data) VALUES ('{}')")
+    conn.close()
+    before = hashlib.sha256(foreign.read_bytes()).hexdigest()
+
+    result = CliRunner().invoke(app, [a.format(photos=photo_dir) for a in args]
+                                + ["--db", f"sqlite:///{foreign}"], env={"LABELASSIST_DB": None})
+
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {foreign} is not a labelassist database (it has tables and no labelassist "
+        "schema revision): check --db or LABELASSIST_DB, or give a new file name"]
+    assert hashlib.sha256(foreign.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("label_studio")) \
+        == ["label_studio.sqlite3"]  # no -wal or -shm left beside it

@@ -16,7 +16,7 @@ from pathlib import Path
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DatabaseError as SQLAlchemyDatabaseError
@@ -107,24 +107,29 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def open_database(url: str) -> Database:
-    """Open `url`, creating or upgrading its schema; refuse one written by a newer labelassist."""
+    """Open `url`, creating or upgrading its schema; refuse one written by a newer
+    labelassist, and one another program wrote (tables but no labelassist revision)."""
     db = Database(url)
-    _refuse_a_file_that_is_not_sqlite(db)
+    _refuse_a_file_that_is_not_a_ledger(db)
     try:
         upgrade_schema(db)
     except SQLAlchemyDatabaseError as exc:  # OperationalError included
         db.dispose()
         raise DatabaseError(f"cannot open database {db.engine.url.render_as_string()}: "
                             f"{exc.orig}. Check --db or LABELASSIST_DB.") from None
+    except DatabaseError:
+        db.dispose()
+        raise
     return db
 
 
-def _refuse_a_file_that_is_not_sqlite(db: Database) -> None:
+def _refuse_a_file_that_is_not_a_ledger(db: Database) -> None:
     """Opening a text file or a spreadsheet as SQLite would fail deep inside, after
-    creating -wal and -shm files next to it: ask SQLite itself, read-only, first.
-    Never open() the file directly: closing any descriptor of a file drops all of this
-    process's POSIX locks on it, and a process that already holds the ledger open would
-    lose the locks that keep other processes from deleting its WAL."""
+    creating -wal and -shm files next to it; another program's SQLite file would be
+    switched to WAL and migrated. Ask SQLite itself, read-only, first, so that either is
+    left byte for byte. Never open() the file directly: closing any descriptor of a file
+    drops all of this process's POSIX locks on it, and a process that already holds the
+    ledger open would lose the locks that keep other processes from deleting its WAL."""
     import sqlite3
 
     path = db.engine.url.database if db.is_sqlite else None
@@ -134,7 +139,10 @@ def _refuse_a_file_that_is_not_sqlite(db: Database) -> None:
     probe = None
     try:
         probe = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True)
-        probe.execute("PRAGMA schema_version").fetchone()
+        tables = {name for (name,) in probe.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        revision = probe.execute("SELECT version_num FROM alembic_version").fetchone() \
+            if "alembic_version" in tables else None
     except sqlite3.DatabaseError as exc:
         if "not a database" not in str(exc):
             raise
@@ -144,6 +152,14 @@ def _refuse_a_file_that_is_not_sqlite(db: Database) -> None:
     finally:
         if probe is not None:
             probe.close()
+    if revision is None and tables - {"alembic_version"}:
+        db.dispose()
+        raise DatabaseError(_not_a_ledger(path))
+
+
+def _not_a_ledger(where: str) -> str:
+    return (f"{where} is not a labelassist database (it has tables and no labelassist "
+            "schema revision): check --db or LABELASSIST_DB, or give a new file name")
 
 
 def upgrade_schema(db: Database, revision: str = "head") -> None:
@@ -159,6 +175,8 @@ def upgrade_schema(db: Database, revision: str = "head") -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
         current = _current_revision(conn)
+        if current is None and set(inspect(conn).get_table_names()) - {"alembic_version"}:
+            raise DatabaseError(_not_a_ledger(db.engine.url.render_as_string()))
         if current is not None and current not in known:
             raise DatabaseError(
                 f"database {db.engine.url.render_as_string()} was written by a newer "
