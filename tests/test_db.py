@@ -72,8 +72,11 @@ def test_reader_is_not_blocked_by_an_open_write_transaction(db):
 
 
 def test_unusable_url_gives_a_clear_error(tmp_path):
-    with pytest.raises(DatabaseError, match="not a database URL"):
-        open_database("no-such-scheme")
+    """A string without :// is a file path now (item 8); a URL still has to make sense."""
+    with pytest.raises(DatabaseError, match="'nosuchdialect://x' is not a database URL"):
+        open_database("nosuchdialect://x")
+    with pytest.raises(DatabaseError, match="'://x' is not a database URL"):
+        open_database("://x")
     with pytest.raises(DatabaseError, match="cannot open database"):
         open_database(f"sqlite:///{tmp_path}/missing/dir/x.db")
 
@@ -137,9 +140,36 @@ def test_another_programs_database_is_refused_and_left_byte_for_byte(tmp_path, p
                                 + ["--db", f"sqlite:///{foreign}"], env={"LABELASSIST_DB": None})
 
     assert result.exit_code == 1, result.output
-    assert result.output.strip().splitlines() == [
+    assert result.output.strip().splitlines() == [(
         f"error: {foreign} is not a labelassist database (it has tables and no labelassist "
-        "schema revision): check --db or LABELASSIST_DB, or give a new file name"]
+        "schema revision): check --db or LABELASSIST_DB, or give a new file name")]
     assert hashlib.sha256(foreign.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("label_studio")) \
         == ["label_studio.sqlite3"]  # no -wal or -shm left beside it
+
+
+def test_a_plain_path_is_an_sqlite_file_everywhere(tmp_path, monkeypatch, photo_dir):
+    """Before: `--db labelassist.db` said "not a database URL", while the workspace file
+    and `init --db` took a plain path."""
+    from typer.testing import CliRunner
+
+    from labelassist.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    env = {"LABELASSIST_DB": None}
+    runner = CliRunner()
+
+    ingested = runner.invoke(app, ["ingest", str(photo_dir), "--db", "mine.db"], env=env)
+    status = runner.invoke(app, ["status", "--db", str(tmp_path / "mine.db")], env=env)
+    from_env = runner.invoke(app, ["status"], env={"LABELASSIST_DB": "mine.db"})
+    missing = runner.invoke(app, ["status", "--db", "nope.db"], env=env)
+
+    assert ingested.exit_code == 0, ingested.output
+    assert (tmp_path / "mine.db").is_file()
+    assert status.exit_code == 0 and "files: 24" in status.output, status.output
+    assert from_env.exit_code == 0 and "files: 24" in from_env.output, from_env.output
+    assert missing.exit_code == 1
+    assert f"no labelassist database at {tmp_path / 'nope.db'}" in missing.output
+    db = open_database(str(tmp_path / "mine.db"))  # the Python API too
+    assert schema_revision(db) == "0009"
+    db.dispose()

@@ -40,9 +40,16 @@ app = typer.Typer(
     rich_markup_mode=None)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+def as_database_url(value: str) -> str:
+    """--db: a plain path means an SQLite file; every command then sees a URL."""
+    from ..db import database_url
+
+    return database_url(value)
+
+
 DbOpt = Annotated[str, typer.Option(
-    "--db", envvar="LABELASSIST_DB", help="Database URL, e.g. sqlite:///labelassist.db or "
-    "postgresql+psycopg://host/db.")]
+    "--db", envvar="LABELASSIST_DB", callback=as_database_url, help="Database: an SQLite "
+    "file (labelassist.db) or a URL, e.g. postgresql+psycopg://host/db.")]
 LabelsOpt = Annotated[Path, typer.Option("--labels", "-l", help="Label file (TOML): classes, "
                                          "their descriptions and templates. See --help.")]
 ModelOpt = Annotated[Optional[str], typer.Option(

@@ -18,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.exc import DatabaseError as SQLAlchemyDatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,16 +40,30 @@ def alembic_config() -> Config:
     return cfg
 
 
+URL_EXAMPLES = "give a file such as labelassist.db, or a URL such as postgresql+psycopg://host/db"
+
+
+def database_url(url_or_path: str) -> str:
+    """A database URL as given; a plain path (no ://) means an SQLite file, as it does
+    in labelassist.toml and `init --db`."""
+    if not url_or_path or "://" in url_or_path:
+        return url_or_path
+    return f"sqlite:///{Path(url_or_path).expanduser().absolute()}"
+
+
 class Database:
     """An engine plus two session factories: `read()` and `write()`."""
 
     def __init__(self, url: str):
-        self.url = url
+        self.url = url = database_url(url)
         try:
             parsed = make_url(url)
+            parsed.get_dialect()
+        except NoSuchModuleError:
+            raise DatabaseError(f"--db {url!r} is not a database URL: SQLAlchemy knows no "
+                                f"{parsed.drivername!r} ({URL_EXAMPLES})") from None
         except ArgumentError:
-            raise DatabaseError(f"--db {url!r} is not a database URL "
-                                "(try sqlite:///labelassist.db)") from None
+            raise DatabaseError(f"--db {url!r} is not a database URL ({URL_EXAMPLES})") from None
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}} if self.is_sqlite \
             else {"pool_pre_ping": True}
@@ -96,9 +110,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def sqlite_file(url: str) -> Path | None:
-    """The file behind an SQLite URL (None for another database, memory or a bad URL)."""
+    """The file behind an SQLite URL or a plain path (None for another database, memory
+    or a bad URL)."""
     try:
-        parsed = make_url(url)
+        parsed = make_url(database_url(url))
     except ArgumentError:
         return None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
