@@ -145,6 +145,12 @@ def _parse_classes(raw, fail) -> dict[str, tuple[str, ...]]:
                 cleaned.append(d)
             owner[d] = name
         classes[name] = tuple(cleaned)
+    if len(classes) == 1:
+        (name,) = classes
+        raise fail(f"only one class ('{name}'): a softmax over one class is always 1.0, "
+                   f"so every image would be '{name}' with full confidence. Add the "
+                   "classes to tell apart, or an \"other\" class for everything else "
+                   "(e.g. other = [\"something else\"])", name)
     return classes
 
 

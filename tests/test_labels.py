@@ -14,7 +14,8 @@ def test_members_and_templates_are_parsed_in_order():
 
 def test_default_template_and_plain_descriptions():
     assert parse_label_text('[classes]\na = ["x"]\nb = ["y"]').templates == ("a photo of a {}.",)
-    plain = parse_label_text('templates = ["{}"]\n[classes]\na = ["a red {curly} thing"]')
+    plain = parse_label_text('templates = ["{}"]\n[classes]\na = ["a red {curly} thing"]\n'
+                             'b = ["blue"]')
     assert plain.prompts_for("a red {curly} thing") == ["a red {curly} thing"]
 
 
@@ -53,3 +54,20 @@ def test_fingerprint_changes_with_prompts_not_with_formatting():
 def test_example_label_file_describes_wild_by_its_members():
     labels = load_label_file("examples/animals/labels.toml")
     assert labels.classes["wild"] == ("lion", "tiger", "wolf", "fox")
+
+
+@pytest.mark.parametrize("text, line", [('[classes]\ncat = ["cat", "kitten"]\n', 2),
+                                        ('templates = ["{}"]\n[classes]\nonly = "x"\n', 3)])
+def test_a_label_file_with_one_class_is_refused_saying_why_and_what_to_do(tmp_path, text,
+                                                                          line):
+    """Before: accepted, and every image got confidence 1.0 (a softmax over one class)."""
+    path = tmp_path / "labels.toml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as refused:
+        load_label_file(path)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}, line {line}: only one class")
+    assert "always 1.0" in message and '"other"' in message
