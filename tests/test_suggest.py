@@ -60,8 +60,15 @@ def test_vague_descriptions_get_members_that_are_right_on_unreviewed_images(tmp_
                                                    EXAMPLES / "labels-vague.toml")
     out = tmp_path / "proposed.toml"
 
+    # A label file written by hand is never overwritten without --force
+    out.write_text("# mine\n")
+    kept = runner.invoke(app, ["suggest", "--db", db_url, "--vocabulary", "toyworld", "--out",
+                               str(out), "--model", str(toy_model_dir)])
+    assert kept.exit_code == 1 and "--force" in kept.output, kept.output
+    assert out.read_text() == "# mine\n"
+
     said = invoke("suggest", "--db", db_url, "--vocabulary", "toyworld", "--out", out,
-                  "--model", toy_model_dir, "--resolve", "majority")
+                  "--model", toy_model_dir, "--resolve", "majority", "--force")
 
     proposed = load_label_file(out)  # a label file like any other
     assert proposed.templates == load_label_file(EXAMPLES / "labels-vague.toml").templates

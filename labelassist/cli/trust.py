@@ -82,8 +82,11 @@ def suggest(
         help="Candidate descriptions: a file with one a line, or a shipped one: imagenet "
         "(the 1,000 ImageNet class names) or toyworld. Default: toyworld for the toy "
         "model, else imagenet. The current descriptions are always candidates too.")] = None,
-    out: Annotated[Path, typer.Option(help="Where to write the proposed label file.")] =
+    out: Annotated[Path, typer.Option(help="Where to write the proposed label file (an "
+                                      "existing file is kept unless --force).")] =
     Path("proposed.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
+    = False,
     model: ModelOpt = None,
     resolve: ResolveBriefOpt = "majority",
 ) -> None:
@@ -97,11 +100,15 @@ def suggest(
 
     Example: labelassist suggest --vocabulary words.txt  (then: predict --labels proposed.toml)
     """
+    from ..errors import ConfigError
     from ..model.load import load_model
     from ..trust.suggest import store_suggestion, write_proposal
     from ..trust.suggest import suggest as run_suggest
     from ..trust.vocabulary import load_vocabulary
 
+    if out.exists() and not force:  # refused before minutes of work, and before a write
+        raise ConfigError(f"{out} exists (a label file of yours?): pass another --out, or "
+                          "--force to overwrite it")
     database = open_db(db)
     base = zero_shot_version(database, version)
     words = load_vocabulary(vocabulary, base.model_id)
