@@ -221,7 +221,7 @@ def test_unsafe_class_names_and_colliding_file_names_stay_inside(db, tiny_model,
     for i, d in enumerate(["x", "y", "x", "y", "x", "y"]):
         shape_image(i).save(photos / d / f"same{i // 2}.png")  # same names in x/ and y/
     ingest(db, [photos])
-    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\n'))
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
     with db.read() as s:
         ids = s.scalars(select(Image.id).order_by(Image.id)).all()
     # ids follow the sorted walk: x/same0, x/same1, x/same2, y/same0, y/same1, y/same2
@@ -341,3 +341,25 @@ def test_include_auto_takes_its_thresholds_from_reviews_resolved_by_the_same_pol
 
     assert plan.thresholds == {c: t["threshold"] for c, t in latest.items()
                                if t["threshold"] is not None}
+
+
+def test_a_long_file_name_is_shortened_in_its_stem_never_its_extension(db, tiny_model, tmp_path):
+    """imagefolder loaders go by the extension: a name cut inside it is an image lost."""
+    photos = tmp_path / "long"
+    photos.mkdir()
+    long_stem = "é" * 60 + "x" * 80  # 200 bytes of stem
+    shape_image(1).save(photos / f"{long_stem}.jpeg")
+    shape_image(2).save(photos / f"{long_stem}.png")
+    ingest(db, [photos])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+    with db.read() as s:
+        ids = s.scalars(select(Image.id)).all()
+    for n, image_id in enumerate(ids):
+        add_annotation(db, image_id, "cat", n=n)
+
+    E.export(db, tmp_path / "out", "imagefolder", split="1")
+
+    names = sorted(p.name for p in (tmp_path / "out" / "train" / "cat").iterdir())
+    assert [os.path.splitext(n)[1] for n in names] == [".jpeg", ".png"]
+    assert all(len(n.encode()) <= E.NAME_BYTES for n in names)
+    assert all(n.startswith("é" * 10) for n in names)

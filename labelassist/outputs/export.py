@@ -96,13 +96,22 @@ def split_of(sha256: str, fractions: tuple[float, ...], seed: int) -> str:
     return names[-1]
 
 
-def safe_name(name: str, fallback: str = "_") -> str:
-    """A file or folder name that cannot escape OUT or trouble any filesystem."""
+NAME_BYTES = 120  # well under every filesystem's 255, with room for a "-<sha>-2" tag
+
+
+def safe_name(name: str, fallback: str = "_", tag: str = "") -> str:
+    """A file or folder name that cannot escape OUT or trouble any filesystem, at most
+    NAME_BYTES long. A long name is cut in its stem, before `tag` and the extension: an
+    imagefolder loader goes by the extension, so a name cut inside it is an image lost."""
     name = unicodedata.normalize("NFC", name)
     name = re.sub(r"[\x00-\x1f\x7f/\\:*?\"<>|]", "_", name).strip().strip(".")
-    if not name or name.lower().split(".")[0] in RESERVED:
-        name = f"{name or fallback}_"
-    return name.encode("utf-8")[:120].decode("utf-8", "ignore") or fallback
+    stem, ext = os.path.splitext(name)
+    if len(ext.encode()) > 16:  # no image extension: a dot in a class name, say
+        stem, ext = name, ""
+    if not stem or stem.lower().split(".")[0] in RESERVED:
+        stem = f"{stem or fallback}_"
+    room = NAME_BYTES - len(f"{tag}{ext}".encode())
+    return (stem.encode()[:room].decode("utf-8", "ignore") or fallback) + tag + ext
 
 
 def class_folders(labels: list[str]) -> dict[str, str]:
@@ -316,14 +325,14 @@ class DatasetWriter:
     def place(self, row: Row, split: str) -> str:
         """A relative path inside OUT that no other row has, even case-blind."""
         folder = f"{split}/{self.folders[row.label]}"
-        name = safe_name(Path(row.source_path).name, "image")
-        rel = f"{folder}/{name}"
+        source = Path(row.source_path).name
+        rel = f"{folder}/{safe_name(source, 'image')}"
         if not self._claim(rel):
-            stem, ext = os.path.splitext(name)
-            rel = f"{folder}/{stem}-{row.sha256[:10]}{ext}"
+            rel = f"{folder}/{safe_name(source, 'image', f'-{row.sha256[:10]}')}"
             n = 2
             while not self._claim(rel):  # the same content under two names
-                rel, n = f"{folder}/{stem}-{row.sha256[:10]}-{n}{ext}", n + 1
+                rel = f"{folder}/{safe_name(source, 'image', f'-{row.sha256[:10]}-{n}')}"
+                n += 1
         target = (self.root / rel).resolve()
         if self._real_root not in target.parents:  # never, but never is the point
             raise ExportError(f"refusing to write {target} outside the export folder")
