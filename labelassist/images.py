@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,12 @@ REASONS = {
     "corrupt": "corrupt image data",
     "missing": "file is gone",
     "changed": "file changed since ingest",
+    "not_a_file": "not a regular file",
 }
 
 
 # Reasons about the file, not the bytes: the next ingest or predict tries again.
-TRANSIENT = frozenset({"missing", "unreadable", "changed"})
+TRANSIENT = frozenset({"missing", "unreadable", "changed", "not_a_file"})
 
 
 class BadImage(Exception):
@@ -146,13 +148,54 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
 
 
 def read_bytes(path: str | bytes) -> bytes:
+    """The whole of a regular file, and not a byte past the size that stat gives."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        fh, size = open_regular(path)
+        with fh:
+            return read_stated(fh, size)
     except FileNotFoundError:
         raise BadImage("missing", os.fsdecode(path)) from None
     except OSError as exc:
         raise BadImage("unreadable", exc.strerror or str(exc)) from None
+
+
+def file_kind(mode: int) -> str | None:
+    """What a path that is no regular file is (None for a regular file): a FIFO blocks
+    its reader for ever and a device such as /dev/zero never ends, so neither is read."""
+    for test, kind in ((stat.S_ISREG, None), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str | bytes):
+    """(file object, size from fstat) for a regular file; BadImage("not_a_file") for the
+    rest. Opened non-blocking, so a path swapped for a FIFO after a stat cannot hang."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        kind = file_kind(st.st_mode)
+        if kind is not None:
+            raise BadImage("not_a_file", f"{kind}, not a regular file")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_stated(fh, size: int) -> bytes:
+    """Exactly `size` bytes (what stat gave): a file that grows or shrinks meanwhile is
+    "changed", never read without end."""
+    data = fh.read(size)
+    if len(data) < size:
+        raise BadImage("changed", f"shrank below the {size:,} bytes that stat gave while it was read")
+    if fh.read(1):
+        raise BadImage("changed", f"grew past the {size:,} bytes that stat gave while it was read")
+    return data
 
 
 @dataclass(frozen=True)

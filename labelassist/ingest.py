@@ -35,8 +35,11 @@ from .images import (
     TRANSIENT,
     BadImage,
     ImageInfo,
+    file_kind,
     inspect_image,
     open_image,
+    open_regular,
+    read_stated,
 )
 
 Progress = Callable[[int, int], None]
@@ -172,16 +175,22 @@ def _stat(path_b: bytes) -> _Seen:
         st = os.stat(path_b)
     except OSError as exc:
         return _Seen(text, raw, fs_path, 0, 0, ("unreadable", exc.strerror or str(exc)))
+    kind = file_kind(st.st_mode)
+    if kind is not None:  # never opened: a FIFO would block, /dev/zero never ends
+        return _Seen(text, raw, fs_path, 0, st.st_mtime_ns,
+                     ("not_a_file", f"{kind}, not a regular file"))
     return _Seen(text, raw, fs_path, st.st_size, st.st_mtime_ns)
 
 
 def _check(seen: _Seen, max_pixels: int) -> _Checked:
-    """Header first (a file that is no image is never read whole), then hash and decode."""
+    """Header first (a file that is no image is never read whole), then hash and decode.
+    Reads stop at the size that the walk's stat gave."""
     if seen.error:
         return _Checked(seen, None, None, seen.error)
     sha = None
     try:
-        with open(seen.fs_path, "rb") as fh:
+        fh, _ = open_regular(seen.fs_path)
+        with fh:
             if seen.size:
                 try:
                     open_image(fh, max_pixels)  # reads only as far as the header
@@ -189,13 +198,13 @@ def _check(seen: _Seen, max_pixels: int) -> _Checked:
                     if bad.reason in ("not_an_image", "decompression_bomb"):
                         raise
                 fh.seek(0)  # other header trouble is judged on the bytes, below
-            data = fh.read()
+            data = read_stated(fh, seen.size)
         sha = hashlib.sha256(data).hexdigest()
         return _Checked(seen, sha, inspect_image(data, max_pixels), None)
     except BadImage as bad:
         return _Checked(seen, sha, None, (bad.reason, bad.detail))
     except FileNotFoundError:
-        return _Checked(seen, None, None, ("missing", os.fsdecode(seen.fs_path)))
+        return _Checked(seen, None, None, ("missing", seen.path))
     except OSError as exc:
         return _Checked(seen, None, None, ("unreadable", exc.strerror or str(exc)))
 

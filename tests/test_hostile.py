@@ -138,3 +138,55 @@ def test_unreadable_permissions(tmp_path):
     assert files["secret.jpg"].error == "unreadable"
     assert "ermission" in files["secret.jpg"].error_detail
     assert files["open.jpg"].error is None
+
+
+INGEST_IN_A_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # a runaway read fails, not the box
+from labelassist.db import open_database
+from labelassist.ingest import ingest
+ingest(open_database(sys.argv[1]), [sys.argv[2]], processes=sys.argv[3] == "processes", workers=2)
+"""
+
+
+@pytest.mark.parametrize("checker", ["threads", "processes"])
+def test_a_fifo_and_a_link_to_a_device_are_recorded_not_read(tmp_path, checker):
+    """A FIFO would block its reader for ever and /dev/zero never ends: only regular files
+    are read. Ingest runs in a child with a deadline so that a hang fails this test."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "special"
+    root.mkdir()
+    shape_image(6).save(root / "good.png")
+    os.mkfifo(root / "x.png")
+    os.symlink("/dev/zero", root / "z.png")
+    url = f"sqlite:///{tmp_path / 'special.db'}"
+    child = subprocess.Popen([sys.executable, "-c", INGEST_IN_A_CHILD, url, str(root), checker],
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, 9)  # its pool workers too, which would hang on after it
+        child.communicate()
+        pytest.fail("ingest hung on a FIFO or a device")
+    assert child.returncode == 0, stderr[-2000:]
+    files = by_name(open_database(url))
+    assert files["good.png"].error is None
+    assert files["x.png"].error == "not_a_file" and "FIFO" in files["x.png"].error_detail
+    assert files["z.png"].error == "not_a_file"
+    assert "character device" in files["z.png"].error_detail
+
+
+def test_a_file_is_read_only_as_far_as_stat_said(tmp_path):
+    """A file that grows between stat and read is not read past its stated size."""
+    from labelassist.ingest import _check, _stat
+
+    path = tmp_path / "growing.png"
+    shape_image(7).save(path)
+    seen = _stat(os.fsencode(path))
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 1000)
+    checked = _check(seen, max_pixels=10**8)
+    assert checked.error[0] == "changed" and "grew past" in checked.error[1]
+
