@@ -98,6 +98,7 @@ def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAU
     found = (_stat(path) for root in roots for path in _image_paths(root))
     summary = IngestSummary()
     done = 0
+    mark_non_utf8_paths(db)
     with _checker(total, workers, processes) as pool:
         check = partial(_check, max_pixels=max_pixels)
         inflight: deque = deque()
@@ -123,6 +124,33 @@ def retry_transient_failures(db: Database) -> None:
     with db.write() as session:
         session.execute(update(Image).where(Image.error.in_(TRANSIENT))
                         .values(error=None, error_detail=None))
+
+
+def mark_non_utf8_paths(db: Database) -> None:
+    """Older versions stored a non-UTF-8 path as its plain escape, which a real file name
+    can spell: give those rows their marked text before a real file claims the plain one.
+    Only rows with a raw_path are read, and only the unmarked ones are written."""
+    with db.write() as session:
+        for file in session.scalars(select(File).where(File.raw_path.is_not(None))):
+            text = text_path(file.raw_path)
+            if file.path != text:
+                file.path = text
+
+
+def text_path(path_b: bytes) -> str:
+    """The text stored (and shown) for a path whose bytes are not UTF-8. Its bad bytes read
+    as \\xNN and its own backslashes are doubled, so two raw paths never read alike; and
+    its name follows a doubled slash, which no absolute path from the walk has (os.walk
+    and abspath leave none, apart from a leading "//"), so it cannot be a real UTF-8
+    path either: the bytes b"/p/caf\\xe9.png" read "/p//caf\\xe9.png", while a file
+    literally named "caf\\xe9.png" is "/p/caf\\xe9.png". Path() and basename() read both
+    as people expect; the filesystem is reached through raw_path."""
+    head, name = os.path.split(path_b)
+    return f"{_escape(head)}//{_escape(name)}"
+
+
+def _escape(part: bytes) -> str:
+    return part.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 def _checker(count: int, workers: int | None, processes: bool | None) -> Executor:
@@ -168,7 +196,7 @@ def _stat(path_b: bytes) -> _Seen:
         text = path_b.decode("utf-8")
         raw = None
     except UnicodeDecodeError:
-        text = path_b.decode("utf-8", "backslashreplace")
+        text = text_path(path_b)
         raw = path_b
     fs_path = text if raw is None else path_b
     try:

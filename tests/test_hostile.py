@@ -190,3 +190,49 @@ def test_a_file_is_read_only_as_far_as_stat_said(tmp_path):
     checked = _check(seen, max_pixels=10**8)
     assert checked.error[0] == "changed" and "grew past" in checked.error[1]
 
+
+def test_a_non_utf8_name_and_its_escape_spelled_out_are_two_files(db, tmp_path):
+    """b"caf\\xe9.png" and a file literally named "caf\\\\xe9.png" read alike; so do two
+    non-UTF-8 names that differ only in where the backslash is. Each is its own file."""
+    root = tmp_path / "names"
+    root.mkdir()
+    raw = [os.path.join(os.fsencode(root), name)
+           for name in (b"caf\xe9.png", b"a\xe9\\xe9.png", b"a\\xe9\xe9.png")]
+    for n, path in enumerate(raw):
+        shape_image(10 + n).save(path)
+    shape_image(20).save(root / "caf\\xe9.png")
+
+    first = ingest(db, [root])
+    again = ingest(db, [root])
+
+    assert (first.added, first.error_count) == (4, 0)
+    assert (again.unchanged, again.added, again.changed) == (4, 0, 0)
+    with db.read() as s:
+        rows = s.scalars(select(File)).all()
+    assert sorted(r.raw_path for r in rows if r.raw_path) == sorted(raw)
+    assert len({r.path for r in rows}) == 4 and len({r.sha256 for r in rows}) == 4
+    shown = sorted(os.path.basename(r.path) for r in rows)
+    assert shown.count("caf\\xe9.png") == 2  # people still read the name as before
+
+
+def test_a_ledger_from_before_marked_names_still_ingests(db, tmp_path):
+    """Rows written when a non-UTF-8 name was stored as its plain escape do not block the
+    file that is literally named so."""
+    from sqlalchemy import update
+
+    root = tmp_path / "legacy"
+    root.mkdir()
+    raw = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    shape_image(30).save(raw)
+    ingest(db, [root])
+    escaped = raw.decode("utf-8", "backslashreplace")
+    with db.write() as s:  # as older versions recorded it
+        s.execute(update(File).values(path=escaped))
+    shape_image(31).save(root / "caf\\xe9.png")
+
+    summary = ingest(db, [root])
+
+    assert (summary.added, summary.unchanged, summary.error_count) == (1, 1, 0)
+    with db.read() as s:
+        paths = {r.raw_path: r.path for r in s.scalars(select(File))}
+    assert paths[None] == escaped and paths[raw] != escaped
