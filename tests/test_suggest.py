@@ -152,3 +152,16 @@ def test_vocabularies_and_the_pieces_of_the_procedure(tmp_path):
     expected = [roc_auc_score([1] * 7 + [0] * 9, np.concatenate([pos[:, j], neg[:, j]]))
                 for j in range(3)]
     assert np.allclose(auc(pos, neg), expected)
+
+
+def test_a_proposal_that_takes_recall_from_any_class_is_refused():
+    """A user's `pets = ["lizard"]`: more held-out accuracy overall, by predicting the
+    majority class more often, with two classes falling to 0% recall."""
+    from labelassist.trust.suggest import recall_lost
+
+    gained_by_starving = {"cats": {"current": 0.5, "proposed": 0.0, "reviews": 10},
+                          "dogs": {"current": 0.8, "proposed": 1.0, "reviews": 50},
+                          "pets": {"current": 0.4, "proposed": 0.3, "reviews": 10}}
+    assert recall_lost(gained_by_starving) == ["cats", "pets"]
+    assert recall_lost({"warm": {"current": 0.33, "proposed": 0.94, "reviews": 18},
+                        "cool": {"current": 0.91, "proposed": 1.0, "reviews": 22}}) == []

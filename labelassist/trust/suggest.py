@@ -87,6 +87,12 @@ def suggest(db: Database, model, version: ModelVersion, vocabulary: list[str], *
                           f"broken (one-sided sign test p = {held_out['p_value']:.2f}, "
                           f"needs < {MAX_P})")
         return summary
+    lost = recall_lost(summary.recall)
+    if lost:
+        summary.reason = ("the proposal gains by taking recall from " + ", ".join(
+            f"{c} ({summary.recall[c]['current']:.0%} -> {summary.recall[c]['proposed']:.0%})"
+            for c in lost) + " on held-out reviews: a class must never lose what it had")
+        return summary
     mode, _, _, additions, retired = choose(x, y, len(classes), cur, cand, scorer)
     if mode == "keep":
         summary.reason = "on all reviews together, the current descriptions do best"
@@ -97,6 +103,13 @@ def suggest(db: Database, model, version: ModelVersion, vocabulary: list[str], *
     summary.retired = [current.descriptions()[k] for k in sorted(retired)]
     summary.proposed = _proposed_label_set(current, classes, summary)
     return summary
+
+
+def recall_lost(recall: dict[str, dict]) -> list[str]:
+    """The classes whose held-out recall the proposal lowers (to zero, or at all): such a
+    proposal "gains" by predicting the other classes more often, which a user never
+    wants (a class described by an unrelated word ends at 0% recall)."""
+    return [c for c, r in recall.items() if r["proposed"] < r["current"]]
 
 
 def _embed_descriptions(model, current: LabelSet, words: list[str]):
