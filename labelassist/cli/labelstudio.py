@@ -37,9 +37,11 @@ def push(
              "machine with a known root, else upload.")] = "auto",
     ls_root: LsRootOpt = None,
     order: Annotated[str, typer.Option(
-        help="Which images become tasks first: ingest, random (a fixed shuffle: reviews "
-             "that are a fair sample, which accept's thresholds need), uncertain (lowest "
-             "margin first: where the model is weakest) or confident.")] = "ingest",
+        help="Which images become tasks first. random (the default): a fixed shuffle, so "
+             "reviewers who work in task order review a fair sample, which learn learns "
+             "fastest from and suggest and accept need (file names often sort by class: "
+             "ingest order would show one class first). ingest: as ingested; uncertain: "
+             "lowest margin first; confident: surest first.")] = "random",
     batch_size: Annotated[int, typer.Option(min=1, max=5000, help="Tasks per import request "
                                             "(Label Studio handles ~1,000 in 1.5 s).")] = 500,
 ) -> None:

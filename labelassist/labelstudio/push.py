@@ -71,7 +71,7 @@ ORDERS = {"ingest": Prediction.image_id, "uncertain": Prediction.margin,
 
 
 def push(db: Database, client: LabelStudioClient, version: ModelVersion, source: ImageSource,
-         *, title: str | None = None, order: str = "ingest", batch_size: int = BATCH,
+         *, title: str | None = None, order: str = "random", batch_size: int = BATCH,
          on_progress: Progress | None = None,
          on_wait: Callable[[str], None] | None = None) -> PushSummary:
     """Create a task per predicted image (with its prediction), and add this version's
