@@ -1,6 +1,7 @@
 """Push and pull against a real Label Studio server (started once per test session)."""
 
 import http.server
+from pathlib import Path
 import threading
 import time
 
@@ -125,9 +126,16 @@ def test_local_mode_refuses_images_outside_the_root(db, tiny_model, tmp_path, cl
     from .imagegen import write_shape_images
 
     write_shape_images(tmp_path / "elsewhere", 2)
-    with pytest.raises(LabelStudioError, match="--image-mode upload"):
+    with pytest.raises(LabelStudioError, match="--image-mode upload") as refused:
         push(db, client, predicted(db, tiny_model, tmp_path / "elsewhere"),
              ImageSource("local", label_studio.root), title=request.node.name)
+    # what works: Label Studio started with that folder linked in (a root of its own would
+    # get a 400 from Label Studio), or uploads
+    import re
+
+    named = Path(re.search(r"labelassist studio --root (\S+?)`", str(refused.value))[1])
+    image = Path(str(refused.value).split(" is not inside")[0])
+    assert named in image.parents and named != image.parent  # a folder below it holds it
 
 
 def annotate(client, task, label, *, accept=False, user=None, cancel=False, lead_time=2.5):

@@ -287,9 +287,10 @@ class _Pusher:
             if place is None and not self.source.came_from_label_studio(path):
                 raise LabelStudioError(
                     f"{path} is not inside a folder under Label Studio's local-files root "
-                    f"{self.source.root}: pass --ls-root with Label Studio's document root "
-                    "(`labelassist studio --root` links a folder into its own), or "
-                    "--image-mode upload")
+                    f"{self.source.root}: start Label Studio with a folder above it linked "
+                    f"in (`labelassist studio --root {Path(path).resolve().parent.parent}`), "
+                    "or push with --image-mode upload. (--ls-root must name Label Studio's "
+                    "own document root: any other folder gets a 400 from it)")
         self.ensure_storages({place[1] for place in places if place})
         fetched = [path for path, place in zip(paths, places) if place is None]
         uploaded = iter(upload_images(self.client, self.project.ls_project_id, fetched)
