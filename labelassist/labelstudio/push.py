@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from sqlalchemy import select, update
+from sqlalchemy import BigInteger, cast, select, update
 
 from ..db import Database
 from ..db.models import (
@@ -67,7 +67,8 @@ class PushSummary:
 # order set thresholds that held 65% precision where 99% was asked).
 ORDERS = {"ingest": Prediction.image_id, "uncertain": Prediction.margin,
           "confident": Prediction.confidence.desc(),
-          "random": (Prediction.image_id * 2654435761) % 4294967296}
+          # in 64 bits: PostgreSQL's 32-bit integer product overflows ("out of range")
+          "random": (cast(Prediction.image_id, BigInteger) * 2654435761) % 4294967296}
 
 
 def push(db: Database, client: LabelStudioClient, version: ModelVersion, source: ImageSource,
