@@ -133,6 +133,16 @@ def test_include_auto_adds_only_predictions_above_their_class_threshold(reviewed
     assert summary.excluded["unreviewed, below the trust threshold"] == 5 - len(expected)
 
 
+
+def predict_forty_shapes(db, tiny_model, tmp_path) -> None:
+    """40 pictures, ingested and predicted as cat or dog by the tiny model."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(40):
+        shape_image(i).save(photos / f"p{i:02d}.png")
+    ingest(db, [photos])
+    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+
 def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny_model,
                                                                       tmp_path):
     """A ledger where auto rows must appear: per class, reviewers confirmed the model on
@@ -141,12 +151,7 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
     from labelassist.trust.accept import accept_trusted
     from labelassist.trust.audit import audit
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(40):
-        shape_image(i).save(photos / f"p{i:02d}.png")
-    ingest(db, [photos])
-    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+    predict_forty_shapes(db, tiny_model, tmp_path)
     with db.read() as s:
         preds = s.scalars(select(Prediction)).all()
         version = s.get(ModelVersion, preds[0].model_version_id).name
@@ -314,12 +319,7 @@ def test_include_auto_takes_its_thresholds_from_reviews_resolved_by_the_same_pol
 
     from labelassist.trust.audit import audit
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(40):
-        shape_image(i).save(photos / f"p{i:02d}.png")
-    ingest(db, [photos])
-    predict(db, tiny_model, parse_label_text('[classes]\ncat = ["cat"]\ndog = ["dog"]\n'))
+    predict_forty_shapes(db, tiny_model, tmp_path)
     with db.read() as s:
         preds = sorted(s.scalars(select(Prediction)).all(), key=lambda p: p.confidence)
     old = datetime(2026, 1, 1, tzinfo=timezone.utc)
