@@ -144,6 +144,7 @@ def status(db: DbOpt = DEFAULT_DB) -> None:
             choice = version_choice(database, v.name)
             if choice:
                 out.print(f"{v.name} runs on {describe_choice(choice)}", markup=False)
+        print_out_of_set_counts(out, database, s.versions)
     if s.versions or s.workers:
         out.print(f"pushed to Label Studio: {s.versions[0].pushed if s.versions else 0:,}   "
                   f"reviewed: {s.versions[0].reviewed if s.versions else 0:,}", markup=False)
@@ -152,6 +153,20 @@ def status(db: DbOpt = DEFAULT_DB) -> None:
     for w in s.workers:
         out.print(f"  worker {w['id']} on {w['host']} pid {w['pid']}: {w['claims']} claimed, "
                   f"heartbeat {w['heartbeat_at']:%H:%M:%S}", markup=False)
+
+
+def print_out_of_set_counts(out: Console, database, versions) -> None:
+    """Per zero-shot version, the images that match none of its classes well (before any
+    review too: the flag push orders by, docs/trust.md)."""
+    from ..db.queries import resolve_version
+    from ..trust.outofset import flagged_images
+
+    for v in versions:
+        if v.kind == "zeroshot" and v.predicted:
+            n = len(flagged_images(database, resolve_version(database, v.name)))
+            out.print(f"{v.name} out of set: {n:,} images match none of the classes well "
+                      "(push sends them first; labelassist predictions shows which)",
+                      markup=False)
 
 
 def print_serve_status(out: Console, db: str) -> None:

@@ -238,28 +238,32 @@ def predictions(
     format: Annotated[str, typer.Option(help="jsonl or csv.")] = "jsonl",
 ) -> None:
     """Print one record per image to stdout: path, sha256, label, confidence, scores,
-    model_version.
+    model_version, similarity, and out_of_set (the image matches none of the classes well:
+    push sends it first, accept never takes it; docs/trust.md).
 
     Example: labelassist predictions --format csv > predictions.csv
     """
     from ..outputs.export import spreadsheet_safe
     from ..db.queries import prediction_records, resolve_version
+    from ..trust.outofset import flagged_images
 
     if format not in ("jsonl", "csv"):
         raise ConfigError(f"--format {format!r}: use jsonl or csv")
     database = open_db(db)
-    records = prediction_records(database, resolve_version(database, version))
+    chosen = resolve_version(database, version)
+    records = prediction_records(database, chosen, flagged=flagged_images(database, chosen))
     if format == "jsonl":
         for record in records:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         return
     fields = ["path", "sha256", "label", "confidence", "margin", "scores", "model_version",
-              "similarity"]
+              "similarity", "out_of_set"]
     writer = csv.DictWriter(sys.stdout, fieldnames=fields)
     writer.writeheader()
     for record in records:
-        writer.writerow(spreadsheet_safe({**record, "scores": json.dumps(record["scores"],
-                                                                           ensure_ascii=False)}))
+        writer.writerow(spreadsheet_safe({
+            **record, "scores": json.dumps(record["scores"], ensure_ascii=False),
+            "out_of_set": "true" if record["out_of_set"] else "false"}))
 
 
 @command()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from sqlalchemy import select
 
@@ -90,9 +90,10 @@ def first_paths(session, image_ids) -> dict[int, str]:
     return {image_id: path for image_id, (path, _) in first_files(session, image_ids).items()}
 
 
-def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -> Iterator[dict]:
+def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000,
+                       flagged: Container[int] = frozenset()) -> Iterator[dict]:
     """The prediction record (docs/formats.md, "Prediction records"): path, sha256, label, confidence,
-    margin, scores, model_version, similarity."""
+    margin, scores, model_version, similarity, out_of_set (the image is in `flagged`)."""
     query = (select(Prediction.id, Prediction, Image.sha256)
              .join(Image, Image.id == Prediction.image_id)
              .where(Prediction.model_version_id == version.id))
@@ -103,4 +104,5 @@ def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000) -
             yield {"path": paths.get(prediction.image_id), "sha256": sha,
                    "label": prediction.label, "confidence": prediction.confidence,
                    "margin": prediction.margin, "scores": prediction.scores,
-                   "model_version": version.name, "similarity": prediction.similarity}
+                   "model_version": version.name, "similarity": prediction.similarity,
+                   "out_of_set": prediction.image_id in flagged}

@@ -19,6 +19,7 @@ class VersionStatus:
     pushed: int
     reviewed: int
     auto_accepted: int
+    kind: str = "zeroshot"
 
 
 @dataclass
@@ -59,7 +60,7 @@ def workspace_status(db: Database) -> WorkspaceStatus:
             accepted = session.scalar(select(func.count()).where(
                 AutoAccept.model_version_id == version.id))
             versions.append(VersionStatus(version.name, predicted, max(0, usable - predicted),
-                                          pushed, reviewed, accepted))
+                                          pushed, reviewed, accepted, version.kind))
     return WorkspaceStatus(files, file_errors, images, image_errors, versions,
                            active_workers(db))
 

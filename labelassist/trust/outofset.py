@@ -152,6 +152,17 @@ def flagged_first(db: Database, version: ModelVersion, bars: dict[str, ClassBar]
     return case((is_flagged, 0), else_=1)
 
 
+def flagged_images(db: Database, version: ModelVersion,
+                   bars: dict[str, ClassBar] | None = None) -> dict[int, float | None]:
+    """image id -> similarity, for the images whose base prediction is flagged: what
+    `predictions`, `status` and the report's preview show before any review."""
+    base = base_version(db, version)
+    bars = class_bars(db, base) if bars is None else bars
+    with db.read() as s:
+        return dict(s.execute(select(Prediction.image_id, Prediction.similarity).where(
+            Prediction.model_version_id == base.id, flag_clause(Prediction, bars))).all())
+
+
 def out_of_set_summary(db: Database, version: ModelVersion, reviews: Reviews | None = None
                        ) -> dict:
     """For the report: how many images are flagged, and what reviewers said of those they

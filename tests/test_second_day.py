@@ -1,0 +1,115 @@
+"""The second day (issue 32): what the loop says about itself is true, and a version is
+described before anyone has reviewed it."""
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from labelassist.cli import app
+from labelassist.db.models import ModelVersion, Prediction
+from labelassist.db.queries import first_paths
+from labelassist.ingest import ingest
+from labelassist.labels import load_label_file
+from labelassist.model.load import load_model
+from labelassist.predict.run import predict
+from labelassist.toy import world as toyworld
+
+from .conftest import add_annotation
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "toyworld"
+
+
+def kind_of(path: str) -> str:
+    name = Path(path).name.split("_")[0]
+    return "junk" if name in toyworld.JUNK else "warm" if name in toyworld.WARM else "cool"
+
+
+@pytest.fixture
+def unreviewed(db, db_url, toy_model_dir, tmp_path):
+    """300 toy pictures and 30 of no class, predicted with the member descriptions; no
+    review yet."""
+    toyworld.write_images(tmp_path / "photos", 300, seed=51)
+    toyworld.write_junk(tmp_path / "photos" / "junk", 30, seed=52)
+    ingest(db, [tmp_path / "photos"])
+    model = load_model(str(toy_model_dir), device="cpu", dtype="fp32")
+    predict(db, model, load_label_file(EXAMPLES / "labels.toml"))
+    return db, db_url
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_predictions_carry_the_out_of_set_flag_before_any_review(unreviewed):
+    db, db_url = unreviewed
+    result = run("predictions", "--db", db_url)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 330 and all(isinstance(r["out_of_set"], bool) for r in records)
+    junk = [r["out_of_set"] for r in records if kind_of(r["path"]) == "junk"]
+    real = [r["out_of_set"] for r in records if kind_of(r["path"]) != "junk"]
+    assert sum(junk) >= 0.8 * len(junk) and sum(real) <= 0.03 * len(real)
+    csv_out = run("predictions", "--db", db_url, "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(csv_out)))
+    assert sum(r["out_of_set"] == "true" for r in rows) == sum(junk) + sum(real)
+
+    status = run("status", "--db", db_url)
+    assert status.exit_code == 0, status.output
+    assert f"out of set: {sum(junk) + sum(real)}" in status.output.replace(",", "")
+
+
+def test_report_describes_a_version_before_any_review(unreviewed, tmp_path):
+    db, db_url = unreviewed
+    flagged = {r["path"] for r in map(json.loads, run("predictions", "--db", db_url)
+                                      .stdout.splitlines()) if r["out_of_set"]}
+    html = tmp_path / "preview.html"
+    result = run("report", "--db", db_url, "--json", "-", "--html", html)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["reviewed"] == 0 and report["versions"] == []
+    preview = report["preview"][0]
+    with db.read() as s:
+        version = s.scalars(select(ModelVersion)).one()
+        labels = dict(s.execute(select(Prediction.label, func.count())
+                                .group_by(Prediction.label)).all())
+    assert report["model_version"] == preview["model_version"] == version.name
+    assert preview["predicted"] == 330
+    assert {c: n["count"] for c, n in preview["classes"].items()} == {
+        c: labels.get(c, 0) for c in version.label_set["classes"]}
+    assert sum(b["count"] for b in preview["confidence"]["bins"]) == 330
+    assert preview["out_of_set"]["flagged"] == len(flagged)
+    assert {e["path"] for e in preview["out_of_set"]["examples"]} <= flagged
+    assert len(preview["out_of_set"]["examples"]) == min(len(flagged), 60)
+    page = html.read_text()
+    assert "no review yet" in page.lower()
+    assert page.count('src="data:image/jpeg;base64,') == len(preview["out_of_set"]["examples"])
+
+
+def test_learn_says_how_many_predictions_the_ledger_holds_for_the_probe(
+        db, db_url, toy_model_dir, tmp_path):
+    toyworld.write_images(tmp_path / "photos", 120, seed=61)
+    ingest(db, [tmp_path / "photos"])
+    model = load_model(str(toy_model_dir), device="cpu", dtype="fp32")
+    predict(db, model, load_label_file(EXAMPLES / "labels-vague.toml"))
+    with db.read() as s:
+        ids = s.scalars(select(Prediction.image_id)).all()
+        paths = first_paths(s, ids)
+    for n, image_id in enumerate(random.Random(3).sample(list(ids), 80)):
+        truth = "warm" if Path(paths[image_id]).name.split("_")[0] in toyworld.WARM else "cool"
+        add_annotation(db, image_id, truth, n=n)
+    for _ in range(2):  # the second learn stores the same probe again: nothing new
+        result = run("learn", "--db", db_url, "--model", toy_model_dir)
+        assert result.exit_code == 0, result.output
+        with db.read() as s:
+            probe = s.scalars(select(ModelVersion).where(ModelVersion.kind == "probe")).one()
+            held = s.scalar(select(func.count()).where(
+                Prediction.model_version_id == probe.id))
+        assert held == 120
+        assert f"{probe.name} holds {held} predictions (80 reviewed" in result.output
