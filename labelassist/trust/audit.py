@@ -273,4 +273,4 @@ def review_effort(reviews, accepted: int, corrected: int) -> dict:
     times = sorted(h.lead_time for h in reviews.labels.values() if h.lead_time is not None)
     return {"accepted": accepted, "corrected": corrected, "skipped": len(reviews.skipped),
             "lead_time_mean": sum(times) / len(times) if times else None,
-            "lead_time_median": times[len(times) // 2] if times else None}
+            "lead_time_median": float(np.median(times)) if times else None}
