@@ -38,16 +38,28 @@ def report(
     precision/recall/F1, confusion matrix, calibration (ECE), the confidence above which
     each class reaches --target-precision, review effort and the disagreements; and the
     images that match none of the classes well (out of set: never auto-accepted).
+    Before any review it describes the version instead: the classes predicted, the spread
+    of confidence and the out-of-set images (with thumbnails in --html).
 
     Example: labelassist report --html audit.html --json audit.json
     """
+    from ..db.queries import resolve_version
+    from ..outputs.preview import preview_sections
     from ..outputs.report import write_html, write_json
-    from ..trust.audit import TrustOptions, audit
+    from ..trust.audit import NoReviews, TrustOptions, audit
 
     database = open_db(db)
     trust = TrustOptions(target_precision, min_support, resolve)
-    audits = audit(database, version, trust)
+    try:
+        audits, waiting = audit(database, version, trust), None
+    except NoReviews as exc:  # nothing reviewed yet: describe what predict found
+        audits, waiting = [], str(exc)
     sections = report_sections(database, audits, trust)
+    if waiting:
+        sections["preview"] = preview_sections(database,
+                                               [resolve_version(database, version).name])
+        print_previews(Console(highlight=False, soft_wrap=True, stderr=json_out == "-"),
+                       sections["preview"], waiting)
     print_report(Console(highlight=False, soft_wrap=True, stderr=json_out == "-"), audits,
                  sections)
     if json_out:
@@ -88,6 +100,22 @@ def print_report(out: Console, audits, sections: dict) -> None:
         print_session(out, section)
     for found in sections["suggestions"]:
         print_suggestion(out, found)
+
+
+def print_previews(out: Console, previews: list[dict], waiting: str) -> None:
+    for p in previews:
+        spread = p["confidence"]
+        out.print(f"{p['model_version']}: {p['predicted']:,} images predicted, no audit yet "
+                  f"({waiting})", markup=False)
+        out.print("  classes predicted: " + ", ".join(
+            f"{c} {v['count']:,} ({v['share']:.0%})" for c, v in p["classes"].items()
+            if v["count"]), markup=False)
+        if p["predicted"]:
+            out.print(f"  confidence: median {spread['median']:.2f}; 10% of images below "
+                      f"{spread['p10']:.2f}, 90% below {spread['p90']:.2f}", markup=False)
+        out.print(f"  out of set: {p['out_of_set']['flagged']:,} images match none of the "
+                  "classes well (labelassist predictions marks them; --html shows them)",
+                  markup=False)
 
 
 def print_out_of_set(out: Console, flagged: dict) -> None:

@@ -92,8 +92,8 @@ def first_paths(session, image_ids) -> dict[int, str]:
 
 def prediction_records(db: Database, version: ModelVersion, chunk: int = 2000,
                        flagged: Container[int] = frozenset()) -> Iterator[dict]:
-    """The prediction record (docs/formats.md, "Prediction records"): path, sha256, label, confidence,
-    margin, scores, model_version, similarity, out_of_set (the image is in `flagged`)."""
+    """The prediction record (docs/formats.md, "Prediction records"): path, sha256, label,
+    confidence, margin, scores, model_version, similarity, out_of_set (in `flagged`)."""
     query = (select(Prediction.id, Prediction, Image.sha256)
              .join(Image, Image.id == Prediction.image_id)
              .where(Prediction.model_version_id == version.id))

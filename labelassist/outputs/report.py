@@ -47,13 +47,17 @@ def learning_sections(db) -> list[dict]:
 # review session replayed (labelassist.trust.replay), what `suggest` found, and the images
 # flagged as matching no class (labelassist.trust.outofset), and the CPU runtime that `predict
 # --dtype auto` measured and chose (labelassist.predict).
-SECTIONS = ("learning", "session", "suggestions", "out_of_set", "runtimes")
+# `preview` describes a version before any review (labelassist.outputs.preview).
+SECTIONS = ("learning", "session", "suggestions", "out_of_set", "runtimes", "preview")
 
 
 def report_json(audits: list[VersionAudit], sections: dict[str, list] | None = None) -> dict:
     """The first audit's fields at the top level (the contract), every version in
-    `versions` for comparison, then each of SECTIONS (empty when not given)."""
-    primary = audits[0].to_json()
+    `versions` for comparison, then each of SECTIONS (empty when not given). Before any
+    review there is no audit: the previewed version and `reviewed: 0` stand at the top."""
+    previews = (sections or {}).get("preview") or []
+    primary = audits[0].to_json() if audits else {
+        "model_version": previews[0]["model_version"] if previews else None, "reviewed": 0}
     return {**primary, "versions": [a.to_json() for a in audits],
             **{name: (sections or {}).get(name) or [] for name in SECTIONS},
             "generated_at": datetime.now(timezone.utc).isoformat(),
@@ -94,6 +98,8 @@ def render_html(audits: list[VersionAudit], sections: dict[str, list] | None = N
               for d in a.disagreements[:THUMBNAILS] if d["path"]}
     thumbs.update({i["path"]: thumbnail(i["path"]) for section in sections["learning"]
                    for i in section.get("label_issues", [])[:THUMBNAILS] if i.get("path")})
+    thumbs.update({e["path"]: thumbnail(e["path"]) for p in sections["preview"]
+                   for e in p["out_of_set"]["examples"][:THUMBNAILS] if e.get("path")})
     return template.render(audits=[_finite(a.to_json()) for a in audits], thumbs=thumbs,
                            **sections, accuracy_of={a.model_version: a.accuracy for a in audits},
                            heat=heat_colour, generated=datetime.now(timezone.utc),

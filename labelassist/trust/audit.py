@@ -163,12 +163,16 @@ class TrustOptions:
             raise ConfigError("--target-precision must be in (0, 1], e.g. 0.99")
 
 
+class NoReviews(ConfigError):
+    """Nothing to audit yet: the report describes the predictions instead."""
+
+
 def audit(db: Database, version: str | None = None,
           trust: TrustOptions = TrustOptions()) -> list[VersionAudit]:
     """One audit per model_version with reviewed predictions (or just `version`)."""
     reviews = load_reviews(db, trust.policy)
     if not reviews.labels:
-        raise ConfigError("no reviewed images yet: push to Label Studio, review some tasks, "
+        raise NoReviews("no reviewed images yet: push to Label Studio, review some tasks, "
                           "then run labelassist pull")
     with db.read() as s:
         query = select(ModelVersion).order_by(ModelVersion.id)
@@ -180,7 +184,7 @@ def audit(db: Database, version: str | None = None,
     audits = [a for v in versions
               if (a := audit_version(db, v, reviews, trust))]
     if not audits:
-        raise ConfigError("none of the reviewed images has a prediction from "
+        raise NoReviews("none of the reviewed images has a prediction from "
                           f"{version or 'any model_version'}")
     return audits
 
