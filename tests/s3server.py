@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -68,9 +69,13 @@ def s3_server(log: Path | None = None, timeout: float = 30) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - outlives the with
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MOTO_"))}
-    env["MOTO_ENABLE_RECORDING"] = "true"
+    # The recorder writes its file in the working folder unless told where.
+    scratch = tempfile.mkdtemp(prefix="la-s3-")
+    env.update(MOTO_ENABLE_RECORDING="true",
+               MOTO_RECORDER_FILEPATH=os.path.join(scratch, "recording"))
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=out, stderr=out, start_new_session=True)
+                            env=env, stdout=out, stderr=out, cwd=scratch,
+                            start_new_session=True)
     try:
         _wait_until_up(proc, endpoint, timeout)
         _moto_api(endpoint, "recorder/start-recording")
@@ -85,6 +90,7 @@ def s3_server(log: Path | None = None, timeout: float = 30) -> Iterator[str]:
                 proc.wait()
         if log:
             out.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _wait_until_up(proc: subprocess.Popen, endpoint: str, timeout: float) -> None:
