@@ -10,7 +10,7 @@ def columns(db, table):
 
 
 def test_empty_database_upgrades_to_head(db):
-    assert schema_revision(db) == "0009"
+    assert schema_revision(db) == "0010"
     tables = set(inspect(db.engine).get_table_names())
     assert {"images", "files", "model_versions", "embeddings", "predictions", "ls_projects",
             "ls_tasks", "ls_predictions", "annotations", "auto_accepts", "workers",
@@ -25,7 +25,7 @@ def test_empty_database_upgrades_to_head(db):
     assert {"project_id", "image_id", "ls_task_id", "deleted_at"} <= columns(
         db, "ls_deleted_tasks")
     assert {"sha256", "size_bytes", "width", "height", "error"} <= columns(db, "images")
-    assert {"path", "raw_path", "image_id", "sha256", "size_bytes", "mtime_ns",
+    assert {"path", "raw_path", "image_id", "sha256", "size_bytes", "mtime_ns", "etag",
             "error"} <= columns(db, "files")
     assert {"label", "confidence", "margin", "scores", "similarity", "model_version_id"} <= columns(
         db, "predictions")
@@ -42,7 +42,7 @@ def test_older_database_is_upgraded_on_open(db_url):
 
     db = open_database(db_url)
 
-    assert schema_revision(db) == "0009"
+    assert schema_revision(db) == "0010"
     assert {"model_version_id", "image_id", "worker_id", "expires_at"} <= columns(db, "claims")
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT sha256 FROM images")).scalar() == "ab"
@@ -171,5 +171,5 @@ def test_a_plain_path_is_an_sqlite_file_everywhere(tmp_path, monkeypatch, photo_
     assert missing.exit_code == 1
     assert f"no labelassist database at {tmp_path / 'nope.db'}" in missing.output
     db = open_database(str(tmp_path / "mine.db"))  # the Python API too
-    assert schema_revision(db) == "0009"
+    assert schema_revision(db) == "0010"
     db.dispose()

@@ -65,6 +65,8 @@ class File(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    # An object's ETag (objectstore.py): it, not mtime, says the object changed. NULL on disk.
+    etag: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(String(32))
     error_detail: Mapped[str | None] = mapped_column(Text)
     first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
