@@ -506,7 +506,7 @@ def test_reviews_from_a_real_label_studio_flow_into_audit_learn_accept_and_expor
     assert real == len(audit["disagreements"])  # each one the model really got wrong
 
     learned = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir)])
-    assert learned.exit_code == 0 and "stored 30 predictions as probe@" in learned.output, \
+    assert learned.exit_code == 0 and " holds 90 predictions (60 reviewed" in learned.output, \
         learned.output
     probe = resolve_version(db).name
     to_probe = runner.invoke(app, ["push", "--db", db_url, "--version", probe, "--project",

@@ -161,7 +161,7 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
     runner = CliRunner()
     learned = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir)])
     assert learned.exit_code == 0, learned.output
-    assert "stored 50 predictions as probe@" in learned.output
+    assert " holds 150 predictions (100 reviewed images" in learned.output
     accepted = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.5",
                                    "--min-support", "5"])
     assert accepted.exit_code == 0, accepted.output
@@ -214,7 +214,7 @@ def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_di
 
     stored = runner.invoke(app, ["learn", "--db", db_url, "--model", str(toy_model_dir),
                                  "--store"])
-    assert stored.exit_code == 0 and "stored 50 predictions as probe@" in stored.output
+    assert stored.exit_code == 0 and " holds 150 predictions" in stored.output
     probe = resolve_version(db).name
     assert probe.startswith("probe@")
     refused = runner.invoke(app, ["learn", "--db", db_url, "--version", probe])

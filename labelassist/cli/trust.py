@@ -60,8 +60,9 @@ def print_learn_summary(s, store: bool) -> None:
               f"temperature {s.temperature:.2f}, ECE {s.ece_before:.3f} -> {s.ece_after:.3f}",
               markup=False)
     if s.stored_version:
-        out.print(f"stored {s.stored_predictions:,} predictions as {s.stored_version}: "
-                  f"labelassist push --version {s.stored_version}", markup=False)
+        out.print(f"{s.stored_version} holds {s.version_predictions:,} predictions "
+                  f"({s.reviews:,} reviewed images out of fold, the rest by the probe fit on "
+                  f"all reviews): labelassist push sends it", markup=False)
     elif not store:
         out.print("--no-store: nothing stored", markup=False)
     else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ..labels import LabelSet
 from ..db import Database, insert_ignoring_duplicates
@@ -46,7 +46,8 @@ class LearnSummary:
     ece_before: float
     ece_after: float
     stored_version: str | None = None
-    stored_predictions: int = 0
+    stored_predictions: int = 0  # unreviewed images predicted by this call
+    version_predictions: int = 0  # what the ledger holds for stored_version, in all
     label_issues: list[dict] = field(default_factory=list)
     learning_curve: list[dict] = field(default_factory=list)
 
@@ -177,6 +178,10 @@ def learn(db: Database, model, version: ModelVersion, *, policy: str = "majority
         held_out = dict(zip(ids, to_predictions(probs, classes)))
         summary.stored_version, summary.stored_predictions = store_probe(
             db, version, text, w, b, temperature, held_out, summary)
+        with db.read() as s:  # the same probe learned again stores nothing new
+            summary.version_predictions = s.scalar(select(func.count()).where(
+                Prediction.model_version_id == ModelVersion.id,
+                ModelVersion.name == summary.stored_version))
     return summary
 
 
