@@ -111,3 +111,39 @@ def test_learn_says_how_many_predictions_the_ledger_holds_for_the_probe(
         held = s.scalar(select(func.count()).where(Prediction.model_version_id == probe.id))
     assert held == 120  # 80 reviewed, out of fold, and 40 others: it said "stored 40"
     assert f"{probe.name} holds {held} predictions (80 reviewed" in result.output
+
+
+def clean_env(home: Path) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABELASSIST_", "LABEL_STUDIO_")) and k != "CI"}
+    return {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": "",
+            "XDG_DATA_HOME": ""}
+
+
+def test_predict_on_openvino_writes_nothing_outside_the_workspace_and_cache(
+        tiny_clip_dir, photo_dir, labels_file, tmp_path):
+    """OpenVINO's telemetry wrote ~/intel/openvino_ga_cid on every import (issue 32)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(home)
+    db = tmp_path / "ws" / "labelassist.db"
+    db.parent.mkdir()
+    cli = [str(Path(sys.executable).parent / "labelassist")]
+    for args in (["ingest", str(photo_dir), "--db", str(db)],
+                 ["predict", "--labels", str(labels_file), "--model", str(tiny_clip_dir),
+                  "--dtype", "ov-fp32", "--db", str(db)]):
+        done = subprocess.run(cli + args, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-c", "from labelassist.model.openvino import "
+                           "require_nncf; require_nncf()"], env=env, timeout=300,
+                          capture_output=True, text=True)  # int8 calibration's import
+    assert done.returncode == 0, done.stderr
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    assert not [p for p in written if not p.startswith(".cache/")], written

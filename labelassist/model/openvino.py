@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,12 +27,31 @@ PRECISIONS = {"ov-bf16": "bf16", "ov-fp32": "f32", "ov-int8": "f32"}  # int8: th
 INSTALL_HINT = "pip install 'labelassist[openvino]'"
 
 
+def no_telemetry() -> None:
+    """OpenVINO and NNCF send usage telemetry when `openvino_telemetry` imports, and its
+    first import writes ~/intel/openvino_ga_cid and ~/intel/stats. Both fall back to a
+    silent stub when it cannot be imported: labelassist writes nothing outside the
+    workspace, the cache and Label Studio's data folder, and sends nothing."""
+    sys.modules.setdefault("openvino_telemetry", None)  # None: its import fails
+
+
 def require_openvino():
+    no_telemetry()
     try:
         import openvino
     except ImportError:
         raise ModelLoadError(f"the OpenVINO runtime is not installed: {INSTALL_HINT}") from None
     return openvino
+
+
+def require_nncf():
+    no_telemetry()
+    try:
+        import nncf
+    except ImportError:
+        raise ModelLoadError(f"int8 needs NNCF, which is not installed: {INSTALL_HINT}") \
+            from None
+    return nncf
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,11 +148,7 @@ def quantise_tower(fp32_ir: Path, model_key: str, tag: str,
     target = quantised_tower_path(model_key, tag)
     if target.is_file():
         return target
-    try:
-        import nncf
-    except ImportError:
-        raise ModelLoadError(f"int8 needs NNCF, which is not installed: {INSTALL_HINT}") \
-            from None
+    nncf = require_nncf()
     import contextlib
     import io
     import logging
