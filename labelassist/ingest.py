@@ -2,7 +2,8 @@
 
 Policy: an image is its content. The same bytes under two paths become one
 `images` row and two `files` rows, so duplicates are predicted, pushed and
-reviewed once. A file whose size and mtime are unchanged is not read again.
+reviewed once. A file whose size and mtime are unchanged is not read again; an object in storage
+(s3://bucket/prefix, objectstore.py) whose ETag and size are unchanged is not either.
 
 Speed: each file's header is read first, so a file that is no image is refused without
 being read whole; only then is it hashed and checked. Checks run in worker processes when
@@ -30,6 +31,7 @@ from .labels import IMAGE_EXTENSIONS
 from .db import Database
 from .db.models import File, Image, utcnow
 from .errors import ConfigError
+from .objectstore import ObjectInfo, check_url, is_object_url, list_objects, read_object
 from .images import (
     DEFAULT_MAX_PIXELS,
     TRANSIENT,
@@ -70,6 +72,7 @@ class _Seen:
     size: int
     mtime_ns: int
     error: tuple[str, str] | None = None
+    etag: str | None = None  # an object's: it, not mtime, says whether it changed
 
 
 @dataclass(frozen=True)
@@ -83,22 +86,21 @@ class _Checked:
 def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAULT_MAX_PIXELS,
            workers: int | None = None, processes: bool | None = None,
            on_progress: Progress | None = None) -> IngestSummary:
-    """Register every image under `roots`; return what was added, unchanged and refused.
+    """Register every image under `roots` (folders, image files, or object storage URLs
+    such as s3://bucket/prefix); return what was added, unchanged and refused.
     workers: parallel checks (default: the cores); processes: None picks by the count."""
-    roots = [Path(r) for r in roots]
-    for root in roots:
-        if not root.exists():
-            raise ConfigError(f"{root} does not exist")
-        if not root.is_dir() and root.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise ConfigError(f"{root} is not an image: give folders, or image files "
-                              f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    # Counted first (names only, no stat), then walked again in chunks: a million paths
-    # never sit in memory, and the progress bar still knows its total.
-    total = sum(1 for root in roots for _ in _image_paths(root))
-    found = (_stat(path) for root in roots for path in _image_paths(root))
+    roots = [_checked_root(r) for r in roots]
+    # Counted first (names only, no stat; an object listing page by page), then walked
+    # again in chunks: a million paths never sit in memory, and the progress bar still
+    # knows its total.
+    total = sum(1 for root in roots for _ in _names(root))
+    found = (seen for root in roots for seen in _found(root))
     summary = IngestSummary()
     done = 0
     mark_non_utf8_paths(db)
+    if any(isinstance(root, str) for root in roots):
+        processes = False  # objects: reads wait on the network, and fsspec's loop hates fork
+        workers = workers or 16
     with _checker(total, workers, processes) as pool:
         check = partial(_check, max_pixels=max_pixels)
         inflight: deque = deque()
@@ -116,6 +118,36 @@ def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAU
                 on_progress(done, max(total, done))
     retry_transient_failures(db)
     return summary
+
+
+def _checked_root(root: str | Path) -> str | Path:
+    """An object storage URL stays text (a Path would fold its "//"); a local root must
+    exist and be a folder or an image."""
+    if is_object_url(str(root)):
+        check_url(str(root))
+        return str(root)
+    root = Path(root)
+    if not root.exists():
+        raise ConfigError(f"{root} does not exist")
+    if not root.is_dir() and root.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ConfigError(f"{root} is not an image: give folders, or image files "
+                          f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return root
+
+
+def _names(root: str | Path) -> Iterator:
+    return list_objects(root, IMAGE_EXTENSIONS) if isinstance(root, str) else \
+        _image_paths(root)
+
+
+def _found(root: str | Path) -> Iterator[_Seen]:
+    if isinstance(root, str):
+        return (_seen_object(info) for info in list_objects(root, IMAGE_EXTENSIONS))
+    return (_stat(path) for path in _image_paths(root))
+
+
+def _seen_object(info: ObjectInfo) -> _Seen:
+    return _Seen(info.url, None, info.url, info.size, info.mtime_ns, etag=info.etag)
 
 
 def retry_transient_failures(db: Database) -> None:
@@ -215,6 +247,8 @@ def _check(seen: _Seen, max_pixels: int) -> _Checked:
     Reads stop at the size that the walk's stat gave."""
     if seen.error:
         return _Checked(seen, None, None, seen.error)
+    if seen.etag is not None:
+        return _check_object(seen, max_pixels)
     sha = None
     try:
         fh, _ = open_regular(seen.fs_path)
@@ -237,6 +271,31 @@ def _check(seen: _Seen, max_pixels: int) -> _Checked:
         return _Checked(seen, None, None, ("unreadable", exc.strerror or str(exc)))
 
 
+def _check_object(seen: _Seen, max_pixels: int) -> _Checked:
+    """An object is read whole in one request (only while it has the listed ETag), then
+    judged as a file is: header first (no hash for what is no image), then the rest."""
+    sha = None
+    try:
+        data = read_object(seen.fs_path, seen.size, seen.etag)
+        try:
+            open_image(data, max_pixels)
+        except BadImage as bad:
+            if bad.reason in ("not_an_image", "decompression_bomb"):
+                raise
+        sha = hashlib.sha256(data).hexdigest()
+        return _Checked(seen, sha, inspect_image(data, max_pixels), None)
+    except BadImage as bad:
+        return _Checked(seen, sha, None, (bad.reason, bad.detail))
+
+
+def _unchanged(old: File, seen: _Seen) -> bool:
+    """Files by size and mtime; objects by size and ETag (a copy has a new mtime)."""
+    stamp_same = old.etag == seen.etag if seen.etag is not None else \
+        (old.etag is None and old.mtime_ns == seen.mtime_ns)
+    return seen.error is None and old.size_bytes == seen.size and stamp_same \
+        and old.error not in TRANSIENT
+
+
 def _needs_check(db: Database, chunk: list[_Seen], summary: IngestSummary) -> list[_Seen]:
     """The files of a chunk that are new or changed; the rest are counted as unchanged."""
     with db.read() as session:
@@ -245,8 +304,7 @@ def _needs_check(db: Database, chunk: list[_Seen], summary: IngestSummary) -> li
     to_check = []
     for seen in chunk:
         old = known.get(seen.path)
-        if (old is not None and seen.error is None and old.size_bytes == seen.size
-                and old.mtime_ns == seen.mtime_ns and old.error not in TRANSIENT):
+        if old is not None and _unchanged(old, seen):
             summary.unchanged += 1
             if old.error:
                 summary.errors[old.error] += 1
@@ -292,5 +350,6 @@ def _record(session, checked: list[_Checked], summary: IngestSummary) -> None:
         old.sha256 = c.sha256
         old.size_bytes = c.seen.size
         old.mtime_ns = c.seen.mtime_ns
+        old.etag = c.seen.etag
         old.error, old.error_detail = c.error if c.error else (None, None)
         old.updated_at = now

@@ -80,7 +80,9 @@ def changed_settings(folder: Path, labels, model, db, root, ls_url) -> dict:
 
 @command()
 def ingest(
-    dirs: Annotated[list[Path], typer.Argument(help="Folders (or files) to register.")],
+    dirs: Annotated[list[str], typer.Argument(
+        help="Folders, image files, or object storage URLs (s3://bucket/prefix) to "
+        "register.")],
     db: DbOpt = DEFAULT_DB,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels "
                                             "than this (decompression bombs).")] = 178_956_970,
@@ -93,8 +95,10 @@ def ingest(
     Re-running does nothing for unchanged files and re-registers changed ones. The
     same content under two paths is one image (predicted and reviewed once).
     Unreadable files are recorded with their reason and never stop the run.
+    Objects in a bucket (pip install 'labelassist[s3]') are listed a page at a time and
+    go by ETag and size; credentials come from the AWS variables or ~/.aws, never a flag.
 
-    Example: labelassist ingest photos/ more_photos/
+    Example: labelassist ingest photos/ more_photos/ s3://my-bucket/photos
     """
     from ..ingest import ingest as run_ingest
 

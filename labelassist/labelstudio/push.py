@@ -7,6 +7,7 @@ against Label Studio before a new version's predictions go to it (tasks.py).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from ..db.models import (
     Prediction,
 )
 from ..errors import LabelStudioError
+from ..images import BadImage
+from ..objectstore import fetch_object, is_object_url, object_problem
 from ..predict.workers import WorkerStats
 from ..db.locks import hold
 from .client import LabelStudioClient
@@ -249,7 +252,7 @@ class _Pusher:
         image is left out: reviewers would see other pixels than the prediction's."""
         with self.db.read() as s:
             files = s.execute(select(File.id, File.image_id, File.path, File.raw_path,
-                                     File.size_bytes, File.mtime_ns)
+                                     File.size_bytes, File.mtime_ns, File.etag)
                               .where(File.image_id.in_(image_ids), File.error.is_(None))
                               .order_by(File.id.desc())).all()
         good: dict[int, str] = {}
@@ -257,7 +260,7 @@ class _Pusher:
         for f in files:
             if f.image_id in good:
                 continue
-            problem = _file_problem(f.raw_path or f.path, f.size_bytes, f.mtime_ns)
+            problem = _file_problem(f.raw_path or f.path, f.size_bytes, f.mtime_ns, f.etag)
             if problem is None:
                 good[f.image_id] = f.path
             else:
@@ -279,13 +282,16 @@ class _Pusher:
     def image_urls(self, paths: list[str]) -> list[str]:
         """Each image's address for reviewers: a local file, named through the folder (or
         the link to a --root) in the root that holds it; or, for an image that serve
-        fetched from Label Studio (kept outside the root), an upload."""
+        fetched from Label Studio (kept outside the root) or an object in storage
+        (s3://...), an upload."""
         if self.source.mode == "upload":
             return upload_images(self.client, self.project.ls_project_id, paths)
         folders = self.source.folders()
-        places = [self.source.locate(path, folders) for path in paths]
+        places = [None if is_object_url(path) else self.source.locate(path, folders)
+                  for path in paths]
         for path, place in zip(paths, places):
-            if place is None and not self.source.came_from_label_studio(path):
+            if place is None and not (is_object_url(path)
+                                      or self.source.came_from_label_studio(path)):
                 raise LabelStudioError(
                     f"{path} is not inside a folder under Label Studio's local-files root "
                     f"{self.source.root}: start Label Studio with a folder above it linked "
@@ -328,7 +334,7 @@ def upload_images(client: LabelStudioClient, project_id: int, paths: list[str]) 
         chunk = paths[start:start + UPLOAD_BATCH]
 
         def send():
-            handles = [open(p, "rb") for p in chunk]
+            handles = [_open_for_upload(p) for p in chunk]
             try:
                 files = [(f"file{i}", (Path(p).name, fh)) for i, (p, fh) in
                          enumerate(zip(chunk, handles))]
@@ -348,7 +354,20 @@ def upload_images(client: LabelStudioClient, project_id: int, paths: list[str]) 
     return urls
 
 
-def _file_problem(fs_path: str | bytes, size: int, mtime_ns: int) -> tuple[str, str] | None:
+def _open_for_upload(path: str):
+    """A file, or an object's bytes (read from the bucket with this machine's credentials)."""
+    if not is_object_url(path):
+        return open(path, "rb")  # noqa: SIM115 - upload_images closes it
+    try:
+        return io.BytesIO(fetch_object(path))
+    except BadImage as bad:
+        raise LabelStudioError(f"{bad}; run push again") from None
+
+
+def _file_problem(fs_path: str | bytes, size: int, mtime_ns: int,
+                  etag: str | None = None) -> tuple[str, str] | None:
+    if is_object_url(fs_path):  # an object: its ETag and size, one HEAD request
+        return object_problem(fs_path, size, etag)
     shown = os.fsdecode(fs_path)
     try:
         st = os.stat(fs_path)

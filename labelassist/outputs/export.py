@@ -35,6 +35,8 @@ from ..db.claims import pid_alive
 from ..db import Database
 from ..db.models import AutoAccept, File, Image, Prediction
 from ..errors import ConfigError, ExportError
+from ..images import BadImage
+from ..objectstore import fetch_object, is_object_url
 from ..db.queries import first_files
 from ..trust.outofset import OTHER, flagged
 from ..trust.audit import TrustOptions
@@ -359,15 +361,19 @@ class DatasetWriter:
 
 def _transfer(source: str | bytes, target: Path, sha256: str, link: str) -> str | None:
     """Copy or link one image; returns why it was left out, or None. A source that cannot
-    be read skips that image; a target that cannot be written (a full disk) stops all."""
+    be read skips that image; a target that cannot be written (a full disk) stops all.
+    An object in storage (s3://...) is copied from the bucket whatever --link says."""
     try:
-        with open(source, "rb") as fh:
-            data = fh.read()
-    except OSError:
+        if is_object_url(source):
+            data = fetch_object(source)
+        else:
+            with open(source, "rb") as fh:
+                data = fh.read()
+    except (OSError, BadImage):
         return "source file gone or unreadable"
     if hashlib.sha256(data).hexdigest() != sha256:
         return "file changed since ingest"
-    if link == "copy":
+    if link == "copy" or is_object_url(source):
         target.write_bytes(data)
     elif link == "hardlink":
         os.link(source, target)

@@ -25,8 +25,11 @@ import numpy as np
 import torch
 
 from ..images import BadImage, Preprocess, decode, open_image
+from ..objectstore import is_object_url, read_object
 
-# One image to decode: its id and the (path, size, mtime_ns) of each file that holds it.
+# One image to decode: its id and the (path, size, stamp) of each file that holds it. The
+# stamp is a file's mtime_ns, or an object's ETag (s3://...: read by whichever process
+# decodes, a Ray node included, with its own credentials).
 Job = tuple[int, list[tuple]]
 FEEDS = ("auto", "threads", "processes")
 
@@ -167,14 +170,9 @@ def load_pixels(paths: list[tuple], preprocess: Preprocess, draft: bool,
                 max_pixels: int) -> np.ndarray | BadImage:
     """Decode the first path of an image that still holds the ingested bytes -> uint8 crop."""
     first_error = BadImage("missing", "no readable path is left for this image")
-    for fs_path, size, mtime_ns in paths:
+    for fs_path, size, stamp in paths:
         try:
-            st = os.stat(fs_path)
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                raise BadImage("changed", f"{os.fsdecode(fs_path)} changed since ingest; "
-                                          "run labelassist ingest again")
-            with open(fs_path, "rb") as fh:
-                img = open_image(fh.read(), max_pixels)
+            img = open_image(read_ingested(fs_path, size, stamp), max_pixels)
             rgb = decode(img, draft_size=preprocess.draft_size if draft else None)
             return preprocess.crop_uint8(rgb)
         except BadImage as error:
@@ -184,3 +182,16 @@ def load_pixels(paths: list[tuple], preprocess: Preprocess, draft: bool,
         except OSError as exc:
             first_error = BadImage("unreadable", f"{os.fsdecode(fs_path)}: {exc.strerror}")
     return first_error
+
+
+def read_ingested(fs_path: str | bytes, size: int, stamp: int | str) -> bytes:
+    """The bytes ingest hashed, or BadImage("changed"): a file while its size and mtime
+    are the same, an object while its size and ETag are (one conditional read)."""
+    if is_object_url(fs_path):
+        return read_object(fs_path, size, stamp)
+    st = os.stat(fs_path)
+    if (st.st_size, st.st_mtime_ns) != (size, stamp):
+        raise BadImage("changed", f"{os.fsdecode(fs_path)} changed since ingest; "
+                                  "run labelassist ingest again")
+    with open(fs_path, "rb") as fh:
+        return fh.read()

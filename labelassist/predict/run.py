@@ -149,13 +149,15 @@ def predict_version(db: Database, model: LoadedModel, version: ModelVersion,
 
 
 def image_paths(session, ids: list[int]) -> dict[int, list[tuple]]:
-    """The readable files of each image, as the feed wants them: (path, size, mtime_ns)."""
+    """The readable files of each image, as the feed wants them: (path, size, stamp), the
+    stamp being mtime_ns, or an object's ETag (feed.read_ingested)."""
     rows = session.execute(
-        select(File.image_id, File.path, File.raw_path, File.size_bytes, File.mtime_ns)
+        select(File.image_id, File.path, File.raw_path, File.size_bytes, File.mtime_ns,
+               File.etag)
         .where(File.image_id.in_(ids), File.error.is_(None)).order_by(File.id)).all()
     paths: dict[int, list[tuple]] = {}
-    for image_id, path, raw, size, mtime in rows:
-        paths.setdefault(image_id, []).append((raw or path, size, mtime))
+    for image_id, path, raw, size, mtime, etag in rows:
+        paths.setdefault(image_id, []).append((raw or path, size, etag or mtime))
     return paths
 
 
