@@ -147,3 +147,50 @@ def test_predict_on_openvino_writes_nothing_outside_the_workspace_and_cache(
     assert done.returncode == 0, done.stderr
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
     assert not [p for p in written if not p.startswith(".cache/")], written
+
+
+def interrupt_after_progress(args: list[str], env: dict, marker: str):
+    """Start `labelassist ARGS` in its own session, and Ctrl-C it (SIGINT to the whole
+    process group, as a terminal does) once it has reported progress."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "labelassist"), *args],
+                            env={**env, "LABELASSIST_PROGRESS_EVERY": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    deadline = time.monotonic() + 240
+    for line in proc.stderr:
+        lines.append(line)
+        if marker in line and "/" in line.split(marker, 1)[1][:20]:
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, rest = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_ctrl_c_on_predict_says_what_was_kept_and_how_to_go_on(toy_model_dir, tmp_path):
+    import re
+
+    toyworld.write_images(tmp_path / "photos", 400, seed=71)
+    db = tmp_path / "labelassist.db"
+    env = clean_env(tmp_path / "home")
+    from labelassist.db import open_database
+
+    ingest(open_database(f"sqlite:///{db}"), [tmp_path / "photos"])
+    code, err = interrupt_after_progress(
+        ["predict", "--db", str(db), "--labels", str(EXAMPLES / "labels.toml"), "--model",
+         str(toy_model_dir), "--batch-size", "8", "--dtype", "fp32"], env, "predict")
+    assert code == 130, err
+    said = re.search(r"interrupted: ([\d,]+) of ([\d,]+) images predicted and kept", err)
+    assert said, err
+    assert "labelassist predict" in err.splitlines()[-1] and "again" in err.splitlines()[-1]
+    assert "Traceback" not in err
+    with open_database(f"sqlite:///{db}").read() as s:
+        kept = s.scalar(select(func.count()).select_from(Prediction))
+    assert kept >= int(said.group(1).replace(",", "")) > 0 and kept < 400

@@ -117,6 +117,10 @@ def handles_errors(func):
         except LabelAssistError as exc:
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C: say what the ledger kept, and how to go on
+            err.print(interrupted_message(func.__name__.replace("_", "-")),
+                      markup=False)
+            raise typer.Exit(130) from None
         except OperationalError as exc:  # the database went away outside a retried step
             first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             err.print(f"error: database error: {first}. Check --db / LABELASSIST_DB, then run "
@@ -146,11 +150,39 @@ class RateColumn(ProgressColumn):
 quiet = False  # --quiet: no bars, no progress lines; summaries and errors still print
 
 
+# What each long step has done, for the line Ctrl-C prints: the core reports progress
+# after a batch is written, so what it counts is kept.
+DONE = {"predict": "predicted", "push": "sent to Label Studio", "pull": "read",
+        "ingest": "registered", "export": "written", "copy": "copied"}
+last_progress: dict = {}
+
+
+def interrupted_message(command: str | None) -> str:
+    again = f"run `labelassist {command or ''}` again with the same options to go on"
+    if not last_progress:
+        return f"interrupted: nothing written is lost (each batch is written whole); {again}"
+    step, unit, done, total = (last_progress[k] for k in ("step", "unit", "done", "total"))
+    of = f" of {total:,}" if total else ""
+    return (f"interrupted: {done:,}{of} {unit} {DONE.get(step, 'done')} and kept (each batch "
+            f"is written whole); {again} from there")
+
+
 @contextmanager
 def progress_bar(description: str, unit: str = "images"):
     """Yields on_progress(done, total), drawn on stderr: a bar on a terminal, and in a
     log or a pipe a plain line every LABELASSIST_PROGRESS_EVERY seconds (10), so a long
-    command in CI or under nohup is never minutes of silence."""
+    command in CI or under nohup is never minutes of silence. The last call is kept for
+    the line that Ctrl-C prints."""
+    with _drawn_progress(description, unit) as draw:
+        def on_progress(done: int, total: int) -> None:
+            last_progress.update(step=description, unit=unit, done=done, total=total)
+            draw(done, total)
+
+        yield on_progress
+
+
+@contextmanager
+def _drawn_progress(description: str, unit: str):
     if quiet:
         yield lambda done, total: None
         return
