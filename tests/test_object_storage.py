@@ -234,3 +234,36 @@ def test_migration_adds_and_removes_the_etag_column(db_url):
     db.engine.dispose()
     assert "etag" not in {c["name"] for c in inspect(db.engine).get_columns("files")}
     assert schema_revision(db) == "0009"
+
+
+@pytest.mark.labelstudio
+def test_push_uploads_objects_from_the_bucket(s3, db, tiny_model, tmp_path, label_studio,
+                                              request):
+    """Objects go to Label Studio as uploads (also when its local files are set up),
+    and reviewers see the very bytes that were predicted."""
+    import httpx
+
+    from labelassist.db.queries import resolve_version
+    from labelassist.labelstudio import ImageSource, list_remote_tasks, push
+    from labelassist.labelstudio.client import Connection, LabelStudioClient
+
+    write_shape_images(tmp_path / "three", 3)
+    upload_tree(s3, tmp_path / "three", "push")
+    ingest(db, [f"s3://{BUCKET}/push"])
+    predict(db, tiny_model, parse_label_text(LABELS))
+    client = LabelStudioClient(Connection(label_studio.url, label_studio.token), retries=1)
+    try:
+        summary = push(db, client, resolve_version(db), ImageSource("local", label_studio.root),
+                       title=request.node.name)
+        tasks = list_remote_tasks(client, summary.project_id)
+    finally:
+        client.close()
+    assert summary.tasks_created == 3 and len(tasks) == 3
+    bucket = s3_client(s3)
+    for task in tasks:
+        assert task["data"]["path"].startswith(f"s3://{BUCKET}/push/")
+        assert task["data"]["image"].startswith("/data/upload/")
+        shown = httpx.get(label_studio.url + task["data"]["image"],
+                          headers={"Authorization": f"Token {label_studio.token}"})
+        key = task["data"]["path"].split(f"s3://{BUCKET}/", 1)[1]
+        assert shown.content == bucket.get_object(Bucket=BUCKET, Key=key)["Body"].read()
