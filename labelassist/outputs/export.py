@@ -110,8 +110,9 @@ def safe_name(name: str, fallback: str = "_", tag: str = "") -> str:
     stem, ext = os.path.splitext(name)
     if len(ext.encode()) > 16:  # no image extension: a dot in a class name, say
         stem, ext = name, ""
-    if not stem or stem.lower().split(".")[0] in RESERVED:
-        stem = f"{stem or fallback}_"
+    head, dot, rest = stem.partition(".")  # Windows: "nul.tar" is the device "nul" too
+    if not stem or head.lower() in RESERVED:
+        stem = f"{head or fallback}_{dot}{rest}"
     room = NAME_BYTES - len(f"{tag}{ext}".encode())
     return (stem.encode()[:room].decode("utf-8", "ignore") or fallback) + tag + ext
 
