@@ -167,6 +167,18 @@ def accept(
         "--allow-biased-sample", help="Accept even when the reviewed images are not a fair "
         "sample of the rest (reviewed in uncertainty order), where thresholds may not "
         "hold.")] = False,
+    rule: Annotated[str, typer.Option(
+        help="class: each class's threshold reaches the target on its own --min-support "
+        "reviews (24 classes need 720 reviews). bound: one threshold for all classes, "
+        "proven by a Clopper-Pearson bound at --confidence on the fair sample (the tasks "
+        "reviewed in push's order), each class guarded; the precision holds however many "
+        "classes, from about 370 reviews (docs/trust.md).")] = "class",
+    confidence: Annotated[float, typer.Option(
+        help="--rule bound: the probability that the precision taken reaches the "
+        "target.")] = 0.95,
+    min_class_reviews: Annotated[int, typer.Option(
+        min=1, help="--rule bound: reviews of a class's predictions at or above the "
+        "threshold before the pooled bound speaks for it.")] = 10,
 ) -> None:
     """Mark unreviewed predictions as auto-accepted where their class's audited threshold
     says they can be trusted. They are recorded with provenance (source 'auto' in the
@@ -178,11 +190,17 @@ def accept(
     from ..trust.accept import accept_trusted
     from ..trust.audit import TrustOptions
 
-    s = accept_trusted(open_db(db), version, TrustOptions(target_precision, min_support, resolve),
-                       allow_biased_sample=allow_biased_sample)
+    s = accept_trusted(open_db(db), version, TrustOptions(
+        target_precision, min_support, resolve, rule, confidence, min_class_reviews),
+        allow_biased_sample=allow_biased_sample)
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"{s.model_version}: {sum(s.accepted.values()):,} predictions auto-accepted at "
               f"{target_precision:.1%} target precision", markup=False)
+    if s.bound and s.bound["threshold"] is not None:
+        b = s.bound
+        out.print(f"  one threshold for all classes: {b['threshold']:.3f}, on {b['reviews']:,} "
+                  f"reviews of the fair sample with {b['errors']} errors (error rate at most "
+                  f"{b['error_bound']:.2%} at {b['confidence']:.0%} confidence)", markup=False)
     for cls, threshold in s.thresholds.items():
         if threshold is None:
             out.print(f"  {cls}: none ({s.reasons[cls]})", markup=False)

@@ -1,4 +1,6 @@
-"""Auto-accept: trust unreviewed predictions above their class's audited threshold.
+"""Auto-accept: trust unreviewed predictions above their class's audited threshold (--rule
+class), or above one threshold for all classes with a finite-sample bound (--rule bound:
+risk.py).
 
 They are recorded in auto_accepts with their provenance (model_version, confidence,
 threshold, target precision) and exported as source "auto". Label Studio is never told:
@@ -22,6 +24,7 @@ from ..errors import ConfigError
 from .outofset import base_version, class_bars, flagged
 from ..db.queries import keyset_pages, resolve_version
 from .reviews import load_reviews
+from .risk import bound_thresholds
 
 CHUNK = 5000
 # Reviews chosen by the model (lowest margin first) are not a fair sample of the rest, and
@@ -41,6 +44,7 @@ class AcceptSummary:
     reasons: dict[str, str] = field(default_factory=dict)
     unreviewed: int = 0  # the version's predictions of images nobody reviewed (or skipped)
     out_of_set: int = 0  # unreviewed images that match no class well: never accepted
+    bound: dict | None = None  # --rule bound: the pooled threshold and what it rests on
 
 
 class BiasedSample(ConfigError):
@@ -55,9 +59,12 @@ def accept_trusted(db: Database, version_name: str | None = None,
     version = resolve_version(db, version_name)
     reviews = load_reviews(db, trust.policy)
     zero_shot = base_version(db, version)  # looked up once, for the three uses below
-    if not allow_biased_sample:
-        require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap: first
-    summary = _audited(db, version, reviews, trust)
+    if trust.rule == "bound":  # rests on the fair sample alone: no guard needed
+        summary = _bounded(db, version, reviews, trust)
+    else:
+        if not allow_biased_sample:
+            require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
+        summary = _audited(db, version, reviews, trust)
     reviewed = set(reviews.labels) | reviews.skipped
     trusted = {c: t for c, t in summary.thresholds.items() if t is not None}
     bars = class_bars(db, version, reviews, zero_shot)
@@ -97,6 +104,26 @@ def _audited(db: Database, version: ModelVersion, reviews,
                           "review some of its tasks, then pull")
     summary = AcceptSummary(version.name)
     for cls, t in result.thresholds["per_class"].items():
+        summary.thresholds[cls] = t["threshold"]
+        if t["threshold"] is None:
+            summary.reasons[cls] = t["reason"]
+    return summary
+
+
+def _bounded(db: Database, version: ModelVersion, reviews,
+             trust: TrustOptions) -> AcceptSummary:
+    """The summary with the pooled threshold of risk.py for every class that its guard
+    lets through (or each class's reason), and what the bound rests on."""
+    if not reviews.labels:
+        raise ConfigError(f"no reviewed image has a prediction from {version.name}: "
+                          "review some of its tasks, then pull")
+    result = bound_thresholds(db, version, reviews, trust.target_precision,
+                              trust.confidence, trust.min_class_reviews)
+    summary = AcceptSummary(version.name, bound={
+        "threshold": result.threshold, "reviews": result.reviews, "errors": result.errors,
+        "error_bound": result.error_bound, "confidence": trust.confidence,
+        "reason": result.reason})
+    for cls, t in result.per_class.items():
         summary.thresholds[cls] = t["threshold"]
         if t["threshold"] is None:
             summary.reasons[cls] = t["reason"]

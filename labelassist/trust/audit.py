@@ -18,6 +18,7 @@ from .reviews import load_reviews
 
 N_BINS = 10
 DEFAULT_MIN_SUPPORT = 30
+RULES = ("class", "bound")  # accept --rule (TrustOptions.rule)
 
 
 # ---- metrics (checked against scikit-learn in tests) -------------------------------------
@@ -157,10 +158,20 @@ class TrustOptions:
     target_precision: float = 0.99
     min_support: int = DEFAULT_MIN_SUPPORT
     policy: str = "majority"
+    # accept --rule: "class" (each class's threshold from its own 30+ reviews, as the
+    # audit shows) or "bound" (one threshold for all classes with a finite-sample bound
+    # at `confidence`, each class guarded by `min_class_reviews`: trust/risk.py)
+    rule: str = "class"
+    confidence: float = 0.95
+    min_class_reviews: int = 10
 
     def __post_init__(self) -> None:
         if not 0 < self.target_precision <= 1:
             raise ConfigError("--target-precision must be in (0, 1], e.g. 0.99")
+        if self.rule not in RULES:
+            raise ConfigError(f"--rule {self.rule!r}: use {' or '.join(RULES)}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError("--confidence must be in (0, 1), e.g. 0.95")
 
 
 class NoReviews(ConfigError):

@@ -1,0 +1,279 @@
+"""One trust threshold for all classes together, with a finite-sample guarantee.
+
+The audit's rule (audit.class_threshold) asks each class for 30 reviews at the target
+precision: 24 classes need 720 reviews before `accept` takes anything in all of them, and
+30 right answers prove little (30 of 30 is as likely at 95% precision as at 99%). This
+rule is learn-then-test (Angelopoulos, Bates et al., 2021) on the version's own confidence:
+
+- the hypotheses: for each threshold t, from the highest to the lowest, "among all of the
+  version's predictions at or above t, more than 1 - target are wrong";
+- the test: the reviewed predictions at or above t are a fair sample of them (push's
+  random order), so their errors are binomial; the hypothesis falls when the one-sided
+  Clopper-Pearson upper bound on the error rate, at the asked confidence, is at most
+  1 - target (the exact binomial tail: the p-value is P(X <= errors | n, 1 - target));
+- fixed-sequence testing: thresholds are tried from high to low and the first that fails
+  ends the walk, so the threshold chosen holds at the asked confidence with no correction
+  for the number tried. The walk starts where the reviews above t could pass at all with
+  no error (reviews_needed: 299 at 99% and 95% confidence). The order depends on the
+  confidences only, never on the human labels.
+
+So, with probability at least `confidence` over the reviews drawn, the precision of
+everything taken at or above the threshold is at least the target, however many classes
+there are.
+
+A pooled bound can hide one bad class among many good ones (a class that is 1% of the
+predictions can be all wrong under a 99% pooled precision). Each class is therefore
+guarded: its reviewed predictions at or above the threshold must number at least
+`min_class_reviews` (else nothing is known of it), and their errors must not show it to be
+worse than the target (refused when P(X >= errors | n, 1 - target) < 1 - confidence). A
+refused class gets no threshold, with its reason; the others keep the pooled one. The
+threshold itself is not tested again without the refused class: a class shown to be worse
+than the pool only makes the rest better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import select
+
+from ..db import Database
+from ..db.models import ModelVersion, Prediction
+from ..db.queries import keyset_pages
+
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_MIN_CLASS_REVIEWS = 10
+# The walks, each from where this many errors could pass: one from 0 (the fewest reviews:
+# 299 at 99% and 95%, with the confidence split over the walks: 367), one from 1 (one
+# confidently wrong review among the first 367 does not end everything).
+WALK_ALLOWANCES = (0, 1)
+# push --order random's fair shuffle: Knuth's multiplicative hash of the image id, mod 2^32
+# (labelstudio/push.py ORDERS["random"]; tests/test_risk.py checks that the two agree).
+SHUFFLE_MULTIPLIER = 2654435761
+
+
+# ---- the exact binomial tail (checked against scipy in tests) -----------------------------
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (exact for any n)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0:
+        return 1.0
+    return 0.0 if p >= 1 else _tail(0, k, n, p)
+
+
+def binom_sf(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed itself (1 - cdf loses the small ones)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    return 1.0 if p >= 1 else _tail(k, n, n, p)
+
+
+def _tail(lo: int, hi: int, n: int, p: float) -> float:
+    """The sum of the binomial pmf from lo to hi."""
+    i = np.arange(lo, hi + 1, dtype=np.float64)
+    lgamma = np.frompyfunc(math.lgamma, 1, 1)
+    log_pmf = (math.lgamma(n + 1) - lgamma(i + 1).astype(np.float64)
+               - lgamma(n - i + 1).astype(np.float64) + i * math.log(p)
+               + (n - i) * math.log1p(-p))
+    top = log_pmf.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
+
+
+def clopper_pearson_upper(errors: int, n: int, confidence: float) -> float:
+    """The one-sided upper confidence bound on a binomial rate: the p at which seeing at
+    most `errors` in `n` has probability 1 - confidence (1.0 when nothing is known)."""
+    if n == 0 or errors >= n:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisection: binom_cdf falls as p rises
+        mid = (lo + hi) / 2
+        if binom_cdf(errors, n, mid) > 1 - confidence:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def reviews_needed(target: float, confidence: float) -> int:
+    """The fewest reviews above a threshold that can prove `target` precision at
+    `confidence`: all of them right, and (target)^n <= 1 - confidence."""
+    if target >= 1:
+        raise ValueError("no finite number of reviews proves 100% precision")
+    return math.ceil(math.log(1 - confidence) / math.log(target) - 1e-12)
+
+
+# ---- the rule -------------------------------------------------------------------------------
+
+@dataclass
+class PooledThreshold:
+    """The threshold for all classes (None with `reason` when the bound cannot be met),
+    the reviews and errors it rests on, the bound on the error rate at or above it, and
+    per class its threshold (the pooled one, or None when guarded out) and reason."""
+
+    threshold: float | None
+    reviews: int
+    errors: int
+    error_bound: float | None
+    per_class: dict[str, dict] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def pooled_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.ndarray,
+                     classes: list[str], target: float,
+                     level: float = DEFAULT_CONFIDENCE,
+                     min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS,
+                     chosen: np.ndarray | None = None,
+                     others: np.ndarray | None = None,
+                     allowances: tuple[int, ...] = WALK_ALLOWANCES) -> PooledThreshold:
+    """The lowest threshold t on the fair sample's confidence (`predicted`: their class
+    names, `correct`: whether the human agreed) at which learn-then-test proves `target`
+    precision at confidence `level` on what accept takes, then each class's guard at t.
+
+    `others`: the confidences of every image outside the fair sample, and `chosen`: those
+    of them that were reviewed anyway (picked by the model: uncertainty order). Accept
+    takes the others at or above t that nobody reviewed; at worst every error above t
+    among the others is among them, so the bound must hold at 1 - target scaled by
+    (taken / others above t). With no chosen reviews the scale is 1."""
+    if target >= 1:
+        return _refused(classes, "no finite number of reviews proves 100% precision: "
+                        "pass --target-precision below 1")
+    others = np.sort(np.asarray(others if others is not None else [], dtype=np.float64))
+    chosen = np.sort(np.asarray(chosen if chosen is not None else [], dtype=np.float64))
+
+    order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
+    conf = np.asarray(confidence, dtype=np.float64)[order]
+    errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
+    n = np.arange(1, len(conf) + 1)
+    # the error rate allowed above each threshold: 1 - target, scaled by the share of the
+    # others above it that accept would take (1 when no review was chosen by the model)
+    above = len(others) - np.searchsorted(others, conf, side="left")
+    picked = len(chosen) - np.searchsorted(chosen, conf, side="left")
+    alpha = (1 - target) * np.where(above > 0, (above - picked) / np.maximum(above, 1), 1.0)
+    each = 1 - (1 - level) / len(allowances)  # Bonferroni over the walks
+    walks = [_walk(conf, errors, alpha, each, allowed) for allowed in allowances]
+    best = max((w[0] for w in walks if w[0] is not None), default=None)
+    if best is None:
+        tested = walks[0][1]
+        return _refused(classes, _no_threshold(
+            len(conf), None if tested is None else (int(n[tested]), int(errors[tested])),
+            reviews_needed(target, each), target, level))
+    t = float(conf[best])
+    result = PooledThreshold(t, int(n[best]), int(errors[best]),
+                             clopper_pearson_upper(int(errors[best]), int(n[best]), each))
+    above = np.asarray(confidence, dtype=np.float64) >= t
+    wrong = ~np.asarray(correct, dtype=bool)
+    for c in classes:
+        mine = above & (np.asarray(predicted) == c)
+        result.per_class[c] = class_guard(int(mine.sum()), int((mine & wrong).sum()), t,
+                                          target, level, min_class_reviews)
+    return result
+
+
+def _walk(conf: np.ndarray, errors: np.ndarray, alpha: np.ndarray, level: float,
+          allowed: int) -> tuple[int | None, int | None]:
+    """One fixed-sequence walk down the sorted confidences: it starts at the first
+    threshold where `allowed` errors could pass (known before any label is read) and
+    stops at the first that fails. (last index passed, first index tested)"""
+    best = tested = None
+    for i in range(len(conf)):
+        if i + 1 < len(conf) and conf[i + 1] == conf[i]:
+            continue  # a threshold sits between distinct confidences: the last of ties
+        if tested is None and binom_cdf(allowed, i + 1, alpha[i]) > 1 - level:
+            continue  # not a step of this walk yet
+        tested = i if tested is None else tested
+        if binom_cdf(int(errors[i]), i + 1, alpha[i]) > 1 - level:
+            break  # fixed sequence: the first hypothesis kept ends the walk
+        best = i
+    return best, tested
+
+
+def class_guard(n: int, errors: int, threshold: float, target: float, level: float,
+                min_class_reviews: int) -> dict:
+    """A class keeps the pooled threshold unless too few of its predictions above it were
+    reviewed, or their errors show it worse than the target."""
+    out = {"threshold": threshold, "reviews": n, "errors": errors, "reason": None}
+    if n < min_class_reviews:
+        out.update(threshold=None, reason=(
+            f"{n} reviewed predictions of this class at or above the pooled threshold "
+            f"{threshold:.3f}; it needs {min_class_reviews} (--min-class-reviews) before "
+            "the pooled bound may speak for it"))
+    elif binom_sf(errors, n, 1 - target) < 1 - level:
+        out.update(threshold=None, reason=(
+            f"{errors} of its {n} reviewed predictions at or above the pooled threshold "
+            f"{threshold:.3f} are wrong: surely worse than {target:.0%} precision, so "
+            "the pooled bound does not speak for it"))
+    return out
+
+
+def _refused(classes: list[str], reason: str) -> PooledThreshold:
+    return PooledThreshold(None, 0, 0, None, {
+        c: {"threshold": None, "reviews": 0, "errors": 0, "reason": reason}
+        for c in classes}, reason)
+
+
+def _no_threshold(reviews: int, first: tuple[int, int] | None, needed: int, target: float,
+                  level: float) -> str:
+    if first is None:
+        return (f"{reviews} reviewed predictions in the fair sample; proving {target:.0%} "
+                f"precision at {level:.0%} confidence needs at least {needed}, all right, "
+                "at or above a threshold (review more tasks in push's order)")
+    n, errors = first
+    return (f"the {n} most confident reviewed predictions of the fair sample hold {errors} "
+            f"errors: too many to prove {target:.0%} precision at {level:.0%} confidence "
+            "(review more, or learn a better probe)")
+
+
+# ---- the fair sample, and the rule on a version's predictions -----------------------------
+
+def shuffle_rank(image_ids: np.ndarray) -> np.ndarray:
+    """Each image's place in push's fair shuffle (ties, impossible below 2^32 ids, go to
+    the lower id, as in push)."""
+    ids = np.asarray(image_ids, dtype=np.uint64)
+    return (ids * np.uint64(SHUFFLE_MULTIPLIER)) % np.uint64(1 << 32)
+
+
+def fair_prefix(image_ids: np.ndarray, labelled: np.ndarray) -> np.ndarray:
+    """Which images are the fair sample: the longest run at the start of push's fair
+    shuffle whose every image has a human label. Tasks reviewed in push's order (the
+    default) are all of it; reviews the model chose (uncertainty order, the Data Manager
+    sorted by score) lie beyond the first image left out, and a skipped image ends it."""
+    ids = np.asarray(image_ids, dtype=np.int64)
+    order = np.lexsort((ids, shuffle_rank(ids)))
+    done = np.isin(ids[order], labelled)
+    k = len(done) if done.all() else int(np.argmin(done))
+    fair = np.zeros(len(ids), dtype=bool)
+    fair[order[:k]] = True
+    return fair
+
+
+def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float,
+                     level: float = DEFAULT_CONFIDENCE,
+                     min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS) -> PooledThreshold:
+    """The pooled threshold of a version's predictions, from the fair sample of its
+    reviews (reviews.py's resolved labels are the truth; "other" is an error)."""
+    classes = list(version.label_set["classes"])
+    index = {c: n for n, c in enumerate(classes)}
+    ids, labels, confs = [], [], []
+    query = select(Prediction.id, Prediction.image_id, Prediction.label,
+                   Prediction.confidence).where(Prediction.model_version_id == version.id)
+    for rows in keyset_pages(db, query, Prediction.id, size=20_000):
+        ids += [r[1] for r in rows]
+        labels += [index.get(r[2], -1) for r in rows]
+        confs += [r[3] for r in rows]
+    ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    confs = np.asarray(confs, dtype=np.float64)
+    labelled = np.fromiter(reviews.labels, dtype=np.int64, count=len(reviews.labels))
+    fair = fair_prefix(ids, labelled)
+    reviewed = np.isin(ids, labelled)
+    human = np.array([index.get(reviews.labels[i].label, -2) for i in ids[fair].tolist()],
+                     dtype=np.int64)
+    names = np.array(classes + ["?"], dtype=object)[labels[fair]]
+    return pooled_threshold(confs[fair], labels[fair] == human, names, classes, target, level,
+                            min_class_reviews, chosen=confs[reviewed & ~fair],
+                            others=confs[~fair])

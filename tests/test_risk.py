@@ -1,0 +1,223 @@
+"""accept --rule bound (labelassist/trust/risk.py): one threshold for all classes with a
+Clopper-Pearson bound, each class guarded, on the fair sample of the reviews."""
+
+import numpy as np
+import pytest
+from scipy.stats import beta, binom
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from labelassist.cli import app
+from labelassist.db.models import (
+    Annotation,
+    AutoAccept,
+    Image,
+    LSProject,
+    ModelVersion,
+    Prediction,
+    utcnow,
+)
+from labelassist.labelstudio.push import ORDERS
+from labelassist.trust import risk
+from labelassist.trust.accept import accept_trusted
+from labelassist.trust.audit import TrustOptions
+
+from .conftest import add_annotation
+
+
+@pytest.mark.parametrize("errors,n", [(0, 1), (0, 299), (1, 474), (3, 500), (7, 40),
+                                      (39, 40), (12, 5000)])
+@pytest.mark.parametrize("level", [0.9, 0.95, 0.975])
+def test_the_bound_and_tails_agree_with_scipy(errors, n, level):
+    assert risk.clopper_pearson_upper(errors, n, level) == pytest.approx(
+        beta.ppf(level, errors + 1, n - errors), rel=1e-9, abs=1e-12)
+    assert risk.binom_cdf(errors, n, 0.01) == pytest.approx(binom.cdf(errors, n, 0.01),
+                                                            rel=1e-9, abs=1e-300)
+    assert risk.binom_sf(errors, n, 0.2) == pytest.approx(binom.sf(errors - 1, n, 0.2),
+                                                          rel=1e-9, abs=1e-300)
+
+
+def test_the_fewest_reviews_that_can_prove_a_precision():
+    n = risk.reviews_needed(0.99, 0.95)
+    assert n == 299 and 0.99 ** n <= 0.05 < 0.99 ** (n - 1)
+    assert risk.clopper_pearson_upper(0, n, 0.95) <= 0.01 < \
+        risk.clopper_pearson_upper(0, n - 1, 0.95)
+
+
+def population(rng, size):
+    """Confidences and correctness where errors grow steeply as confidence falls (from
+    0.05% at 0.9 to 2.3% at 0.8 and 50% at 0.5), two classes."""
+    conf = rng.uniform(0.5, 1.0, size)
+    correct = rng.random(size) >= 0.5 * ((1 - conf) / 0.5) ** 6
+    return conf, correct, np.where(rng.random(size) < 0.5, "a", "b")
+
+
+def naive_threshold(conf, correct, target, min_support=30):
+    """The audit's rule for one pooled class: the lowest t where the reviews at or above it
+    reach the target, on min_support of them: no bound."""
+    order = np.argsort(-conf)
+    precision = np.cumsum(correct[order]) / np.arange(1, len(conf) + 1)
+    ok = np.flatnonzero((precision >= target) & (np.arange(1, len(conf) + 1) >= min_support))
+    return conf[order][ok[-1]] if len(ok) else None
+
+
+def test_the_guarantee_holds_in_repeated_draws_where_the_naive_rule_breaks_it():
+    """Draw a fair sample of reviews again and again: the precision of what the threshold
+    takes of the rest falls below the target in at most 1 - confidence of the draws
+    (within chance); the same draws with no bound (the audit's rule) break it often."""
+    rng = np.random.default_rng(7)
+    conf, correct, classes = population(rng, 40_000)
+    broken = naive_broken = taken = 0
+    trials = 60
+    for _ in range(trials):
+        sample = rng.choice(len(conf), 1000, replace=False)
+        rest = np.ones(len(conf), bool)
+        rest[sample] = False
+        result = risk.pooled_threshold(conf[sample], correct[sample], classes[sample],
+                                       ["a", "b"], 0.99, 0.95)
+        if result.threshold is not None:
+            taken += 1
+            broken += correct[rest & (conf >= result.threshold)].mean() < 0.99
+        t = naive_threshold(conf[sample], correct[sample], 0.99)
+        if t is not None:
+            naive_broken += correct[rest & (conf >= t)].mean() < 0.99
+    assert taken >= 0.7 * trials  # the bound does take something, most of the time
+    assert broken <= 0.05 * trials + 4  # 5% plus chance (binomial sd ~1.7 at 60 draws)
+    assert naive_broken >= 0.3 * trials  # the test has the power to see a broken bound
+
+
+def test_a_bad_class_hidden_in_a_good_pool_is_refused_with_its_reason():
+    """2,000 right reviews of one class and 15 of another with 5 wrong: pooled, 99.75%
+    precision passes the bound, but a third of the small class's labels would be wrong."""
+    conf = np.r_[np.linspace(0.999, 0.95, 2000), np.linspace(0.97, 0.96, 15)]
+    correct = np.r_[np.ones(2000, bool), np.arange(15) % 3 != 0]
+    predicted = np.array(["good"] * 2000 + ["bad"] * 15)
+    result = risk.pooled_threshold(conf, correct, predicted, ["good", "bad"], 0.99)
+    assert result.threshold is not None and result.errors == 5  # the pool passed
+    assert result.per_class["good"]["threshold"] == result.threshold
+    bad = result.per_class["bad"]
+    assert bad["threshold"] is None and "5 of its 15" in bad["reason"]
+
+
+def test_a_class_too_little_seen_above_the_threshold_is_refused():
+    conf = np.r_[np.linspace(0.999, 0.95, 600), [0.99] * 4]
+    predicted = np.array(["a"] * 600 + ["b"] * 4)
+    result = risk.pooled_threshold(conf, np.ones(604, bool), predicted, ["a", "b"], 0.99)
+    assert result.per_class["a"]["threshold"] is not None
+    assert result.per_class["b"]["threshold"] is None
+    assert "4 reviewed predictions" in result.per_class["b"]["reason"]
+    assert "--min-class-reviews" in result.per_class["b"]["reason"]
+
+
+def test_one_confident_error_does_not_end_the_walk():
+    """The second walk starts where one error can pass: an error among the first 368
+    leaves a threshold once there are reviews enough for it."""
+    conf = np.linspace(0.9999, 0.9, 900)
+    correct = np.ones(900, bool)
+    correct[40] = False
+    one = risk.pooled_threshold(conf, correct, np.array(["a"] * 900), ["a"], 0.99,
+                                min_class_reviews=1, allowances=(0,))
+    two = risk.pooled_threshold(conf, correct, np.array(["a"] * 900), ["a"], 0.99,
+                                min_class_reviews=1)
+    assert one.threshold is None and "1 errors" in one.reason
+    assert two.threshold is not None and two.errors == 1
+
+
+def test_too_few_reviews_or_a_target_of_one_are_refused_with_the_reason():
+    few = risk.pooled_threshold(np.full(100, 0.99), np.ones(100, bool),
+                                np.array(["a"] * 100), ["a"], 0.99)
+    assert few.threshold is None and "needs at least 368" in few.reason
+    assert "needs at least" in few.per_class["a"]["reason"]
+    one = risk.pooled_threshold(np.full(10, 0.99), np.ones(10, bool), np.array(["a"] * 10),
+                                ["a"], 1.0)
+    assert one.threshold is None and "--target-precision below 1" in one.reason
+
+
+def test_reviews_chosen_by_the_model_shrink_what_the_bound_allows():
+    """Reviews outside the fair sample (picked by uncertainty) that lie above a threshold
+    leave fewer images to take there: the bound must hold for the worst case."""
+    conf = np.linspace(0.9999, 0.95, 900)
+    correct = np.ones(900, bool)
+    correct[[600, 800]] = False
+    predicted = np.array(["a"] * 900)
+    others = np.linspace(0.9999, 0.5, 5000)
+    free = risk.pooled_threshold(conf, correct, predicted, ["a"], 0.99, others=others)
+    picked = risk.pooled_threshold(conf, correct, predicted, ["a"], 0.99, others=others,
+                                   chosen=others[(others > 0.96) & (others < 0.98)])
+    assert free.threshold is not None and free.errors == 2
+    assert picked.threshold is None or picked.threshold > free.threshold
+
+
+# ---- on a real ledger: the fair sample is the reviewed prefix of push's shuffle ----------
+
+def ledger(db, n, rng):
+    """n images with predictions of one version, confidences spread, all unflagged."""
+    with db.write() as s:
+        s.add_all(Image(sha256=f"{i:064x}", size_bytes=1, width=1, height=1)
+                  for i in range(n))
+        s.add(ModelVersion(name="v@1", model_id="m", model_key="k",
+                           label_set={"classes": ["a", "b"]}))
+    with db.write() as s:
+        version = s.scalars(select(ModelVersion)).one()
+        ids = s.scalars(select(Image.id).order_by(Image.id)).all()
+        conf = rng.uniform(0.9, 1.0, n)
+        labels = np.where(rng.random(n) < 0.5, "a", "b")
+        s.add_all(Prediction(image_id=i, model_version_id=version.id, label=str(c),
+                             confidence=float(p), margin=float(p), scores={},
+                             created_at=utcnow())
+                  for i, c, p in zip(ids, labels, conf))
+    return np.array(ids), labels, conf
+
+
+def review(db, ids, labels, wrong=()):
+    """Reviews stored as pull stores them (conftest.add_annotation), in one transaction."""
+    add_annotation(db, int(ids[0]), str(labels[0]), n=0)  # makes the project
+    with db.write() as s:
+        project = s.scalars(select(LSProject)).one()
+        s.add_all(Annotation(project_id=project.id, ls_annotation_id=n, image_id=int(i),
+                             label=("b" if c == "a" else "a") if n in wrong else str(c),
+                             cancelled=False, annotator="ann@example.org",
+                             ls_updated_at=utcnow())
+                  for n, (i, c) in enumerate(zip(ids, labels)) if n)
+
+
+def test_shuffle_rank_is_push_order_random(db):
+    ids, _, _ = ledger(db, 300, np.random.default_rng(1))
+    with db.read() as s:
+        pushed = s.scalars(select(Prediction.image_id).order_by(
+            ORDERS["random"], Prediction.image_id)).all()
+    assert pushed == ids[np.lexsort((ids, risk.shuffle_rank(ids)))].tolist()
+    fair = risk.fair_prefix(ids, np.array(pushed[:40] + pushed[41:60] + pushed[200:210]))
+    assert set(ids[fair]) == set(pushed[:40])  # a gap ends it; later reviews are chosen
+
+
+def test_accept_rule_bound_end_to_end(db, db_url):
+    """500 tasks reviewed in push's order, 1 wrong: accept --rule bound takes the rest
+    above one threshold; reviews in confidence order instead are no fair sample."""
+    ids, labels, conf = ledger(db, 3000, np.random.default_rng(2))
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))[:500]
+    review(db, ids[order], labels[order], wrong={3})
+    result = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "bound"])
+    assert result.exit_code == 0, result.output
+    s = accept_trusted(db, trust=TrustOptions(rule="bound"), write=False)
+    assert s.bound["reviews"] <= 500 and s.bound["errors"] <= 1
+    assert s.bound["error_bound"] <= 0.01
+    t = s.bound["threshold"]
+    assert s.thresholds == {"a": t, "b": t}
+    unreviewed = np.ones(3000, bool)
+    unreviewed[order] = False
+    assert sum(s.accepted.values()) == int((unreviewed & (conf >= t)).sum()) > 2000
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(AutoAccept)) == \
+            sum(s.accepted.values())
+    assert f"one threshold for all classes: {t:.3f}" in result.output
+
+
+def test_accept_rule_bound_refuses_reviews_the_model_chose(db):
+    ids, labels, conf = ledger(db, 3000, np.random.default_rng(3))
+    chosen = np.argsort(conf)[:600]  # the least confident first, as by uncertainty
+    review(db, ids[chosen], labels[chosen])
+    s = accept_trusted(db, trust=TrustOptions(rule="bound"), write=False)
+    assert not s.accepted and s.bound["threshold"] is None
+    assert "fair sample" in s.reasons["a"] and "review more tasks in push's order" \
+        in s.reasons["a"]
