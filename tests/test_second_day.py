@@ -194,3 +194,40 @@ def test_ctrl_c_on_predict_says_what_was_kept_and_how_to_go_on(toy_model_dir, tm
     with open_database(f"sqlite:///{db}").read() as s:
         kept = s.scalar(select(func.count()).select_from(Prediction))
     assert kept >= int(said.group(1).replace(",", "")) > 0 and kept < 400
+
+
+@pytest.mark.parametrize("greeting", [b"SSH-2.0-OpenSSH_9.2\r\n", b""])
+def test_a_port_that_does_not_speak_http_fails_at_once(greeting):
+    """--ls-url at an SSH port (or one that hangs up) retried for 28 s: it cannot be a
+    Label Studio, so the first answer says so (one connection, no retry)."""
+    import socket
+    import threading
+
+    from labelassist.errors import LabelStudioError
+    from labelassist.labelstudio.client import Connection, LabelStudioClient
+
+    server = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def answer():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            conn.recv(65536)
+            conn.sendall(greeting)
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    retries = []
+    client = LabelStudioClient(Connection(url, "a-token-of-sorts"), retries=3,
+                               on_retry=retries.append)
+    try:
+        with pytest.raises(LabelStudioError, match="does not speak HTTP.*--ls-url"):
+            client.check_server()
+    finally:
+        server.close()
+    assert len(connections) == 1 and retries == []

@@ -93,6 +93,13 @@ class LabelStudioClient:
                     raise LabelStudioError(message) from None
                 if isinstance(exc, httpx.ConnectError) and not self._answered:
                     raise LabelStudioError(message) from None  # nothing listens: say so now
+                if isinstance(exc, httpx.ProtocolError) and not self._answered:
+                    # It answered, but not in HTTP (an SSH or database port), or hung up
+                    # before answering at all: no Label Studio does either on first contact.
+                    raise LabelStudioError(
+                        f"{self.conn.url} does not speak HTTP ({exc or type(exc).__name__}) "
+                        f"while {what}: is it Label Studio's address and port? Check "
+                        "--ls-url / LABEL_STUDIO_URL") from None
                 if not idempotent and not isinstance(exc, httpx.ConnectError):
                     raise TransientError(message + "; run the same command again: it resumes "
                                          "where it stopped") from None
