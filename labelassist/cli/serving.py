@@ -11,7 +11,12 @@ from ..labels import DEFAULT_DB
 from . import DbOpt, DeviceOpt, LsTokenOpt, LsUrlOpt, ModelOpt, command, err, ls_client, open_db
 
 ProjectOpt = Annotated[Optional[str], typer.Option(
-    help="Title of the project to serve (default: the one labelassist pushed to last).")]
+    help="Id or title of the Label Studio project to serve: any project the token can "
+    "read, pushed by labelassist or not (default: the one labelassist pushed to last).")]
+ServeLabelsOpt = Annotated[Optional[Path], typer.Option(
+    "--labels", "-l", help="Label file (TOML) describing the project's choices: its "
+    "classes must be the choices of the project's labeling config ('other' means none of "
+    "these). Default: what labelassist pushed, else each choice described by its name.")]
 ConnectOpt = Annotated[bool, typer.Option(
     help="Connect the project to this server through Label Studio's API (its ML backend and "
     "webhook).")]
@@ -34,6 +39,7 @@ def serve(
     ls_url: LsUrlOpt = None,
     ls_token: LsTokenOpt = None,
     project: ProjectOpt = None,
+    labels: ServeLabelsOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 9090,
     url: Annotated[Optional[str], typer.Option(
@@ -45,8 +51,8 @@ def serve(
     connect: ConnectOpt = True,
     fetch_dir: FetchDirOpt = None,
 ) -> None:
-    """Keep the model in the loop: a Label Studio ML backend for a project labelassist
-    pushed. When a reviewer opens a task, Label Studio asks it for a prediction: pushed
+    """Keep the model in the loop: a Label Studio ML backend for a project, whether
+    labelassist pushed it or it was made in Label Studio. When a reviewer opens a task, Label Studio asks it for a prediction: pushed
     tasks are answered from the ledger at once; tasks imported straight into Label Studio
     have their image fetched through Label Studio, encoded and predicted. Reviews are
     recorded as they are made (no pull needed), and every --learn-every reviews learn
@@ -56,13 +62,14 @@ def serve(
     accuracy of the probe against zero-shot) and the share that accept would now take.
 
     Example: labelassist serve --project "labelassist: cat / dog"
+    Any project: labelassist serve --project 12 --labels labels.toml --model DIR
     """
     from ..serve import ServeOptions, serve_secret
 
     secret = serve_secret(secret, log=lambda line: err.print(line, markup=False))
     database = open_db(db)
     client = ls_client(ls_url, ls_token)
-    backend = make_backend(database, client, db, project, model, device, fetch_dir,
+    backend = make_backend(database, client, db, project, labels, model, device, fetch_dir,
                            learn_every)
     serve_until_stopped(backend, secret, ServeOptions(host, port, url, learn_every, connect))
 
@@ -80,17 +87,19 @@ def serve_until_stopped(backend, secret: str, options) -> None:
         err.print("stopped", markup=False)
 
 
-def make_backend(database, client, db, project, model, device, fetch_dir, learn_every):
+def make_backend(database, client, db, project, labels, model, device, fetch_dir,
+                 learn_every):
     """The Backend for the project that --project names, its reviews caught up first."""
+    from ..labels import load_label_file
     from ..labelstudio import pull as run_pull
+    from ..labelstudio.project import FROM_NAME
     from ..model.load import load_model
     from ..serve import Backend, fetch_dir_for, find_project, status_file_for
+    from ..serve.project import pin_zero_shot, project_control, served_label_set
+    from . import resolve_model_id
 
     target = find_project(database, client, project)
-    caught_up = run_pull(database, client)  # reviews made while no server was listening
-    if caught_up.new or caught_up.updated or caught_up.deleted:
-        err.print(f"caught up: {caught_up.new:,} new, {caught_up.updated:,} updated, "
-                  f"{caught_up.deleted:,} deleted reviews since the last pull", markup=False)
+    control = project_control(client, target)
 
     def loader(model_id: str, runtime: str = ""):
         # the zero-shot version's own model and runtime (its embeddings are keyed by
@@ -98,7 +107,22 @@ def make_backend(database, client, db, project, model, device, fetch_dir, learn_
         return load_model(model or model_id, device="cpu" if runtime else device,
                           dtype=runtime or "auto")
 
-    return Backend(database, client, target, load_model=loader,
-                   fetch_dir=(fetch_dir or fetch_dir_for(db)).absolute(),
-                   learn_every=learn_every, log=lambda line: err.print(line, markup=False),
-                   status_file=status_file_for(db))
+    backend = Backend(database, client, target, load_model=loader,
+                      fetch_dir=(fetch_dir or fetch_dir_for(db)).absolute(),
+                      learn_every=learn_every, log=lambda line: err.print(line, markup=False),
+                      status_file=status_file_for(db), control=control)
+    if labels is not None or backend.zero_shot_version() is None:
+        label_set = served_label_set(control, load_label_file(labels) if labels else None,
+                                     target.title)
+        backend.pin(*pin_zero_shot(database, label_set,
+                                   lambda chosen: loader(resolve_model_id(model, chosen))))
+    # reviews made while no server was listening (pull reads labelassist's own control)
+    caught_up = backend.journal.catch_up() if control.from_name != FROM_NAME else None
+    pulled = run_pull(database, client)
+    new, updated, deleted = (pulled.new + getattr(caught_up, "new", 0),
+                             pulled.updated + getattr(caught_up, "updated", 0),
+                             pulled.deleted + getattr(caught_up, "deleted", 0))
+    if new or updated or deleted:
+        err.print(f"caught up: {new:,} new, {updated:,} updated, {deleted:,} deleted "
+                  "reviews since the last pull", markup=False)
+    return backend

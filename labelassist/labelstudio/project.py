@@ -45,9 +45,50 @@ def label_config(classes: list[str]) -> str:
             f'showInLine="true">\n    {choices}\n  </Choices>\n</View>')
 
 
-def choice_result(label: str) -> list[dict]:
-    return [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+def choice_result(label: str, control: ChoicesControl | None = None) -> list[dict]:
+    """A prediction's result: one choice of the project's Choices control (labelassist's
+    own `label` unless told which)."""
+    from_name, to_name = (control.from_name, control.to_name) if control else (FROM_NAME,
+                                                                                TO_NAME)
+    return [{"from_name": from_name, "to_name": to_name, "type": "choices",
              "value": {"choices": [label]}}]
+
+
+@dataclass(frozen=True)
+class ChoicesControl:
+    """The single choice a project asks of each image: its Choices control's name, the
+    Image it labels, the choices it offers, and the task data key that image comes from."""
+
+    from_name: str = FROM_NAME
+    to_name: str = TO_NAME
+    choices: tuple[str, ...] = ()
+    image_key: str = "image"
+
+
+def read_choices(config: str, title: str = "the project") -> ChoicesControl:
+    """The Choices control of a labeling config that labels an Image: the one named
+    `label` (what labelassist makes) when there is one, else the first."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(config or "")
+    except ET.ParseError as exc:
+        raise LabelStudioError(f"{title}'s labeling config is not valid XML ({exc}); fix it "
+                               "in Label Studio's settings") from None
+    images = {e.get("name"): str(e.get("value") or "") for e in root.iter("Image")}
+    controls = [c for c in root.iter("Choices")
+                if (c.get("toName") or "").split(",")[0] in images and c.get("name")]
+    control = next((c for c in controls if c.get("name") == FROM_NAME), None) or \
+        next(iter(controls), None)
+    if control is None:
+        raise LabelStudioError(f"{title}'s labeling config has no <Choices> for an <Image>: "
+                               "labelassist predicts one choice per image; add one in the "
+                               "project's Settings > Labeling Interface")
+    to_name = control.get("toName").split(",")[0]
+    choices = tuple(c.get("alias") or c.get("value") for c in control.iter("Choice")
+                    if c.get("alias") or c.get("value"))
+    return ChoicesControl(control.get("name"), to_name, choices,
+                          images[to_name].lstrip("$") or "image")
 
 
 
@@ -259,3 +300,44 @@ def iter_remote_task_ids(client: LabelStudioClient, project_id: int
     with the total the server reports."""
     for page, total in iter_remote_pages(client, project_id, page_size=1000, include="id"):
         yield [t["id"] for t in page], total
+
+
+# A project made in Label Studio that labelassist serves without ever pushing to it: its
+# tasks and their images are Label Studio's (the row's image_mode says so).
+MADE_IN_STUDIO = "studio"
+
+
+def find_remote_project(client: LabelStudioClient, id_or_title: str) -> dict | None:
+    """A project the token can read, by its id or its exact title (None: no such one)."""
+    if id_or_title.isdigit():
+        try:
+            return client.get_json(f"/api/projects/{int(id_or_title)}", "reading the project")
+        except LabelStudioError as exc:
+            if "answered 404" not in str(exc):
+                raise
+    body = client.get_json("/api/projects", "listing projects", title=id_or_title,
+                           page_size=100)
+    found = [p for p in (body.get("results", []) if isinstance(body, dict) else body)
+             if isinstance(p, dict) and p.get("title") == id_or_title]
+    if len(found) > 1:
+        raise LabelStudioError(f"{len(found)} projects are titled {id_or_title!r} (ids "
+                               f"{', '.join(str(p['id']) for p in found)}): pass --project ID")
+    return found[0] if found else None
+
+
+def adopt_project(db: Database, client: LabelStudioClient, remote: dict,
+                  classes: list[str]) -> LSProject:
+    """The ledger's row for a project labelassist did not make (made once; a project it
+    knows already is returned as it is)."""
+    with db.write() as session:
+        row = session.scalars(select(LSProject).where(
+            LSProject.url == client.conn.url, LSProject.ls_project_id == remote["id"])).first()
+        if row is None:
+            row = LSProject(url=client.conn.url, ls_project_id=remote["id"],
+                            title=str(remote.get("title") or remote["id"]), classes=classes,
+                            image_mode=MADE_IN_STUDIO)
+            session.add(row)
+        elif row.image_mode == MADE_IN_STUDIO:
+            row.classes = classes  # its labeling config, as it is now
+        session.flush()
+        return row

@@ -7,13 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
-
-from ..db import Database, sqlite_file
-from ..db.models import LSProject
+from ..db import sqlite_file
 from ..errors import ConfigError, LabelStudioError
-from ..labelstudio import LabelStudioClient
 from .backend import Backend
+from .project import find_project
 
 __all__ = ["Backend", "MIN_SECRET", "ServeOptions", "find_project", "fetch_dir_for",
            "run_server", "serve_secret", "status_file_for"]
@@ -32,26 +29,6 @@ class ServeOptions:
     @property
     def public_url(self) -> str:
         return (self.url or f"http://{self.host}:{self.port}").rstrip("/")
-
-
-def find_project(db: Database, client: LabelStudioClient, title: str | None) -> LSProject:
-    """The project to serve: by title, else the one labelassist pushed to last."""
-    with db.read() as s:
-        query = select(LSProject).where(LSProject.url == client.conn.url)
-        if title:
-            query = query.where(LSProject.title == title)
-        project = s.scalars(query.order_by(LSProject.id.desc())).first()
-        if project is None:
-            known = s.scalars(select(LSProject.title).where(
-                LSProject.url == client.conn.url)).all()
-    if project is None:
-        if title:
-            raise ConfigError(f"labelassist pushed no project titled {title!r} to "
-                              f"{client.conn.url}" + (f" (it pushed: {', '.join(known)})"
-                                                      if known else "; run labelassist push"))
-        raise ConfigError(f"nothing was pushed to {client.conn.url} yet: run labelassist "
-                          "push first, then serve its project")
-    return project
 
 
 def secret_file() -> Path:

@@ -20,7 +20,7 @@ from ..db import Database, insert_ignoring_duplicates
 from ..db.models import File, LSDeletedTask, LSProject, LSTask, ModelVersion, Prediction
 from ..errors import LabelAssistError
 from ..labelstudio import LabelStudioClient
-from ..labelstudio.project import choice_result
+from ..labelstudio.project import ChoicesControl, choice_result
 from ..labelstudio.tasks import forget_tasks, is_id, match, read_tasks, task_key, task_rows
 from .fetch import RefusedImage, fetch_image
 from .journal import ReviewJournal
@@ -34,21 +34,36 @@ class Backend:
 
     def __init__(self, db: Database, client: LabelStudioClient, project: LSProject, *,
                  load_model, fetch_dir: Path, learn_every: int = 20,
-                 target_precision: float = 0.99, log=print, status_file: Path | None = None):
+                 target_precision: float = 0.99, log=print, status_file: Path | None = None,
+                 control: ChoicesControl | None = None, zero_shot: ModelVersion | None = None,
+                 model=None):
+        """`control`: the project's Choices (default: labelassist's own `label`);
+        `zero_shot` and its loaded `model`: what to predict with (default: the newest
+        zero-shot version with predictions of the project's images)."""
         self.db, self.client, self.project = db, client, project
         self.load_model, self.fetch_dir, self.log = load_model, fetch_dir, log
+        self.control = control or ChoicesControl()
+        self.pinned = zero_shot
         self.status = ServeStatus(project.title, self.newest_version_name(),
                                   learn_every=learn_every)
         self.status_file = StatusFile(status_file, log)  # `labelassist status` reads it
-        self._model = None
+        self._model = model
         self._model_lock = threading.Lock()  # one encode at a time; the model loads once
         self.learning = LearningLoop(
             db, client, project, self.status, model=self.model,
             zero_shot_version=self.zero_shot_version, learn_every=learn_every,
-            target_precision=target_precision, log=log, note=self._note)
+            target_precision=target_precision, log=log, note=self._note,
+            control=self.control)
         self.journal = ReviewJournal(db, client, project, self.status, note=self._note,
+                                     control=self.control,
                                      after_reviews=self.learning.after_reviews,
                                      save_status=self.save_status)
+
+    def pin(self, version: ModelVersion, model) -> None:
+        """Predict with this zero-shot version (and its loaded model) from now on."""
+        with self._model_lock:
+            self.pinned, self._model = version, model
+        self.status.model_version = self.newest_version_name()
 
     def start(self) -> None:
         self.journal.start()
@@ -81,19 +96,24 @@ class Backend:
             return self._model
 
     def newest_version_name(self) -> str | None:
-        """The newest model_version with predictions for this project's images."""
+        """The newest model_version with predictions for this project's images, or the
+        one serve was told to predict with when that is newer."""
         with self.db.read() as s:
-            return s.scalar(select(ModelVersion.name).where(
+            newest = s.execute(select(ModelVersion.id, ModelVersion.name).where(
                 select(Prediction.id).join(LSTask, LSTask.image_id == Prediction.image_id)
                 .where(Prediction.model_version_id == ModelVersion.id,
                        LSTask.project_id == self.project.id).exists())
-                .order_by(ModelVersion.id.desc()).limit(1))
+                .order_by(ModelVersion.id.desc()).limit(1)).first()
+        if self.pinned is not None and (newest is None or newest.id < self.pinned.id):
+            return self.pinned.name
+        return None if newest is None else newest.name
 
     def predict(self, tasks: list[dict]) -> list[dict]:
         """One answer per task, in order: the newest prediction of its image among the
         versions whose classes this project offers (an image may also be predicted for
         another label set, whose labels this project has no choice for)."""
         images = self._images_of(tasks)
+        self._predict_pinned(set(images.values()))
         with self.db.read() as s:
             versions = {v.id: v.name for v in s.scalars(select(ModelVersion))
                         if set(v.label_set["classes"]) <= set(self.project.classes)}
@@ -110,12 +130,26 @@ class Backend:
                 answers.append({"result": [], "score": 0.0,
                                 "model_version": self.status.model_version or ""})
                 continue
-            answers.append({"result": choice_result(prediction.label),
+            answers.append({"result": choice_result(prediction.label, self.control),
                             "score": round(prediction.confidence, 6),
                             "model_version": versions[prediction.model_version_id]})
             self.status.predictions_served += 1
         self.save_status(at_most_every=1.0)  # not a file write per request
         return answers
+
+    def _predict_pinned(self, image_ids: set[int]) -> None:
+        """Images known from an earlier run that have no prediction of the version serve
+        was told to predict with (nor of a newer one): predicted with it now."""
+        if self.pinned is None or not image_ids:
+            return
+        with self.db.read() as s:
+            done = set(s.scalars(select(Prediction.image_id).where(
+                Prediction.image_id.in_(sorted(image_ids)),
+                Prediction.model_version_id >= self.pinned.id)))
+        if image_ids - done:
+            from ..predict.run import predict_version
+
+            predict_version(self.db, self.model(), self.pinned, only=sorted(image_ids - done))
 
     def _images_of(self, tasks: list[dict]) -> dict[int, int]:
         """task id -> image id, for the tasks whose data names an image recorded for that
@@ -169,7 +203,7 @@ class Backend:
         return found
 
     def fetch(self, task: dict) -> Path:
-        path = fetch_image(self.client, task, self.fetch_dir)
+        path = fetch_image(self.client, task, self.fetch_dir, key=self.control.image_key)
         self.status.images_fetched += 1
         return path
 
@@ -210,9 +244,12 @@ class Backend:
             insert_ignoring_duplicates(s, LSTask, rows)
 
     def zero_shot_version(self) -> ModelVersion | None:
-        """The newest zero-shot version with predictions of this project's images."""
+        """The version serve was told to predict with, else the newest zero-shot version
+        with predictions of this project's images."""
+        if self.pinned is not None:
+            return self.pinned
         with self.db.read() as s:
-                return s.scalars(select(ModelVersion).where(
+            return s.scalars(select(ModelVersion).where(
                 ModelVersion.kind == "zeroshot",
                 select(Prediction.id).join(LSTask, LSTask.image_id == Prediction.image_id)
                 .where(Prediction.model_version_id == ModelVersion.id,

@@ -15,9 +15,10 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import delete, func, select, update
 
 from ..db import Database
-from ..db.models import Annotation, LSProject, LSTask, ReviewEventRecord, utcnow
+from ..db.models import Annotation, LSProject, LSTask, ReviewEventRecord, as_utc, utcnow
 from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
+from ..labelstudio.project import FROM_NAME, ChoicesControl, iter_remote_pages
 from ..labelstudio.pull import PullSummary, store_annotations
 from ..labelstudio.tasks import forget_tasks, is_id, task_rows
 from .status import ServeStatus
@@ -56,6 +57,23 @@ class ReviewEvent:
         return all(i in remote and remote[i] >= stamp for i, stamp in self.expect.items())
 
 
+def as_labelassist_choices(tasks: list[dict], control: ChoicesControl) -> list[dict]:
+    """The tasks with the project's own Choices control named as labelassist names its
+    own (`label`), which is where the ledger reads a reviewer's choice from."""
+    if control.from_name == FROM_NAME:
+        return tasks
+
+    def renamed(results):
+        if not isinstance(results, list):
+            return results
+        return [{**r, "from_name": FROM_NAME} if isinstance(r, dict)
+                and r.get("from_name") == control.from_name else r for r in results]
+
+    return [{**t, **{kind: [{**item, "result": renamed(item.get("result"))}
+                            if isinstance(item, dict) else item
+                            for item in t.get(kind) or []]
+                     for kind in ("annotations", "predictions")}} for t in tasks]
+
 
 class ReviewJournal:
     """The review thread and the journal it works from. `after_reviews(n)` is told how
@@ -63,8 +81,10 @@ class ReviewJournal:
 
     def __init__(self, db: Database, client: LabelStudioClient, project: LSProject,
                  status: ServeStatus, *, note: Callable[[str], None],
-                 after_reviews: Callable[[int], None], save_status: Callable[[], None]):
+                 after_reviews: Callable[[int], None], save_status: Callable[[], None],
+                 control: ChoicesControl | None = None):
         self.db, self.client, self.project, self.status = db, client, project, status
+        self.control = control or ChoicesControl()
         self.note, self.after_reviews, self.save_status = note, after_reviews, save_status
         self._wake = threading.Event()  # a new event is journaled, or stop()
         self._stopping = False
@@ -268,7 +288,8 @@ class ReviewJournal:
             if authors - set(self._users):
                 self._users = {u["id"]: u.get("email") or u.get("username")
                                for u in self.client.get_json("/api/users", "listing users")}
-            store_annotations(self.db, self.project, tasks, self._users, summary, read_at)
+            store_annotations(self.db, self.project, as_labelassist_choices(tasks, self.control),
+                              self._users, summary, read_at)
         if gone:
             self._forget(gone, summary)
         changed = summary.new + summary.updated
@@ -276,6 +297,24 @@ class ReviewJournal:
         self.after_reviews(changed + summary.deleted)
         self.save_status()
         return summary
+
+    def catch_up(self) -> PullSummary:
+        """Reviews made while no server listened, read with the project's own Choices
+        control: for a project whose control is not labelassist's `label`, stored before
+        `pull` (which reads `label` only) sees them."""
+        summary = PullSummary()
+        since = self.project.last_pull_at
+        pages = iter_remote_pages(self.client, self.project.ls_project_id,
+                                  None if since is None else as_utc(since))
+        users = {u["id"]: u.get("email") or u.get("username")
+                 for u in self.client.get_json("/api/users", "listing users")}
+        while True:
+            read_at = utcnow()  # before the page is read (pull's rule)
+            page = next(pages, None)
+            if page is None:
+                return summary
+            store_annotations(self.db, self.project, as_labelassist_choices(
+                page[0], self.control), users, summary, read_at)
 
     def _drop_deleted(self, event: "ReviewEvent", tasks: list[dict]) -> None:
         """Expected annotations that the read lacks and Label Studio no longer has."""

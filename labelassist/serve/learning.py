@@ -14,6 +14,7 @@ from ..db import Database
 from ..db.models import LSProject, ModelVersion
 from ..errors import LabelAssistError
 from ..labelstudio import LabelStudioClient
+from ..labelstudio.project import MADE_IN_STUDIO, ChoicesControl
 from .status import LearnRecord, ServeStatus
 
 
@@ -21,8 +22,9 @@ class LearningLoop:
     def __init__(self, db: Database, client: LabelStudioClient, project: LSProject,
                  status: ServeStatus, *, model: Callable, zero_shot_version: Callable,
                  learn_every: int, target_precision: float, log: Callable[[str], None],
-                 note: Callable[[str], None]):
+                 note: Callable[[str], None], control: ChoicesControl | None = None):
         self.db, self.client, self.project, self.status = db, client, project, status
+        self.control = control or ChoicesControl()
         self.model, self.zero_shot_version = model, zero_shot_version
         self.learn_every, self.target_precision = learn_every, target_precision
         self.log, self.note = log, note
@@ -40,7 +42,6 @@ class LearningLoop:
 
     def _learn(self) -> LearnRecord | None:
         from ..trust.learn import learn
-        from ..labelstudio import push, resolve_image_source
 
         base = self.zero_shot_version()
         if base is None:
@@ -57,11 +58,7 @@ class LearningLoop:
             with self.db.read() as s:
                 stored = s.scalars(select(ModelVersion).where(
                     ModelVersion.name == summary.stored_version)).one()
-            source = resolve_image_source(self.project.image_mode, None, self.client.conn.url)
-            if source.mode == "local" and source.root is None:
-                source = resolve_image_source("upload", None, self.client.conn.url)
-            pushed = push(self.db, self.client, stored, source, title=self.project.title)
-            record.pushed_tasks = pushed.predictions_added + pushed.tasks_created
+            record.pushed_tasks = self.send(stored)
             self.show_version(stored.name)
         # Counted from here on only: a version that never reached Label Studio (push
         # raised) leaves the count as it was, so the next review learns and sends again.
@@ -73,6 +70,21 @@ class LearningLoop:
                  + (f"; {record.stored_version} sent to Label Studio"
                     if record.stored_version else "; zero-shot kept"))
         return record
+
+    def send(self, version: ModelVersion) -> int:
+        """The new version's predictions to Label Studio: by push for a project labelassist
+        pushed; for one made in Label Studio, onto the tasks serve answered, with the
+        project's own Choices control (push would add tasks and choices of its own)."""
+        from ..labelstudio import push, resolve_image_source
+
+        if self.project.image_mode == MADE_IN_STUDIO:
+            return send_predictions(self.db, self.client, self.project, version,
+                                    self.control)
+        source = resolve_image_source(self.project.image_mode, None, self.client.conn.url)
+        if source.mode == "local" and source.root is None:
+            source = resolve_image_source("upload", None, self.client.conn.url)
+        pushed = push(self.db, self.client, version, source, title=self.project.title)
+        return pushed.predictions_added + pushed.tasks_created
 
     def _learn_now(self) -> None:
         """Learn from the reviews stored: a failure (Label Studio refusing the new version)
@@ -108,3 +120,31 @@ class LearningLoop:
         except LabelAssistError:  # no reviews of this version yet
             return None
         return sum(would.accepted.values()) / would.unreviewed if would.unreviewed else None
+
+
+def send_predictions(db: Database, client: LabelStudioClient, project: LSProject,
+                     version: ModelVersion, control: ChoicesControl) -> int:
+    """This version's predictions onto the project's tasks that still show their image,
+    500 a request; returns how many were sent."""
+    from ..db.models import Image, LSTask, Prediction
+    from ..labelstudio.project import choice_result
+    from ..labelstudio.tasks import TaskRow, check_task_rows
+
+    with db.read() as s:
+        found = s.execute(select(LSTask.id, LSTask.image_id, LSTask.ls_task_id,
+                                 LSTask.image_key, Image.sha256, Prediction.label,
+                                 Prediction.confidence)
+                          .join(Image, Image.id == LSTask.image_id)
+                          .join(Prediction, Prediction.image_id == LSTask.image_id)
+                          .where(LSTask.project_id == project.id,
+                                 Prediction.model_version_id == version.id)).all()
+    guesses = {row.ls_task_id: (row.label, row.confidence) for row in found}
+    live, _ = check_task_rows(db, client, project.id, project.ls_project_id,
+                              [TaskRow(*row[:5]) for row in found])
+    payload = [{"task": r.ls_task_id, "result": choice_result(guesses[r.ls_task_id][0], control),
+                "score": round(guesses[r.ls_task_id][1], 6), "model_version": version.name}
+               for r in live]
+    for start in range(0, len(payload), 500):
+        client.call("importing predictions", client.sdk.projects.import_predictions,
+                    id=project.ls_project_id, request=payload[start:start + 500])
+    return len(payload)

@@ -1,0 +1,213 @@
+"""`labelassist serve` for a project labelassist never pushed (issue 33, item 1): a project
+made in Label Studio with a labeling config of its own (its Choices and Image named as
+its maker chose) and a local-files storage, served by a real `labelassist serve` process
+started with --project TITLE --labels FILE --model DIR. Label Studio asks for the
+predictions itself ("Retrieve predictions"), and reviews reach the ledger through its
+webhook, never a pull."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from labelassist.cli import app
+from labelassist.db import open_database
+from labelassist.db.models import Annotation, File, LSTask
+from labelassist.labelstudio.studio import free_port
+
+from .imagegen import write_shape_images
+
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+SECRET = "any-project-secret-for-tests"
+CONFIG = """<View>
+  <Header value="Which colour?"/>
+  <Image name="photo" value="$picture"/>
+  <Choices name="colour" toName="photo" choice="single">
+    <Choice value="warm"/><Choice value="cool"/><Choice value="other"/>
+  </Choices>
+</View>"""
+LOCAL_FILES = ["file:///etc/passwd", "/etc/passwd"]
+
+
+def wait_for(check, timeout=30.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Project:
+    """A project as a Label Studio user makes one, and the serve process answering it."""
+
+    def __init__(self, ls, tmp):
+        self.ls, self.tmp = ls, tmp
+        self.http = httpx.Client(base_url=ls.url, timeout=60,
+                                 headers={"Authorization": f"Token {ls.token}"})
+        self.db_url = f"sqlite:///{tmp / 'ledger.db'}"
+        self.db = open_database(self.db_url)
+
+    def make(self, title: str, folder) -> None:
+        made = self.http.post("/api/projects", json={"title": title, "label_config": CONFIG})
+        made.raise_for_status()
+        self.id = made.json()["id"]
+        storage = self.http.post("/api/storages/localfiles", json={
+            "project": self.id, "path": str(folder), "use_blob_urls": True,
+            "recursive_scan": True, "title": "photos"})
+        storage.raise_for_status()
+        self.http.post(f"/api/storages/localfiles/{storage.json()['id']}/sync"
+                       ).raise_for_status()
+        wait_for(lambda: len(self.tasks()) == 6, what="the storage sync")
+        self.http.post(f"/api/projects/{self.id}/import", json=[
+            {"picture": value} for value in LOCAL_FILES]).raise_for_status()
+
+    def tasks(self) -> list[dict]:
+        return self.http.get("/api/tasks", params={"project": self.id, "page_size": 100,
+                                                   "fields": "all"}).json()["tasks"]
+
+    def retrieve_predictions(self) -> None:
+        """The Data Manager's "Retrieve predictions" on every task of the project."""
+        self.http.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions",
+                                                  "project": self.id},
+                       json={"selectedItems": {"all": True, "excluded": []}}
+                       ).raise_for_status()
+
+    def annotate(self, task_id: int, label: str) -> int:
+        made = self.http.post(f"/api/tasks/{task_id}/annotations", json={"result": [
+            {"from_name": "colour", "to_name": "photo", "type": "choices",
+             "value": {"choices": [label]}}]})
+        made.raise_for_status()
+        return made.json()["id"]
+
+    def count(self, model, *where) -> int:
+        with self.db.read() as s:
+            return s.scalar(select(func.count()).select_from(model).where(*where))
+
+    def serve(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "LABEL_STUDIO_URL": self.ls.url,
+               "LABEL_STUDIO_API_KEY": self.ls.token, "LABELASSIST_SERVE_SECRET": SECRET,
+               "LABELASSIST_DB": self.db_url}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "labelassist.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), *args], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.said = []
+        for line in self.proc.stderr:  # ends only if it dies
+            self.said.append(line)
+            if line.startswith("serving "):
+                return
+        raise AssertionError(f"serve died: {self.proc.wait()}: {''.join(self.said)}")
+
+    def status(self) -> dict:
+        return httpx.get(self.url + "/", auth=("labelassist", SECRET), timeout=10).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.db.dispose()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, label_studio, tiny_clip_dir):
+    tmp = tmp_path_factory.mktemp("any-project")
+    folder = label_studio.root / "any_project"
+    write_shape_images(folder, 6)
+    labels = tmp / "labels.toml"
+    labels.write_text('[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\n')
+    project = Project(label_studio, tmp)
+    title = f"made in Label Studio {tmp.name}"[:50]
+    project.make(title, folder)
+    project.serve("--project", title, "--labels", str(labels), "--model", str(tiny_clip_dir))
+    project.retrieve_predictions()
+    yield project
+    project.stop()
+
+
+def test_the_project_lists_labelassist_as_its_model(served):
+    backends = served.http.get("/api/ml", params={"project": served.id}).json()
+    (mine,) = [b for b in backends if b["url"] == served.url]
+    assert mine["title"] == "labelassist" and mine["auth_method"] == "BASIC_AUTH"
+    assert mine["state"] == "CO"  # Label Studio reached it with the secret
+
+
+def test_every_task_gets_a_prediction_from_retrieve_predictions(served):
+    stored = [t for t in served.tasks() if t["data"]["picture"] not in LOCAL_FILES]
+    assert len(stored) == 6
+    for task in stored:
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"].startswith("tiny-clip@")
+        assert 0.5 <= prediction["score"] <= 1  # the better of two classes
+        (result,) = prediction["result"]
+        assert (result["from_name"], result["to_name"]) == ("colour", "photo")
+        assert result["value"]["choices"][0] in ("warm", "cool")
+    # each image fetched through Label Studio and registered by content hash
+    assert served.count(LSTask) == 6 and served.count(File, File.error.is_(None)) == 6
+    assert served.status()["images_fetched"] == 6
+
+
+def test_a_task_pointing_at_a_local_file_reads_nothing(served):
+    local = [t for t in served.tasks() if t["data"]["picture"] in LOCAL_FILES]
+    assert len(local) == 2
+    for task in local:  # answered, empty: no file was read
+        assert [p["result"] for p in task["predictions"]] in ([], [[]])
+    with served.db.read() as s:
+        paths = s.scalars(select(File.path)).all()
+    assert not any("passwd" in path for path in paths)
+    assert served.status()["images_refused"] == 2
+    assert all("passwd" not in p.read_bytes().decode("latin-1")
+               for p in (served.tmp / "labelassist-fetched").rglob("*") if p.is_file())
+
+
+def test_an_unauthenticated_webhook_gets_401(served):
+    task = served.tasks()[0]
+    event = {"action": "ANNOTATION_CREATED", "task": {"id": task["id"]},
+             "annotation": {"id": 1, "task": task["id"]}}
+    for auth in (None, ("labelassist", "wrong-secret-of-enough-length")):
+        response = httpx.post(served.url + "/webhook", json=event, auth=auth, timeout=10)
+        assert response.status_code == 401
+
+
+def test_reviews_reach_the_ledger_without_a_pull_and_count_in_report_and_export(
+        served, tmp_path):
+    tasks = sorted((t for t in served.tasks() if t["data"]["picture"] not in LOCAL_FILES),
+                   key=lambda t: t["id"])
+    made = [served.annotate(tasks[0]["id"], "cool"), served.annotate(tasks[1]["id"], "warm")]
+    wait_for(lambda: served.count(Annotation, Annotation.ls_annotation_id.in_(made),
+                                  Annotation.label.is_not(None)) == 2,
+             what="the webhook to record both reviews")
+    with served.db.read() as s:
+        labels = dict(s.execute(select(Annotation.ls_annotation_id, Annotation.label)).all())
+    assert labels == {made[0]: "cool", made[1]: "warm"}
+
+    learned = httpx.post(served.url + "/train", json={}, auth=("labelassist", SECRET),
+                         timeout=60).json()
+    assert learned["status"] == "ok"
+    assert served.status()["last_learn"]["reviews"] == 2
+
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["report", "--db", served.db_url, "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["reviewed"] == 2
+    out = tmp_path / "dataset"
+    result = CliRunner().invoke(app, ["export", str(out), "--db", served.db_url,
+                                      "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    exported = (out / "labels.csv").read_text() if (out / "labels.csv").exists() else \
+        "".join(p.read_text() for p in out.rglob("*.csv"))
+    assert exported.count("cool") == 1 and exported.count("warm") == 1
