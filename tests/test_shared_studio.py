@@ -164,20 +164,26 @@ def test_serve_never_fetches_label_studio_api_addresses(tmp_path, label_studio, 
         stop(served)
 
 
-def test_a_redirect_to_another_host_is_refused_and_the_token_stays_home(tmp_path):
+def test_a_presigned_redirect_is_followed_without_the_token_and_no_other_is(tmp_path):
+    """A cloud storage's link may redirect to a presigned URL on the storage host: that
+    is followed by a request carrying nothing of Label Studio's. A redirect from any
+    other file route (an upload) is refused before a byte leaves for that host."""
     with Recorder(lambda path: (200, {"Content-Type": "image/png"}, png_bytes())) as store:
         moved = {"Location": f"{store.url}/bucket/a.png?X-Amz-Signature=abc"}
         with Recorder(lambda path: (302, moved, b"")) as studio:
             client = LabelStudioClient(Connection(studio.url, "operator-token"), retries=0)
-            task = {"id": 1, "data": {"image": "/tasks/1/resolve/?fileuri=czM6Ly9iL2EucG5n"}}
+            storage = {"id": 1, "data": {"image": "/tasks/1/resolve/?fileuri=czM6Ly9iL2EucG5n"}}
+            upload = {"id": 2, "data": {"image": "/data/upload/1/a.png"}}
 
-            with pytest.raises(RefusedImage, match=r"redirect.*127\.0\.0\.1:\d+.*presign"):
-                fetch_image(client, task, tmp_path / "fetched")
+            kept = fetch_image(client, storage, tmp_path / "fetched")
+            with pytest.raises(RefusedImage, match=r"redirect to 127\.0\.0\.1:\d+"):
+                fetch_image(client, upload, tmp_path / "fetched")
 
+    assert kept.read_bytes() == png_bytes()
     assert studio.requests == [("/tasks/1/resolve/?fileuri=czM6Ly9iL2EucG5n",
-                                "Token operator-token")]
-    assert store.requests == []
-    assert not (tmp_path / "fetched").exists() or not any((tmp_path / "fetched").rglob("*.png"))
+                                "Token operator-token"),
+                               ("/data/upload/1/a.png", "Token operator-token")]
+    assert store.requests == [("/bucket/a.png?X-Amz-Signature=abc", None)]
 
 
 @pytest.mark.labelstudio

@@ -10,7 +10,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import httpx
 
@@ -32,13 +32,15 @@ FILE_ROUTES = (
 
 class RefusedImage(LabelAssistError):
     """A task's image that this server will not fetch or keep (not one of Label Studio's
-    file routes, a redirect elsewhere, or not an image)."""
+    file routes, a redirect anywhere but a cloud storage's host, or not an image)."""
 
 
-def fetch_image(client: LabelStudioClient, task: dict, fetch_dir: Path) -> Path:
-    """The task's image, from Label Studio's file routes only, kept under fetch_dir by
-    content hash (0600 files in 0700 folders) once its bytes decode as an image."""
-    url = image_url(task, client.conn.url)
+def fetch_image(client: LabelStudioClient, task: dict, fetch_dir: Path,
+                key: str = "image") -> Path:
+    """The task's image (its data's `key`), from Label Studio's file routes only, kept
+    under fetch_dir by content hash (0600 files in 0700 folders) once its bytes decode as
+    an image."""
+    url = image_url(task, client.conn.url, key)
     try:
         data = _download(client, url)
     except httpx.HTTPError as exc:
@@ -47,30 +49,74 @@ def fetch_image(client: LabelStudioClient, task: dict, fetch_dir: Path) -> Path:
 
 
 def _download(client: LabelStudioClient, url: str) -> bytes:
+    """The bytes at one of Label Studio's file routes, asked for with the token. A cloud
+    storage's route may answer with a redirect to a presigned URL on the storage host:
+    that one is followed once, by a request of its own that carries no token, no cookie
+    and no header of Label Studio's (the presigned URL is its own credential)."""
     with httpx.Client(timeout=30, follow_redirects=False, headers={
             "Authorization": f"Token {client.conn.token}"}) as http:
-        with http.stream("GET", url) as response:
-            if response.is_redirect:
-                raise RefusedImage(_redirect_refusal(url, response.headers.get("location", "")))
-            if response.status_code != 200:
-                raise LabelStudioError(f"Label Studio answered {response.status_code} "
-                                       f"for the image at {url}")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > MAX_IMAGE_BYTES:
-                    raise RefusedImage(f"the image at {url} is over "
-                                       f"{MAX_IMAGE_BYTES >> 20} MiB")
-                chunks.append(chunk)
-    return b"".join(chunks)
+        data, location = _read(http, url)
+    if location is None:
+        return data
+    target = presigned_target(url, location, client.conn.url)
+    with httpx.Client(timeout=30, follow_redirects=False, trust_env=False) as bare:
+        data, again = _read(bare, target)
+    if again is not None:
+        raise RefusedImage(f"the storage host answered the image at {url} with another "
+                           "redirect: serve follows one only")
+    return data
+
+
+def _read(http: httpx.Client, url: str) -> tuple[bytes, str | None]:
+    """(the body, None), or (b"", the redirect's location): a body only from a 200,
+    and never over MAX_IMAGE_BYTES."""
+    with http.stream("GET", url) as response:
+        if response.is_redirect:
+            return b"", response.headers.get("location", "")
+        if response.status_code != 200:
+            raise LabelStudioError(f"{urlsplit(url).netloc} answered "
+                                   f"{response.status_code} for the image at {_short(url)}")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_IMAGE_BYTES:
+            raise RefusedImage(f"the image at {_short(url)} is over "
+                               f"{MAX_IMAGE_BYTES >> 20} MiB")
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_IMAGE_BYTES:
+                raise RefusedImage(f"the image at {_short(url)} is over "
+                                   f"{MAX_IMAGE_BYTES >> 20} MiB")
+            chunks.append(chunk)
+    return b"".join(chunks), None
+
+
+def presigned_target(url: str, location: str, ls_url: str) -> str:
+    """Where a redirect from Label Studio may lead: only from a cloud storage's route
+    (resolve/presign), only to an http(s) URL on another host than Label Studio's (its
+    storage host); anything else is refused."""
+    route = FILE_ROUTES[-1][0]
+    base = urlsplit(ls_url.rstrip("/"))
+    path = unquote(urlsplit(url).path)[len(base.path):]
+    target = urlsplit(urljoin(url, location))
+    if not route.fullmatch(path) or target.scheme not in ("http", "https") \
+            or not target.hostname or (target.scheme, target.netloc) == (base.scheme,
+                                                                         base.netloc) \
+            or target.username or target.password:
+        raise RefusedImage(_redirect_refusal(url, location))
+    return target.geturl()
+
+
+def _short(url: str) -> str:
+    """An address for a message: a presigned URL's query (its signature) left out."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?..." if parts.query else "")
 
 
 def _redirect_refusal(url: str, location: str) -> str:
     target = urlsplit(location).netloc or "Label Studio itself"
-    return (f"Label Studio answered the image at {url} with a redirect to {target} (a "
-            "presigned storage URL?): serve follows none, so the token never leaves Label "
-            "Studio; turn off 'Use pre-signed URLs' in the storage's settings so that Label "
-            "Studio sends the bytes itself")
+    return (f"Label Studio answered the image at {_short(url)} with a redirect to {target}: "
+            "serve follows a redirect only from a cloud storage's link to its storage "
+            "host, so the token never leaves Label Studio")
 
 
 def image_suffix(data: bytes, url: str) -> str:
@@ -106,10 +152,10 @@ def _private_folder(folder: Path) -> Path:
     return folder
 
 
-def image_url(task: dict, ls_url: str) -> str:
+def image_url(task: dict, ls_url: str, key: str = "image") -> str:
     """The address of a task's image, only if it is one of Label Studio's file routes
     (FILE_ROUTES) below Label Studio's own address, path included."""
-    value = _image_value(task)
+    value = _image_value(task, key)
     base = urlsplit(ls_url.rstrip("/"))
     if value.startswith("/") and not value.startswith("//"):
         path = value if _below(value, base.path) else base.path + value
@@ -125,11 +171,11 @@ def image_url(task: dict, ls_url: str) -> str:
     return url
 
 
-def _image_value(task: dict) -> str:
+def _image_value(task: dict, key: str) -> str:
     data = task.get("data")
     if not isinstance(data, dict):
         raise RefusedImage("the task has no data")
-    value = data.get("image")
+    value = data.get(key)
     if value is None:
         value = next((v for v in data.values() if isinstance(v, str)), None)
     if not isinstance(value, str) or not value:
