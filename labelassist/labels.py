@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 DEFAULT_DB = "sqlite:///labelassist.db"
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+TOY_MODEL = "toyworld"  # the short name of the toy CLIP shipped with labelassist (cli.model_source)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 

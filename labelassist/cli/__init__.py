@@ -30,7 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..labels import DEFAULT_MODEL
+from ..labels import DEFAULT_MODEL, TOY_MODEL
 from ..errors import DatabaseError, LabelAssistError
 
 app = typer.Typer(
@@ -53,8 +53,9 @@ DbOpt = Annotated[str, typer.Option(
 LabelsOpt = Annotated[Path, typer.Option("--labels", "-l", help="Label file (TOML): classes, "
                                          "their descriptions and templates. See --help.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Hub id or local directory of a CLIP-family model. Default: the "
-    "label file's 'model', else $LABELASSIST_MODEL, else the workspace's, else "
+    "--model", "-m", help="Hub id or local directory of a CLIP-family model, or "
+    f"'{TOY_MODEL}' for the toy model shipped with labelassist (works offline). Default: "
+    "$LABELASSIST_MODEL, else the workspace's, else the label file's 'model', else "
     f"{DEFAULT_MODEL}.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda or mps.")]
 
@@ -350,9 +351,25 @@ def same_origin(a: str, b: str) -> bool:
 
 
 def resolve_model_id(model, label_set=None) -> str:
+    """One order, the same as every other setting's: --model, else $LABELASSIST_MODEL,
+    else the workspace's `model`, else the label file's, else DEFAULT_MODEL. The short
+    name `toyworld` is the toy model shipped with labelassist (no hub needed)."""
     from_file = label_set.model if label_set is not None else None
-    return (model or from_file or os.environ.get("LABELASSIST_MODEL")
-            or (workspace.model if workspace is not None else None) or DEFAULT_MODEL)
+    return model_source(model or os.environ.get("LABELASSIST_MODEL")
+                        or (workspace.model if workspace is not None else None)
+                        or from_file or DEFAULT_MODEL)
+
+
+def model_source(name: str) -> str:
+    """A model as load_model takes it: `toyworld` is unpacked from the weights shipped with
+    labelassist into the cache (seconds, once); anything else is a hub id or a folder."""
+    if name != TOY_MODEL or os.path.isdir(name):
+        return name
+    from ..model.openvino import cache_dir
+    from ..toy.world import cached_model
+
+    return str(cached_model(cache_dir().parent, log=lambda line: err.print(line,
+                                                                           markup=False)))
 
 
 

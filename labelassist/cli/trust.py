@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from ..labels import DEFAULT_DB
-from . import DbOpt, ModelOpt, VersionOpt, command, open_db
+from . import DbOpt, ModelOpt, VersionOpt, command, model_source, open_db
 
 ResolveBriefOpt = Annotated[str, typer.Option(help="majority or latest (see report).")]
 
@@ -47,7 +47,8 @@ def learn(
 
     database = open_db(db)
     base = zero_shot_version(database, version)
-    loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
+    loaded = load_model(model_source(model) if model else base.model_id, device="cpu",
+                        dtype="fp32")
     print_learn_summary(run_learn(database, loaded, base, policy=resolve, store=store), store)
 
 
@@ -113,7 +114,8 @@ def suggest(
     database = open_db(db)
     base = zero_shot_version(database, version)
     words = load_vocabulary(vocabulary, base.model_id)
-    loaded = load_model(model or base.model_id, device="cpu", dtype="fp32")
+    loaded = load_model(model_source(model) if model else base.model_id, device="cpu",
+                        dtype="fp32")
     s = run_suggest(database, loaded, base, words, policy=resolve)
     print_suggest_accuracy(s)
     if s.proposed is not None:

@@ -256,14 +256,16 @@ def _explain_load_failure(model_id: str, exc: OSError, local_only: bool) -> str:
         return f"cannot load model from {model_id}: {text.splitlines()[0]}"
     if _hub_offline():
         return (f"model {model_id} is not in the local cache, and HF_HUB_OFFLINE=1 forbids "
-                "downloading it: pass --model DIR with a model saved by save_pretrained")
+                "downloading it: pass --model DIR with a model saved by save_pretrained, or "
+                "--model toyworld to try labelassist on the toy model it ships")
     if local_only:  # the hub was not asked: its name does not resolve here
         from huggingface_hub import constants
 
         return (f"model {model_id} is not in the local cache, and the model hub "
                 f"({constants.ENDPOINT}) cannot be reached from this machine: pass --model "
                 "DIR with a model saved by save_pretrained (copied from a machine that can "
-                "download it)")
+                "download it), or --model toyworld to try labelassist on the toy model it "
+                "ships")
     if "not a valid model identifier" in text or "404" in text or "Repository Not Found" in text:
         return f"model {model_id} does not exist on the hub (check --model)"
     return (f"cannot download model {model_id}: the hub is unreachable ({text.splitlines()[0]}). "
