@@ -8,26 +8,19 @@ webhook, never a pull."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labelassist.cli import app
-from labelassist.db import open_database
 from labelassist.db.models import Annotation, File, LSTask
-from labelassist.labelstudio.studio import free_port
 
 from .imagegen import write_shape_images
+from .served_project import SECRET, StudioProject, wait_for
 
 pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
-SECRET = "any-project-secret-for-tests"
 CONFIG = """<View>
   <Header value="Which colour?"/>
   <Image name="photo" value="$picture"/>
@@ -38,91 +31,6 @@ CONFIG = """<View>
 LOCAL_FILES = ["file:///etc/passwd", "/etc/passwd"]
 
 
-def wait_for(check, timeout=30.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Project:
-    """A project as a Label Studio user makes one, and the serve process answering it."""
-
-    def __init__(self, ls, tmp):
-        self.ls, self.tmp = ls, tmp
-        self.http = httpx.Client(base_url=ls.url, timeout=60,
-                                 headers={"Authorization": f"Token {ls.token}"})
-        self.db_url = f"sqlite:///{tmp / 'ledger.db'}"
-        self.db = open_database(self.db_url)
-
-    def make(self, title: str, folder) -> None:
-        made = self.http.post("/api/projects", json={"title": title, "label_config": CONFIG})
-        made.raise_for_status()
-        self.id = made.json()["id"]
-        storage = self.http.post("/api/storages/localfiles", json={
-            "project": self.id, "path": str(folder), "use_blob_urls": True,
-            "recursive_scan": True, "title": "photos"})
-        storage.raise_for_status()
-        self.http.post(f"/api/storages/localfiles/{storage.json()['id']}/sync"
-                       ).raise_for_status()
-        wait_for(lambda: len(self.tasks()) == 6, what="the storage sync")
-        self.http.post(f"/api/projects/{self.id}/import", json=[
-            {"picture": value} for value in LOCAL_FILES]).raise_for_status()
-
-    def tasks(self) -> list[dict]:
-        return self.http.get("/api/tasks", params={"project": self.id, "page_size": 100,
-                                                   "fields": "all"}).json()["tasks"]
-
-    def retrieve_predictions(self) -> None:
-        """The Data Manager's "Retrieve predictions" on every task of the project."""
-        self.http.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions",
-                                                  "project": self.id},
-                       json={"selectedItems": {"all": True, "excluded": []}}
-                       ).raise_for_status()
-
-    def annotate(self, task_id: int, label: str) -> int:
-        made = self.http.post(f"/api/tasks/{task_id}/annotations", json={"result": [
-            {"from_name": "colour", "to_name": "photo", "type": "choices",
-             "value": {"choices": [label]}}]})
-        made.raise_for_status()
-        return made.json()["id"]
-
-    def count(self, model, *where) -> int:
-        with self.db.read() as s:
-            return s.scalar(select(func.count()).select_from(model).where(*where))
-
-    def serve(self, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "LABEL_STUDIO_URL": self.ls.url,
-               "LABEL_STUDIO_API_KEY": self.ls.token, "LABELASSIST_SERVE_SECRET": SECRET,
-               "LABELASSIST_DB": self.db_url}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "labelassist.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), *args], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
-        self.said = []
-        for line in self.proc.stderr:  # ends only if it dies
-            self.said.append(line)
-            if line.startswith("serving "):
-                return
-        raise AssertionError(f"serve died: {self.proc.wait()}: {''.join(self.said)}")
-
-    def status(self) -> dict:
-        return httpx.get(self.url + "/", auth=("labelassist", SECRET), timeout=10).json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.db.dispose()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, label_studio, tiny_clip_dir):
     tmp = tmp_path_factory.mktemp("any-project")
@@ -130,13 +38,24 @@ def served(tmp_path_factory, label_studio, tiny_clip_dir):
     write_shape_images(folder, 6)
     labels = tmp / "labels.toml"
     labels.write_text('[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\n')
-    project = Project(label_studio, tmp)
     title = f"made in Label Studio {tmp.name}"[:50]
-    project.make(title, folder)
+    project = StudioProject(label_studio, tmp, title, CONFIG)
+    project.add_storage("localfiles", {"path": str(folder), "use_blob_urls": True,
+                                       "recursive_scan": True, "title": "photos"}, expect=6)
+    project.http.post(f"/api/projects/{project.id}/import", json=[
+        {"picture": value} for value in LOCAL_FILES]).raise_for_status()
     project.serve("--project", title, "--labels", str(labels), "--model", str(tiny_clip_dir))
     project.retrieve_predictions()
     yield project
     project.stop()
+
+
+def annotate(project, task_id: int, label: str) -> int:
+    made = project.http.post(f"/api/tasks/{task_id}/annotations", json={"result": [
+        {"from_name": "colour", "to_name": "photo", "type": "choices",
+         "value": {"choices": [label]}}]})
+    made.raise_for_status()
+    return made.json()["id"]
 
 
 def test_the_project_lists_labelassist_as_its_model(served):
@@ -187,7 +106,8 @@ def test_reviews_reach_the_ledger_without_a_pull_and_count_in_report_and_export(
         served, tmp_path):
     tasks = sorted((t for t in served.tasks() if t["data"]["picture"] not in LOCAL_FILES),
                    key=lambda t: t["id"])
-    made = [served.annotate(tasks[0]["id"], "cool"), served.annotate(tasks[1]["id"], "warm")]
+    made = [annotate(served, tasks[0]["id"], "cool"),
+            annotate(served, tasks[1]["id"], "warm")]
     wait_for(lambda: served.count(Annotation, Annotation.ls_annotation_id.in_(made),
                                   Annotation.label.is_not(None)) == 2,
              what="the webhook to record both reviews")

@@ -52,11 +52,13 @@ def serve(
     fetch_dir: FetchDirOpt = None,
 ) -> None:
     """Keep the model in the loop: a Label Studio ML backend for a project, whether
-    labelassist pushed it or it was made in Label Studio. When a reviewer opens a task, Label Studio asks it for a prediction: pushed
-    tasks are answered from the ledger at once; tasks imported straight into Label Studio
-    have their image fetched through Label Studio, encoded and predicted. Reviews are
-    recorded as they are made (no pull needed), and every --learn-every reviews learn
-    runs: when the probe wins, the next task a reviewer opens shows its better guess.
+    labelassist pushed it or it was made in Label Studio (its classes are then the
+    choices of its labeling config). When a reviewer opens a task, Label Studio asks it
+    for a prediction: pushed tasks are answered from the ledger at once; other tasks have
+    their image fetched through Label Studio (a cloud storage's presigned link is followed
+    without the token), encoded and predicted. Reviews are recorded as they are made (no
+    pull needed), and every --learn-every reviews learn runs: when the probe wins, the
+    next task a reviewer opens shows its better guess.
 
     GET / on the server reports reviews recorded, the last learn (cross-validated
     accuracy of the probe against zero-shot) and the share that accept would now take.
