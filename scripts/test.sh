@@ -2,12 +2,32 @@
 # Set up from a clean clone and run every test. Label Studio is installed here and started
 # by the test session itself (tests/conftest.py); PostgreSQL is expected on
 # 127.0.0.1:5432 (set LABELASSIST_TEST_PG to point elsewhere).
+# Usage: scripts/test.sh [PYTEST ARGS]   or   scripts/test.sh --plan (say what it would
+# install, and do nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test,studio
-# The HTML report is checked in a real headless browser: Debian's chromium.
+# The HTML report is checked in a real headless browser: Debian's chromium, installed with
+# apt-get when missing and this runs as root (elsewhere that test says how to get it).
+need_chromium=false
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+  need_chromium=true
+fi
+if [ "${1:-}" = "--plan" ]; then
+  scripts/setup.sh --plan test,studio
+  $need_chromium && echo "test.sh: Debian's chromium, with apt-get (about 100 MB)" >&2
+  echo "test.sh: then lint-imports and pytest" >&2
+  exit 0
+fi
+scripts/setup.sh test,studio
+if $need_chromium; then
+  echo "test.sh: installing Debian's chromium with apt-get (about 100 MB, a minute or two)" >&2
+  log="$(mktemp)"
+  if ! (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+      2>&1 | tee "$log" | awk '/^Setting up / { n++; printf "  set up %d: %s\n", n, $3 > "/dev/stderr"; fflush("/dev/stderr") }'; then
+    cat "$log" >&2
+    exit 1
+  fi
+  rm -f "$log"
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1

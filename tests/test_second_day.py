@@ -280,3 +280,23 @@ def test_the_model_is_settled_in_one_order(tmp_path, monkeypatch):
     monkeypatch.setenv("LABELASSIST_MODEL", "org/env")
     assert cli.resolve_model_id(None, pinned) == "org/env"
     assert cli.resolve_model_id("org/flag", pinned) == "org/flag"
+
+
+def test_the_scripts_say_what_they_install_before_they_do():
+    """scripts/test.sh ran apt-get and pip with their output hidden: two silent minutes,
+    and nothing said what went into the user's .venv."""
+    import subprocess
+
+    repo = Path(__file__).parent.parent
+    for script in ("scripts/setup.sh", "scripts/test.sh"):
+        args = ["bash", script, "--plan"] + (["test,studio"] if "setup" in script else [])
+        done = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        said = done.stderr
+        assert f"into {repo / '.venv'}: torch==2.13.0" in said
+        assert "labelassist[test,studio]" in said and "label-studio>=" in said, said
+        assert "pytest>=" in said and "openvino>=" in said
+    assert "lint-imports and pytest" in said
+    for script in ("scripts/setup.sh", "scripts/test.sh"):  # and it shows progress as it goes
+        text = (repo / script).read_text()
+        assert " -qq " not in text and ">/dev/null\n" not in text and "pip install -q" not in text
