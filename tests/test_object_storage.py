@@ -64,7 +64,7 @@ def pictures(root: Path, count: int) -> Path:
     return root
 
 
-def ledger(db: Database, prefix: str = "") -> dict:
+def ledger(db: Database, prefix: str = "/") -> dict:
     """name below the root -> (sha256, error), per file; and sha256 -> (label, scores)."""
     with db.read() as s:
         files = {f.path.split(prefix, 1)[-1]: (f.sha256, f.error)
@@ -210,8 +210,11 @@ def test_errors_are_one_line_and_credentials_stay_out_of_urls(s3, tmp_path, monk
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
     s3fs.S3FileSystem.clear_instance_cache()  # a new process would start with none
-    result = runner.invoke(app, ["ingest", f"s3://{BUCKET}/nothing-here-{os.getpid()}",
-                                 "--db", url])
+    try:
+        result = runner.invoke(app, ["ingest", f"s3://{BUCKET}/nothing-here-{os.getpid()}",
+                                     "--db", url])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # the next test's has credentials again
     assert result.exit_code == 1 and "AWS_ACCESS_KEY_ID" in result.output, result.output
 
 
@@ -267,3 +270,49 @@ def test_push_uploads_objects_from_the_bucket(s3, db, tiny_model, tmp_path, labe
                           headers={"Authorization": f"Token {label_studio.token}"})
         key = task["data"]["path"].split(f"s3://{BUCKET}/", 1)[1]
         assert shown.content == bucket.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_predict_ray_nodes_read_the_objects_themselves(s3, tmp_path, tiny_clip_dir,
+                                                       tiny_model):
+    """A two-node local Ray cluster whose nodes have the AWS variables, and a driver that
+    has none: the actors read the objects from the bucket, and the predictions are those
+    of the same images on disk."""
+    import subprocess
+    import sys
+
+    from .raycluster import LocalCluster
+
+    if not os.environ.get("CI"):  # under CI a missing Ray fails, never skips
+        pytest.importorskip("ray")
+    disk = tmp_path / "disk"
+    write_shape_images(disk, 12)
+    upload_tree(s3, disk, "ray")
+    urls = {side: f"sqlite:///{tmp_path / side}.db" for side in ("disk", "bucket")}
+    ingest(open_database(urls["disk"]), [disk])
+    ingest(open_database(urls["bucket"]), [f"s3://{BUCKET}/ray"])
+    labels = tmp_path / "labels.toml"
+    labels.write_text(LABELS)
+    cluster = LocalCluster(Path(f"/tmp/la-s3ray-{os.getpid()}"))  # nodes get AWS_*
+    try:
+        driver_env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+                      **cluster.auth, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "labelassist"), "predict", "--ray",
+             cluster.address, "--db", urls["bucket"], "--labels", str(labels), "--model",
+             str(tiny_clip_dir), "--dtype", "fp32"],
+            check=False, env=driver_env, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.stop()
+    assert done.returncode == 0, done.stderr
+    assert "Ray: 2 encoder actors on cpu, 2 nodes" in done.stderr
+    assert "12 predicted" in done.stderr, done.stderr
+    local = predict(open_database(urls["disk"]), tiny_model, parse_label_text(LABELS))
+    assert local.encoded == 12
+    on_disk = ledger(open_database(urls["disk"]))["predictions"]
+    on_ray = ledger(open_database(urls["bucket"]))["predictions"]
+    assert on_ray.keys() == on_disk.keys()
+    for sha, (label, scores) in on_ray.items():
+        assert label == on_disk[sha][0]
+        assert scores == pytest.approx(on_disk[sha][1], abs=1e-5)
