@@ -88,7 +88,7 @@ def ingest(
                                             "than this (decompression bombs).")] = 178_956_970,
     workers: Annotated[Optional[int], typer.Option(
         min=1, help="Files checked in parallel (default: the cores; worker processes from "
-        "2,000 files on).")] = None,
+        "2,000 files on; 16 threads for objects in a bucket).")] = None,
 ) -> None:
     """Register the images under DIRS: path, content hash, size, dimensions, mtime.
 
