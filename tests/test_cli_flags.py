@@ -191,6 +191,44 @@ def test_report_flags(reviewed_db, db_url):
     assert policy.exit_code == 1 and "--resolve 'loudest'" in policy.output
 
 
+def test_resolve_latest_and_majority_with_its_tie_break(reviewed_db, db_url, tmp_path):
+    """Two unreviewed images get conflicting reviews: one 2 to 1 (the one newest review
+    dissents), one tied 1 to 1, its newer review entered first. --resolve majority takes
+    the two, and the newer of a tie; --resolve latest takes the newest. Report and export
+    both follow the flag."""
+    from datetime import datetime, timedelta, timezone
+
+    from labelassist.db.models import Image
+
+    from .conftest import add_annotation
+
+    with reviewed_db.read() as s:
+        preds = s.scalars(select(Prediction).order_by(Prediction.image_id)).all()
+        shas = dict(s.execute(select(Image.id, Image.sha256)).all())
+    two_to_one, tie = preds[26].image_id, preds[27].image_id  # never reviewed before
+    day = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for n, (image_id, label, days) in enumerate([
+            (two_to_one, "cat", 0), (two_to_one, "cat", 0), (two_to_one, "dog", 1),
+            (tie, "dog", 3), (tie, "cat", 2)]):
+        add_annotation(reviewed_db, image_id, label, n=200 + n, annotator=f"a{n}",
+                       when=day + timedelta(days=days))
+
+    def resolved(policy):
+        out = tmp_path / policy
+        done = invoke("export", out, "--db", db_url, "--format", "jsonl", "--resolve", policy)
+        assert done.exit_code == 0, done.output
+        rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        by_sha = {r["sha256"]: r["label"] for r in rows}
+        report = invoke("report", "--db", db_url, "--json", "-", "--resolve", policy)
+        per_class = json.loads(report.stdout[report.stdout.index("{"):])["per_class"]
+        return (by_sha[shas[two_to_one]], by_sha[shas[tie]]), \
+            {c: per_class[c]["support"] for c in ("cat", "dog")}
+
+    (majority, supports), (latest, latest_supports) = resolved("majority"), resolved("latest")
+    assert majority == ("cat", "dog") and latest == ("dog", "dog")
+    assert latest_supports == {"cat": supports["cat"] - 1, "dog": supports["dog"] + 1}
+
+
 def test_export_flags_links_overwrite_and_exclusions(reviewed_db, db_url, tmp_path):
     version = version_of(reviewed_db)
     out = tmp_path / "d"

@@ -24,9 +24,10 @@ from labelassist.predict.run import predict
 from labelassist.predict import choice as runtime_choice
 from labelassist.predict.choice import MAX_DRIFT, MIN_AGREEMENT, Trial, _trial
 
+from .ci import require
 from .conftest import add_annotation
 
-pytest.importorskip("openvino")
+require("openvino")
 pytestmark = pytest.mark.slow  # converting and calibrating towers: seconds each
 
 runner = CliRunner()
