@@ -7,10 +7,13 @@ webhook, never a pull."""
 
 from __future__ import annotations
 
+import io
 import json
+import uuid
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -20,7 +23,9 @@ from labelassist.db.models import Annotation, File, LSTask
 from .imagegen import write_shape_images
 from .served_project import SECRET, StudioProject, wait_for
 
-pytestmark = [pytest.mark.labelstudio, pytest.mark.slow]
+# one project and one serve process for the module: its tests run in one worker
+pytestmark = [pytest.mark.labelstudio, pytest.mark.slow,
+              pytest.mark.xdist_group("serve_any_project")]
 CONFIG = """<View>
   <Header value="Which colour?"/>
   <Image name="photo" value="$picture"/>
@@ -38,7 +43,7 @@ def served(tmp_path_factory, label_studio, tiny_clip_dir):
     write_shape_images(folder, 6)
     labels = tmp / "labels.toml"
     labels.write_text('[classes]\nwarm = ["red", "orange"]\ncool = ["blue"]\n')
-    title = f"made in Label Studio {tmp.name}"[:50]
+    title = f"made in Label Studio {uuid.uuid4().hex[:8]}"
     project = StudioProject(label_studio, tmp, title, CONFIG)
     project.add_storage("localfiles", {"path": str(folder), "use_blob_urls": True,
                                        "recursive_scan": True, "title": "photos"}, expect=6)
@@ -131,3 +136,20 @@ def test_reviews_reach_the_ledger_without_a_pull_and_count_in_report_and_export(
     exported = (out / "labels.csv").read_text() if (out / "labels.csv").exists() else \
         "".join(p.read_text() for p in out.rglob("*.csv"))
     assert exported.count("cool") == 1 and exported.count("warm") == 1
+
+
+def test_a_review_of_a_task_serve_never_answered_counts_too(served):
+    """A task added after Retrieve predictions, reviewed before anyone asked serve: the
+    review's event makes serve adopt it (its picture fetched and registered)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (250, 20, 20)).save(buffer, "PNG")
+    served.http.post(f"/api/projects/{served.id}/import", files={
+        "file": ("late red.png", buffer.getvalue(), "image/png")}).raise_for_status()
+    task = max(served.tasks(), key=lambda t: t["id"])
+    assert task["predictions"] == []
+
+    made = annotate(served, task["id"], "warm")
+
+    wait_for(lambda: served.count(Annotation, Annotation.ls_annotation_id == made,
+                                  Annotation.label == "warm"), what="the adopted review")
+    assert served.status()["images_fetched"] == 7

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_an_s3_project_is_served_through_presigned_links_without_the_token(
         tmp_path, label_studio, tiny_clip_dir):
     with s3_server() as endpoint:
         put_images(endpoint)
-        project = StudioProject(label_studio, tmp_path, f"bucket {tmp_path.name}"[:50],
+        project = StudioProject(label_studio, tmp_path, f"bucket {uuid.uuid4().hex[:8]}",
                                 CONFIG)
         try:
             project.add_storage("s3", {

@@ -20,7 +20,7 @@ from ..db import Database, insert_ignoring_duplicates
 from ..db.models import File, LSDeletedTask, LSProject, LSTask, ModelVersion, Prediction
 from ..errors import LabelAssistError
 from ..labelstudio import LabelStudioClient
-from ..labelstudio.project import ChoicesControl, choice_result
+from ..labelstudio.project import MADE_IN_STUDIO, ChoicesControl, choice_result
 from ..labelstudio.tasks import forget_tasks, is_id, match, read_tasks, task_key, task_rows
 from .fetch import RefusedImage, fetch_image
 from .journal import ReviewJournal
@@ -54,8 +54,11 @@ class Backend:
             zero_shot_version=self.zero_shot_version, learn_every=learn_every,
             target_precision=target_precision, log=log, note=self._note,
             control=self.control)
+        # a review of a task serve never answered, in a project made in Label Studio:
+        # the task is adopted then, so that the review counts
+        adopt = self.adopt if project.image_mode == MADE_IN_STUDIO else None
         self.journal = ReviewJournal(db, client, project, self.status, note=self._note,
-                                     control=self.control,
+                                     control=self.control, adopt=adopt,
                                      after_reviews=self.learning.after_reviews,
                                      save_status=self.save_status)
 
@@ -173,6 +176,13 @@ class Backend:
             except Exception as exc:  # noqa: BLE001 - the known tasks are answered anyway
                 self._note(f"tasks {', '.join(map(str, unknown[:10]))}: {exc}")
         return known
+
+    def adopt(self, task_ids: list[int]) -> None:
+        """These tasks, if serve does not know them yet: read from Label Studio, their
+        images fetched, registered and predicted."""
+        with self.db.read() as s:
+            rows = task_rows(s, self.project.id, task_ids)
+        self._adopt(task_ids, rows)
 
     def _adopt(self, ids: list[int], rows: dict) -> dict[int, int]:
         """Tasks as Label Studio has them (never as the caller says: an id may be made up,

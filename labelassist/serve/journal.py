@@ -20,7 +20,7 @@ from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
 from ..labelstudio.project import FROM_NAME, ChoicesControl, iter_remote_pages
 from ..labelstudio.pull import PullSummary, store_annotations
-from ..labelstudio.tasks import forget_tasks, is_id, task_rows
+from ..labelstudio.tasks import forget_tasks, is_id, match, task_rows
 from .status import ServeStatus
 
 ANNOTATION_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED",
@@ -82,9 +82,10 @@ class ReviewJournal:
     def __init__(self, db: Database, client: LabelStudioClient, project: LSProject,
                  status: ServeStatus, *, note: Callable[[str], None],
                  after_reviews: Callable[[int], None], save_status: Callable[[], None],
-                 control: ChoicesControl | None = None):
+                 control: ChoicesControl | None = None,
+                 adopt: Callable[[list[int]], None] | None = None):
         self.db, self.client, self.project, self.status = db, client, project, status
-        self.control = control or ChoicesControl()
+        self.control, self.adopt = control or ChoicesControl(), adopt
         self.note, self.after_reviews, self.save_status = note, after_reviews, save_status
         self._wake = threading.Event()  # a new event is journaled, or stop()
         self._stopping = False
@@ -288,6 +289,7 @@ class ReviewJournal:
             if authors - set(self._users):
                 self._users = {u["id"]: u.get("email") or u.get("username")
                                for u in self.client.get_json("/api/users", "listing users")}
+            self._adopt_reviewed(tasks)
             store_annotations(self.db, self.project, as_labelassist_choices(tasks, self.control),
                               self._users, summary, read_at)
         if gone:
@@ -315,6 +317,19 @@ class ReviewJournal:
                 return summary
             store_annotations(self.db, self.project, as_labelassist_choices(
                 page[0], self.control), users, summary, read_at)
+
+    def _adopt_reviewed(self, tasks: list[dict]) -> None:
+        """Reviewed tasks that no row of the ledger names, handed to `adopt` (when given);
+        one that cannot be adopted is noted, and its review waits for a later event."""
+        with self.db.read() as s:
+            rows = task_rows(s, self.project.id, [t.get("id") for t in tasks])
+        unknown = [t["id"] for t in tasks if t.get("annotations") and is_id(t.get("id"))
+                   and match(rows.get(t["id"], []), t.get("data"))[0] is None]
+        if unknown and self.adopt is not None:
+            try:
+                self.adopt(unknown)
+            except LabelAssistError as exc:
+                self.note(f"adopting reviewed tasks {unknown[:10]}: {exc}")
 
     def _drop_deleted(self, event: "ReviewEvent", tasks: list[dict]) -> None:
         """Expected annotations that the read lacks and Label Studio no longer has."""
