@@ -184,9 +184,10 @@ def read_object(url: str, size: int, etag: str | None) -> bytes:
 
 
 def _precondition_failed(exc: OSError) -> bool:
-    """S3 answered 412 to the If-Match read: the object was rewritten meanwhile."""
+    """S3 answered 412 to the If-Match read: the object was rewritten meanwhile (s3fs
+    says FileExpired, an OSError)."""
     code = (getattr(exc.__cause__, "response", None) or {}).get("Error", {}).get("Code")
-    return code in ("PreconditionFailed", "412") or (
+    return type(exc).__name__ == "FileExpired" or code in ("PreconditionFailed", "412") or (
         exc.errno == errno.EINVAL and "condition" in str(exc).lower())
 
 

@@ -191,7 +191,12 @@ def test_changed_is_the_etag_and_size_not_the_time(s3, tmp_path, db):
     etag, size = after[changed][0], client.head_object(Bucket=BUCKET, Key=keys[3])[
         "ContentLength"]
     assert objectstore.read_object(changed, size, etag)
-    client.put_object(Bucket=BUCKET, Key=keys[3], Body=b"x" * size)
+    fs, path = objectstore.filesystem(changed)
+    with fs.open(path, "rb") as opened:  # as read_object opens it: If-Match on its ETag
+        client.put_object(Bucket=BUCKET, Key=keys[3], Body=b"x" * size)
+        with pytest.raises(OSError) as expired:
+            opened.read()
+    assert objectstore._precondition_failed(expired.value)  # read as "changed"
     with pytest.raises(objectstore.BadImage) as refused:
         objectstore.read_object(changed, size, etag)
     assert refused.value.reason == "changed"
