@@ -341,7 +341,8 @@ def push_each_round(database, ls_url, ls_token, ls_root):
 
 @command(name="run")
 def run_all(
-    dirs: Annotated[list[Path], typer.Argument(help="Folders of images.")],
+    dirs: Annotated[list[str], typer.Argument(
+        help="Folders of images, or object storage URLs (s3://bucket/prefix).")],
     labels: LabelsOpt,
     db: DbOpt = DEFAULT_DB,
     model: ModelOpt = None,
