@@ -153,3 +153,34 @@ def test_a_review_of_a_task_serve_never_answered_counts_too(served):
     wait_for(lambda: served.count(Annotation, Annotation.ls_annotation_id == made,
                                   Annotation.label == "warm"), what="the adopted review")
     assert served.status()["images_fetched"] == 7
+
+
+def test_a_label_file_that_does_not_match_the_choices_is_refused_in_one_line(served,
+                                                                              tmp_path):
+    labels = tmp_path / "labels.toml"
+    labels.write_text('[classes]\nwarm = ["red"]\nplain = ["grey"]\nother = ["noise"]\n')
+    result = CliRunner().invoke(app, [
+        "serve", "--db", served.db_url, "--project", str(served.id), "--labels", str(labels),
+        "--no-connect"], env={"LABEL_STUDIO_URL": served.ls.url, "LABELASSIST_SERVE_SECRET":
+                              SECRET, "LABEL_STUDIO_API_KEY": served.ls.token})
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert "--labels" in line and "missing the project's choices 'cool'" in line
+    assert "not choices of the project: 'plain'" in line and "'other', which means" in line
+
+
+def test_the_choices_come_from_the_control_that_labels_an_image():
+    from labelassist.labelstudio.project import read_choices
+    from labelassist.serve.project import classes_of
+
+    control = read_choices(CONFIG)
+    assert (control.from_name, control.to_name, control.image_key) == ("colour", "photo",
+                                                                        "picture")
+    assert classes_of(control) == ["warm", "cool"]  # "other" is none of these
+    ours = read_choices('<View><Image name="i" value="$img"/><Choices name="mood" '
+                        'toName="i"><Choice value="a"/></Choices><Choices name="label" '
+                        'toName="i"><Choice value="x" alias="y"/></Choices></View>')
+    assert (ours.from_name, ours.choices) == ("label", ("y",))  # labelassist's own first
+    with pytest.raises(Exception, match="no <Choices> for an <Image>"):
+        read_choices('<View><Text name="t" value="$t"/><Choices name="c" toName="t">'
+                     '<Choice value="a"/></Choices></View>')

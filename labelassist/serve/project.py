@@ -71,12 +71,12 @@ def served_label_set(control: ChoicesControl, given: LabelSet | None,
     if missing or extra:
         said = []
         if missing:
-            said.append(f"the project's choices {', '.join(map(repr, missing))} are missing "
-                        "from it")
-        if extra:
-            said.append(f"{', '.join(map(repr, extra))} " + (
-                "means none of these, leave it out" if extra == [OTHER]
-                else "are not choices of the project"))
+            said.append(f"missing the project's choices {', '.join(map(repr, missing))}")
+        if [c for c in extra if c != OTHER]:
+            said.append("has classes that are not choices of the project: "
+                        f"{', '.join(repr(c) for c in extra if c != OTHER)}")
+        if OTHER in extra:
+            said.append(f"has {OTHER!r}, which means none of these: leave it out")
         raise ConfigError(f"--labels {given.source} does not match project {title!r}: "
                           f"{'; '.join(said)} (its choices: {', '.join(control.choices)})")
     return LabelSet(classes={c: given.classes[c] for c in classes}, templates=given.templates,
