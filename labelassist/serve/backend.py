@@ -118,8 +118,9 @@ class Backend:
         images = self._images_of(tasks)
         self._predict_pinned(set(images.values()))
         with self.db.read() as s:
+            offered = set(self.project.classes) | set(self.control.choices)
             versions = {v.id: v.name for v in s.scalars(select(ModelVersion))
-                        if set(v.label_set["classes"]) <= set(self.project.classes)}
+                        if set(v.label_set["classes"]) <= offered}
             newest: dict[int, Prediction] = {}
             for p in s.scalars(select(Prediction).where(
                     Prediction.image_id.in_(sorted(set(images.values()))),

@@ -58,7 +58,8 @@ def classes_of(control: ChoicesControl) -> list[str]:
 def served_label_set(control: ChoicesControl, given: LabelSet | None,
                      title: str) -> LabelSet:
     """What to predict with: the classes of the project's choices, described by the label
-    file when given (its classes must be those choices), else each by its own name."""
+    file when given (its classes must be those choices; "other" is one only if the file
+    describes it), else each by its own name."""
     classes = classes_of(control)
     if len(classes) < 2:
         raise ConfigError(f"project {title!r} offers {len(classes)} choice(s) besides "
@@ -67,20 +68,20 @@ def served_label_set(control: ChoicesControl, given: LabelSet | None,
     if given is None:
         return LabelSet(classes={c: (c,) for c in classes}, source=f"project {title!r}")
     missing = [c for c in classes if c not in given.classes]
-    extra = [c for c in given.classes if c not in classes]
+    extra = [c for c in given.classes if c not in control.choices]
     if missing or extra:
         said = []
         if missing:
             said.append(f"missing the project's choices {', '.join(map(repr, missing))}")
-        if [c for c in extra if c != OTHER]:
-            said.append("has classes that are not choices of the project: "
-                        f"{', '.join(repr(c) for c in extra if c != OTHER)}")
-        if OTHER in extra:
-            said.append(f"has {OTHER!r}, which means none of these: leave it out")
+        if extra:
+            said.append(f"has classes that are not choices of the project: "
+                        f"{', '.join(map(repr, extra))}")
         raise ConfigError(f"--labels {given.source} does not match project {title!r}: "
                           f"{'; '.join(said)} (its choices: {', '.join(control.choices)})")
-    return LabelSet(classes={c: given.classes[c] for c in classes}, templates=given.templates,
-                    model=given.model, source=given.source)
+    # "other" described in the file is a class like any other, as in a pushed project
+    return LabelSet(classes={c: given.classes[c] for c in control.choices
+                             if c in given.classes},
+                    templates=given.templates, model=given.model, source=given.source)
 
 
 def pin_zero_shot(db: Database, label_set: LabelSet, load: Callable[[LabelSet], object]
