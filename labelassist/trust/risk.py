@@ -259,15 +259,16 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
     reviews (reviews.py's resolved labels are the truth; "other" is an error)."""
     classes = list(version.label_set["classes"])
     index = {c: n for n, c in enumerate(classes)}
-    ids, labels, confs = [], [], []
+    parts = []  # a page at a time into arrays: 24 bytes a prediction, not a Python row
     query = select(Prediction.id, Prediction.image_id, Prediction.label,
                    Prediction.confidence).where(Prediction.model_version_id == version.id)
     for rows in keyset_pages(db, query, Prediction.id, size=20_000):
-        ids += [r[1] for r in rows]
-        labels += [index.get(r[2], -1) for r in rows]
-        confs += [r[3] for r in rows]
-    ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-    confs = np.asarray(confs, dtype=np.float64)
+        parts.append((np.fromiter((r[1] for r in rows), np.int64, len(rows)),
+                      np.fromiter((index.get(r[2], -1) for r in rows), np.int64, len(rows)),
+                      np.fromiter((r[3] for r in rows), np.float64, len(rows))))
+    ids, labels, confs = (np.concatenate([p[k] for p in parts]) if parts
+                          else np.zeros(0, dtype) for k, dtype in
+                          enumerate((np.int64, np.int64, np.float64)))
     labelled = np.fromiter(reviews.labels, dtype=np.int64, count=len(reviews.labels))
     fair = fair_prefix(ids, labelled)
     reviewed = np.isin(ids, labelled)
