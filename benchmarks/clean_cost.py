@@ -24,8 +24,8 @@ measured against the truth:
 - bound: accept --rule bound, one threshold for all classes with a Clopper-Pearson bound
   at 95% confidence (labelassist/trust/risk.py), each class guarded.
 
-Orders: random (push's fair shuffle); balanced (round robin over the classes the shown
-version predicts, at random within each); random-uncertain (the first --fair-reviews in
+Orders: random (push's fair shuffle, risk.shuffle_rank); balanced (round robin over the
+classes the shown version predicts, in the shuffle's order within each); random-uncertain (the first --fair-reviews in
 the fair shuffle, then lowest margin of the version shown first). The bound rule rests on
 the longest prefix of the fair shuffle that is reviewed whole, and allows for the others
 reviewed (risk.py), as accept does. The cost is the first point whose dataset is clean.
@@ -108,7 +108,7 @@ def prepare(work: Path, n_images: int) -> dict:
         names = list(classes)
         parts = [Path(paths[i]).name.split("_") for i in ids]
         out[name] = {
-            "classes": names, "x": x, "keys": [shas[i] for i in ids],
+            "classes": names, "x": x, "keys": [shas[i] for i in ids], "ids": np.array(ids),
             "offset": zero_shot_log_probs(build_text_classifier(model, label_set), x),
             "similarity": np.array([s for _, s in rows], dtype=np.float64),
             "truth": np.array([names.index(truth_of(c, s)) for c, s, *_ in parts]),
@@ -236,7 +236,7 @@ def _with(mask: np.ndarray, ids) -> np.ndarray:
 
 
 def pick(order: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray, count: int,
-         rng: np.random.Generator, shuffle: np.ndarray, args) -> list[int]:
+         shuffle: np.ndarray, args) -> list[int]:
     """The next `count` images to review, from the version shown now."""
     if count <= 0:
         return []
@@ -248,7 +248,7 @@ def pick(order: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray, cou
     if order == "random-uncertain" and done < fair_reviews:
         first = left[:min(count, fair_reviews - done)].tolist()
         return first + pick(f"{order}:{fair_reviews}", task, probs, _with(is_reviewed, first),
-                            count - len(first), rng, shuffle, args)
+                            count - len(first), shuffle, args)
     if order == "random":
         return left[:count].tolist()
     if order == "random-uncertain":
@@ -267,22 +267,22 @@ def pick(order: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray, cou
 
 def simulate(task: dict, order: str, points: list[int], args, learn: bool = True) -> list:
     n = len(task["truth"])
-    rng = np.random.default_rng(args.seed)
-    shuffle = rng.permutation(n)
+    from labelassist.trust.risk import fair_prefix, shuffle_rank
+
+    shuffle = np.lexsort((task["ids"], shuffle_rank(task["ids"])))  # push --order random
     is_reviewed = np.zeros(n, bool)
     probs, reviewed = np.exp(task["offset"]), []
     probs /= probs.sum(1, keepdims=True)
-    fair = np.zeros(n, bool)  # the reviews made in the fair shuffle (push --order random)
+    fair = np.zeros(n, bool)  # the fair sample: none yet
     rows = [measure(task, probs, is_reviewed, fair, args)]
     rows[0]["probe"] = False
     for point in points:
-        batch = pick(order, task, probs, is_reviewed, point - len(reviewed), rng, shuffle,
-                     args)
+        batch = pick(order, task, probs, is_reviewed, point - len(reviewed), shuffle, args)
         reviewed += batch
         is_reviewed[batch] = True
         # the fair sample, as accept --rule bound finds it: the longest prefix of push's
         # fair shuffle that is reviewed whole
-        fair[shuffle[np.cumprod(is_reviewed[shuffle]).astype(bool)]] = True
+        fair = fair_prefix(task["ids"], task["ids"][is_reviewed])
         if learn:
             probs, probe = shown_probs(task, np.array(reviewed))
         else:
@@ -309,7 +309,6 @@ def main() -> None:
     parser.add_argument("--min-class-reviews", type=int, default=10)
     parser.add_argument("--orders", default=",".join(ORDERS))
     parser.add_argument("--tasks", default="warm/cool,shape,pairs")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fair-reviews", type=int, default=400,
                         help="random-uncertain: reviews in the fair shuffle first (or name "
                         "the order random-uncertain:N)")

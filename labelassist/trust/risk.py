@@ -13,9 +13,17 @@ rule is learn-then-test (Angelopoulos, Bates et al., 2021) on the version's own 
   1 - target (the exact binomial tail: the p-value is P(X <= errors | n, 1 - target));
 - fixed-sequence testing: thresholds are tried from high to low and the first that fails
   ends the walk, so the threshold chosen holds at the asked confidence with no correction
-  for the number tried. The walk starts where the reviews above t could pass at all with
-  no error (reviews_needed: 299 at 99% and 95% confidence). The order depends on the
-  confidences only, never on the human labels.
+  for the number tried. A walk starts where a set number of errors could pass (known
+  before any label is read: 0 errors need 299 reviews at 99% and 95% confidence). Two
+  walks run, from 0 errors and from 1, each at half the risk (Bonferroni): one confidently
+  wrong review near the top does not end everything. The lowest threshold either reaches
+  is taken. The order depends on the confidences only, never on the human labels.
+
+The fair sample is the longest run at the start of push's fair shuffle whose every image
+has a human label (fair_prefix): tasks reviewed in push's order. Reviews beyond it were
+chosen (uncertainty order, the Data Manager sorted by score): at worst every error above a
+threshold outside the fair sample lies among the images still unreviewed, so the error
+rate allowed there shrinks by the share of them that nobody reviewed.
 
 So, with probability at least `confidence` over the reviews drawn, the precision of
 everything taken at or above the threshold is at least the target, however many classes
@@ -46,8 +54,8 @@ from ..db.queries import keyset_pages
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MIN_CLASS_REVIEWS = 10
 # The walks, each from where this many errors could pass: one from 0 (the fewest reviews:
-# 299 at 99% and 95%, with the confidence split over the walks: 367), one from 1 (one
-# confidently wrong review among the first 367 does not end everything).
+# 299 at 99% and 95%, with the confidence split over the two walks: 368), one from 1 (one
+# confidently wrong review among the first 368 does not end everything).
 WALK_ALLOWANCES = (0, 1)
 # push --order random's fair shuffle: Knuth's multiplicative hash of the image id, mod 2^32
 # (labelstudio/push.py ORDERS["random"]; tests/test_risk.py checks that the two agree).
