@@ -20,7 +20,7 @@ from labelassist.db.models import (
 from labelassist.labelstudio.push import ORDERS
 from labelassist.trust import risk
 from labelassist.trust.accept import accept_trusted
-from labelassist.trust.audit import TrustOptions
+from labelassist.trust.audit import TrustOptions, class_threshold
 
 from .conftest import add_annotation
 
@@ -53,18 +53,16 @@ def population(rng, size):
 
 
 def naive_threshold(conf, correct, target, min_support=30):
-    """The audit's rule for one pooled class: the lowest t where the reviews at or above it
-    reach the target, on min_support of them: no bound."""
-    order = np.argsort(-conf)
-    precision = np.cumsum(correct[order]) / np.arange(1, len(conf) + 1)
-    ok = np.flatnonzero((precision >= target) & (np.arange(1, len(conf) + 1) >= min_support))
-    return conf[order][ok[-1]] if len(ok) else None
+    """The audit's rule (accept --rule class) on one pooled class: the lowest t where the
+    reviews at or above it reach the target, on min_support of them; no bound."""
+    return class_threshold(conf, correct, conf, target, min_support)["threshold"]
 
 
 def test_the_guarantee_holds_in_repeated_draws_where_the_naive_rule_breaks_it():
     """Draw a fair sample of reviews again and again: the precision of what the threshold
     takes of the rest falls below the target in at most 1 - confidence of the draws
-    (within chance); the same draws with no bound (the audit's rule) break it often."""
+    (within chance); the same draws with the audit's rule (accept --rule class, no bound)
+    break it often."""
     rng = np.random.default_rng(7)
     conf, correct, classes = population(rng, 40_000)
     broken = naive_broken = taken = 0
