@@ -219,3 +219,11 @@ def test_accept_rule_bound_refuses_reviews_the_model_chose(db):
     assert not s.accepted and s.bound["threshold"] is None
     assert "fair sample" in s.reasons["a"] and "review more tasks in push's order" \
         in s.reasons["a"]
+
+
+@pytest.mark.parametrize("flag,value,says", [("--rule", "loose", "use class or bound"),
+                                             ("--confidence", "1", "--confidence must be")])
+def test_accept_refuses_a_bad_rule_or_confidence_in_one_line(db, db_url, flag, value, says):
+    result = CliRunner().invoke(app, ["accept", "--db", db_url, flag, value])
+    assert result.exit_code == 1 and says in result.output
+    assert len(result.output.strip().splitlines()) == 1
