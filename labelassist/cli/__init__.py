@@ -123,6 +123,10 @@ def handles_errors(func):
                       markup=False)
             raise typer.Exit(130) from None
         except OperationalError as exc:  # the database went away outside a retried step
+            if interrupted_by_user(exc):  # a clean-up after Ctrl-C failed: still Ctrl-C
+                err.print(interrupted_message(func.__name__.replace("_", "-")),
+                          markup=False)
+                raise typer.Exit(130) from None
             first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             err.print(f"error: database error: {first}. Check --db / LABELASSIST_DB, then run "
                       "the command again: it resumes where it stopped", markup=False)
@@ -156,6 +160,16 @@ quiet = False  # --quiet: no bars, no progress lines; summaries and errors still
 DONE = {"predict": "predicted", "push": "sent to Label Studio", "pull": "read",
         "ingest": "registered", "export": "written", "copy": "copied"}
 last_progress: dict = {}
+
+
+def interrupted_by_user(exc: BaseException) -> bool:
+    """Whether a Ctrl-C is what this error happened in the wake of."""
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
 
 
 def interrupted_message(command: str | None) -> str:

@@ -8,6 +8,8 @@ instead of failing when a read transaction tries to upgrade.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -84,12 +86,35 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any error."""
-        with self._write() as session, session.begin():
+        """One transaction: committed on success, rolled back on any error. Ctrl-C waits
+        for its end (interrupts_deferred)."""
+        with interrupts_deferred(), self._write() as session, session.begin():
             yield session
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside a write transaction is held until the transaction has committed or
+    rolled back, then raised. A KeyboardInterrupt that lands inside the driver, between
+    SQLite's BEGIN IMMEDIATE and SQLAlchemy noting it, left the write lock held, and every
+    later write (the batch in flight, releasing the claims) failed 'database is locked'.
+    Only in the main thread, and only where Python's own handler is in place (a command
+    with a handler of its own, like the worker's graceful stop, keeps it)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def _configure_sqlite(engine: Engine) -> None:
