@@ -227,3 +227,24 @@ def test_accept_refuses_a_bad_rule_or_confidence_in_one_line(db, db_url, flag, v
     result = CliRunner().invoke(app, ["accept", "--db", db_url, flag, value])
     assert result.exit_code == 1 and says in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_accept_bound_takes_its_confidence_and_class_guard_from_the_flags(db, db_url):
+    """--min-class-reviews above what a class has refuses the class; a lower --confidence
+    never asks for a higher threshold."""
+    ids, labels, conf = ledger(db, 3000, np.random.default_rng(2))
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))[:500]
+    review(db, ids[order], labels[order], wrong={3})
+    guarded = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "bound",
+                                       "--min-class-reviews", "400"])
+    assert guarded.exit_code == 0, guarded.output
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(AutoAccept)) == 0
+    strict = accept_trusted(db, trust=TrustOptions(rule="bound"), write=False)
+    loose = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "bound",
+                                     "--confidence", "0.5"])
+    assert loose.exit_code == 0, loose.output
+    t = accept_trusted(db, trust=TrustOptions(rule="bound", confidence=0.5),
+                       write=False).bound["threshold"]
+    assert t <= strict.bound["threshold"]
+    assert f"one threshold for all classes: {t:.3f}" in loose.output
