@@ -184,3 +184,33 @@ def test_the_choices_come_from_the_control_that_labels_an_image():
     with pytest.raises(Exception, match="no <Choices> for an <Image>"):
         read_choices('<View><Text name="t" value="$t"/><Choices name="c" toName="t">'
                      '<Choice value="a"/></Choices></View>')
+
+
+def test_a_new_version_goes_onto_the_tasks_with_the_projects_own_control(served):
+    """What learning sends when its probe wins, for a project made in Label Studio: the
+    version's predictions onto the tasks serve answered (here the zero-shot version sent
+    again), named as the project names its control; no task or choice is added."""
+    from labelassist.db.models import LSProject, ModelVersion
+    from labelassist.labelstudio import Connection, LabelStudioClient
+    from labelassist.labelstudio.project import read_choices
+    from labelassist.serve.learning import send_predictions
+
+    client = LabelStudioClient(Connection(served.ls.url, served.ls.token), retries=0)
+    with served.db.read() as s:
+        project = s.scalars(select(LSProject).where(LSProject.ls_project_id == served.id)).one()
+        version = s.scalars(select(ModelVersion)).one()
+    before = {t["id"]: len(t["predictions"]) for t in served.tasks()}
+
+    sent = send_predictions(served.db, client, project, version, read_choices(CONFIG))
+
+    after = served.tasks()
+    assert sent == served.count(LSTask) and len(after) == len(before)
+    grown = [t for t in after if len(t["predictions"]) == before[t["id"]] + 1]
+    assert len(grown) == sent
+    for task in grown:
+        (result,) = task["predictions"][-1]["result"]
+        assert result["from_name"] == "colour" and task["predictions"][-1]["model_version"] \
+            == version.name
+    project_config = served.http.get(f"/api/projects/{served.id}").json()["label_config"]
+    assert project_config == CONFIG
+    client.close()
