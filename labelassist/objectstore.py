@@ -21,13 +21,18 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .errors import ConfigError
 from .images import BadImage
 
 PAGE = 1000  # keys per listing request: S3's own maximum
+READERS = 16  # objects fetched at once: each waits on the network, not the CPU
+T = TypeVar("T")
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
 EXTRAS = {"s3": "s3", "s3a": "s3"}  # protocol -> the labelassist extra that brings it
 
@@ -201,6 +206,21 @@ def fetch_object(url: str) -> bytes:
         raise BadImage("missing", url) from None
     except Exception as exc:  # noqa: BLE001 - botocore's (no credential, no network)
         raise BadImage("unreadable", f"{url}: {type(exc).__name__}: {exc}") from None
+
+
+def fetch_ahead(items: Iterator[T], source_of: Callable[[T], str | bytes],
+                ahead: int = 2 * READERS) -> Iterator[tuple[T, Future | None]]:
+    """Each item, in order, with its object's bytes being fetched (fetch_object) in
+    threads, `ahead` items ahead; None for an item whose source is a file on disk."""
+    with ThreadPoolExecutor(READERS, thread_name_prefix="fetch") as pool:
+        window: deque = deque()
+        for item in items:
+            source = source_of(item)
+            window.append((item, pool.submit(fetch_object, source)
+                           if is_object_url(source) else None))
+            if len(window) >= ahead:
+                yield window.popleft()
+        yield from window
 
 
 def object_problem(url: str, size: int, etag: str | None) -> tuple[str, str] | None:

@@ -26,6 +26,7 @@ import sqlite3
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from ..db import Database
 from ..db.models import AutoAccept, File, Image, Prediction
 from ..errors import ConfigError, ExportError
 from ..images import BadImage
-from ..objectstore import fetch_object, is_object_url
+from ..objectstore import fetch_ahead, fetch_object, is_object_url
 from ..db.queries import first_files
 from ..trust.outofset import OTHER, flagged
 from ..trust.audit import TrustOptions
@@ -227,8 +228,12 @@ def export(db: Database, out: str | Path, fmt: str, *, include_auto: bool = Fals
         tmp.mkdir(parents=True)
         with DatasetWriter(tmp, fmt, link, class_folders(sorted(plan.labels)), fractions, seed,
                            summary) as writer:
-            for row in iter_rows(db, plan, summary, on_progress):
-                writer.add(row)
+            rows = iter_rows(db, plan, summary, on_progress)
+            # objects in a bucket are fetched ahead, in threads: one by one, each would
+            # cost its round trips
+            for row, fetched in fetch_ahead(rows, lambda r: r.fs_path or r.source_path) \
+                    if writer.files else ((row, None) for row in rows):
+                writer.add(row, fetched)
         if not summary.rows:
             left = "; ".join(f"{n:,} {why}" for why, n in summary.excluded.items() if n)
             raise ExportError("nothing to export: no reviewed images yet (push, review, "
@@ -302,12 +307,12 @@ class DatasetWriter:
         self._open.append(fh)
         return fh
 
-    def add(self, row: Row) -> None:
+    def add(self, row: Row, fetched: Future | None = None) -> None:
         split = split_of(row.sha256, self.fractions, self.seed)
         file = self.place(row, split) if self.files else ""
         if file:
             problem = _transfer(row.fs_path or row.source_path, self.root / file, row.sha256,
-                                self.link)
+                                self.link, fetched)
             if problem:
                 self.summary.excluded[problem] += 1
                 self.summary.excluded_examples.setdefault(problem, row.source_path)
@@ -360,12 +365,15 @@ class DatasetWriter:
             shutil.copyfile(self.root / "manifest.jsonl", self.root / "labels.jsonl")
 
 
-def _transfer(source: str | bytes, target: Path, sha256: str, link: str) -> str | None:
+def _transfer(source: str | bytes, target: Path, sha256: str, link: str,
+              fetched: Future | None = None) -> str | None:
     """Copy or link one image; returns why it was left out, or None. A source that cannot
     be read skips that image; a target that cannot be written (a full disk) stops all.
     An object in storage (s3://...) is copied from the bucket whatever --link says."""
     try:
-        if is_object_url(source):
+        if fetched is not None:
+            data = fetched.result()
+        elif is_object_url(source):
             data = fetch_object(source)
         else:
             with open(source, "rb") as fh:

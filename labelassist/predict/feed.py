@@ -25,13 +25,16 @@ import numpy as np
 import torch
 
 from ..images import BadImage, Preprocess, decode, open_image
-from ..objectstore import is_object_url, read_object
+from ..objectstore import READERS, is_object_url, read_object
 
 # One image to decode: its id and the (path, size, stamp) of each file that holds it. The
 # stamp is a file's mtime_ns, or an object's ETag (s3://...: read by whichever process
 # decodes, a Ray node included, with its own credentials).
 Job = tuple[int, list[tuple]]
 FEEDS = ("auto", "threads", "processes")
+# Threads that decode batches of objects: each read waits on the network (two requests),
+# so a few decoding threads would leave the tower waiting. Pillow's work is the same.
+OBJECT_READERS = READERS
 
 
 @dataclass
@@ -54,14 +57,18 @@ def check_feed(feed: str) -> None:
         raise ConfigError(f"--feed {feed!r}: use {', '.join(FEEDS)}")
 
 
-def plan_feed(feed: str, device: torch.device, workers: int | None = None) -> FeedPlan:
-    """auto: processes for a CUDA GPU (every core but one decodes), threads elsewhere."""
+def plan_feed(feed: str, device: torch.device, workers: int | None = None,
+              objects: bool = False) -> FeedPlan:
+    """auto: processes for a CUDA GPU (every core but one decodes), threads elsewhere.
+    objects: the images are in a bucket, so threads wait on the network: more of them."""
     check_feed(feed)
     cores = os.cpu_count() or 1
     kind = feed if feed != "auto" else ("processes" if device.type == "cuda" and cores > 2
                                         else "threads")
     if workers is None:
         workers = max(1, cores - 1) if kind == "processes" else max(1, min(4, cores))
+        if objects and kind == "threads":
+            workers = max(workers, OBJECT_READERS)
     return FeedPlan(kind, workers)
 
 
@@ -182,6 +189,11 @@ def load_pixels(paths: list[tuple], preprocess: Preprocess, draft: bool,
         except OSError as exc:
             first_error = BadImage("unreadable", f"{os.fsdecode(fs_path)}: {exc.strerror}")
     return first_error
+
+
+def reads_objects(jobs: list[Job]) -> bool:
+    """Whether a batch's images live in object storage (as a whole ingest run's do)."""
+    return any(is_object_url(paths[0][0]) for _, paths in jobs if paths)
 
 
 def read_ingested(fs_path: str | bytes, size: int, stamp: int | str) -> bytes:

@@ -35,7 +35,7 @@ from ..labels import LabelSet
 from ..db import Database, insert_ignoring_duplicates, retrying
 from ..db.models import Embedding, File, Image, ModelVersion, Prediction, utcnow
 from ..db.queries import keyset_pages
-from .feed import Batch, Job, decoded_batches, plan_feed
+from .feed import Batch, Job, decoded_batches, plan_feed, reads_objects
 from ..images import DEFAULT_MAX_PIXELS
 from ..model.load import LoadedModel
 from ..model.zeroshot import build_text_classifier, to_predictions
@@ -212,7 +212,8 @@ class Run:
         first = next(jobs, None)
         if first is None:
             return  # nothing to decode: start no decode workers (a worker polls often)
-        plan = plan_feed(self.options.feed, self.model.device, self.options.decode_workers)
+        plan = plan_feed(self.options.feed, self.model.device, self.options.decode_workers,
+                         objects=reads_objects(first))
         self.summary.feed = f"{plan.workers} decode {plan.kind}"
         batches = decoded_batches(itertools.chain([first], jobs), self.model.preprocess,
                                   draft=not self.options.exact,

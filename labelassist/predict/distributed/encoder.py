@@ -13,7 +13,7 @@ import numpy as np
 
 class Decoder:
     """A Ray actor on each encoder's node: it reads and decodes the batches that encoder
-    will embed, from the same paths (a shared mount), in threads (Pillow releases the
+    will embed, from the same paths (a shared mount) or the bucket, in threads (Pillow releases the
     GIL). An actor rather than a task per batch: a task may start a fresh worker process,
     which imports torch, for every batch (measured: a third of a 2-core machine)."""
 
@@ -22,12 +22,21 @@ class Decoder:
 
         self.args = {"preprocess": preprocess, "draft": draft, "max_pixels": max_pixels}
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.readers = None  # for batches of objects, which wait on the network
 
     def decode(self, jobs: list) -> tuple:
-        """One claimed batch -> (ids, uint8 crops, [(id, reason, detail)])."""
-        from ..feed import decode_jobs
+        """One claimed batch -> (ids, uint8 crops, [(id, reason, detail)]). Objects in a
+        bucket are read here, on this node, with its own credentials."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        return decode_jobs(jobs, **self.args, pool=self.pool)
+        from ..feed import OBJECT_READERS, decode_jobs, reads_objects
+
+        pool = self.pool
+        if reads_objects(jobs):
+            self.readers = self.readers or ThreadPoolExecutor(OBJECT_READERS,
+                                                              thread_name_prefix="read")
+            pool = self.readers
+        return decode_jobs(jobs, **self.args, pool=pool)
 
 
 class Encoder:
