@@ -83,11 +83,14 @@ class StudioProject:
     def status(self) -> dict:
         return httpx.get(self.url + "/", auth=("labelassist", SECRET), timeout=10).json()
 
-    def stop(self) -> None:
+    def stop_serving(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        self.stop_serving()
         self.db.dispose()

@@ -49,7 +49,8 @@ def served(tmp_path_factory, label_studio, tiny_clip_dir):
                                        "recursive_scan": True, "title": "photos"}, expect=6)
     project.http.post(f"/api/projects/{project.id}/import", json=[
         {"picture": value} for value in LOCAL_FILES]).raise_for_status()
-    project.serve("--project", title, "--labels", str(labels), "--model", str(tiny_clip_dir))
+    project.args = ("--project", title, "--labels", str(labels), "--model", str(tiny_clip_dir))
+    project.serve(*project.args)
     project.retrieve_predictions()
     yield project
     project.stop()
@@ -214,3 +215,18 @@ def test_a_new_version_goes_onto_the_tasks_with_the_projects_own_control(served)
     project_config = served.http.get(f"/api/projects/{served.id}").json()["label_config"]
     assert project_config == CONFIG
     client.close()
+
+
+def test_reviews_made_while_serve_was_down_are_caught_up_with_their_label(served):
+    """Last: it restarts the module's server. The project's control is not named as
+    labelassist names its own, so the catch-up reads it as the project names it."""
+    served.stop_serving()
+    task = min((t for t in served.tasks() if t["data"]["picture"] not in LOCAL_FILES),
+               key=lambda t: t["id"])
+    made = annotate(served, task["id"], "warm")  # nobody listens: the webhook fails
+
+    served.serve(*served.args)
+
+    assert any("caught up: 1 new" in line for line in served.said), served.said
+    assert served.count(Annotation, Annotation.ls_annotation_id == made,
+                        Annotation.label == "warm") == 1
