@@ -20,7 +20,7 @@ from sqlalchemy import insert, select
 from labelassist.db import open_database
 from labelassist.db.claims import _upsert_claims, pending_images_query
 from labelassist.db.models import (Annotation, Claim, Image, LSProject, LSTask, ModelVersion,
-                                   Worker, utcnow)
+                                   Worker, as_utc, utcnow)
 from labelassist.trust import audit as A
 from labelassist.trust import learn as L
 from labelassist.trust import outofset as O
@@ -244,15 +244,19 @@ def _choice(label):
 
 
 class ReviewServer(HostileServer):
-    """Label Studio's task list for three tasks, whose annotations a test changes."""
+    """Label Studio's task list of project 1 (three tasks, whose annotations a test
+    changes), and its users; every listing's query is kept."""
 
     def __init__(self, shas):
-        super().__init__({"/api/tasks": self.tasks})
+        super().__init__({"/api/tasks": self.tasks, "/api/users": lambda q: (200, JSON, [
+            {"id": 1, "email": "a@b.c"}, {"id": 2, "email": "", "username": "bea"}])})
         self.notes = {}
-        self.shas = shas
+        self.shas = dict(shas)
+        self.queries = []
 
     def tasks(self, query):
-        if query.get("page", ["1"])[0] != "1":
+        self.queries.append(query)
+        if query.get("project") != ["1"] or query.get("page", ["1"])[0] != "1":
             return 200, JSON, {"total": len(self.shas), "tasks": []}
         return 200, JSON, {"total": len(self.shas), "tasks": [
             {"id": task_id, "data": {"sha256": sha},
@@ -291,13 +295,13 @@ def pulled_ledger(tmp_path):
     db.dispose()
 
 
-def _pull(db, server):
+def _pull(db, server, on_progress=None, url=None):
     from labelassist.labelstudio.client import Connection, LabelStudioClient
     from labelassist.labelstudio.pull import pull
 
-    client = LabelStudioClient(Connection(server.url, "t"), retries=0)
+    client = LabelStudioClient(Connection(url or server.url, "t"), retries=0)
     try:
-        return pull(db, client)
+        return pull(db, client, on_progress=on_progress)
     finally:
         client.close()
 
@@ -324,6 +328,48 @@ def test_pull_marks_what_accepted_the_prediction_and_updates_a_changed_review(pu
     assert (second.new, second.updated, second.unchanged) == (0, 1, 2)
     assert _stored(db) == {11: ("dog", False, "a@b.c", 3.5), 21: ("dog", False, "a@b.c", 3.5),
                            31: ("dog", None, "a@b.c", 3.5)}
+
+
+def test_pull_marks_deleted_reviews_and_tasks_skips_unknown_ones_and_keeps_a_watermark(
+        pulled_ledger):
+    import json
+    from datetime import datetime, timezone
+
+    from labelassist.errors import LabelStudioError
+
+    db, server = pulled_ledger
+    server.notes = {1: [_note(11, "cat", "2026-01-01T00:00:00Z", parent=101)],
+                    2: [{**_note(21, "dog", "2026-01-01T00:00:00Z"), "completed_by": 2},
+                        {**_note(22, None, "2026-01-01T00:00:00Z"), "was_cancelled": True,
+                         "result": [], "completed_by": {"id": 2}}],
+                    3: [_note(31, "dog", "2026-01-01T00:00:00Z")]}
+    server.shas[99] = "f" * 64  # made in Label Studio by hand: not ours
+    seen = []
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    first = _pull(db, server, on_progress=lambda done, total: seen.append((done, total)))
+    assert (first.tasks_seen, first.new, first.cancelled, first.unknown_tasks) == (4, 4, 1, 1)
+    assert seen == [(4, 4)] and first.projects == ["p"]
+    assert server.queries[0]["page_size"] == ["500"] and "query" not in server.queries[0]
+    with db.read() as s:
+        stored = {a.ls_annotation_id: (a.annotator, a.cancelled, a.label)
+                  for a in s.scalars(select(Annotation))}
+        watermark = as_utc(s.scalar(select(LSProject.last_pull_at)))
+    assert stored[21] == ("bea", False, "dog") and stored[22] == ("bea", True, None)
+    # the server's clock when the pull began, less 2 s (the Date header: whole seconds)
+    assert before - timedelta(seconds=3) <= watermark <= utcnow() - timedelta(seconds=1)
+
+    del server.notes[1]  # a review deleted in Label Studio
+    del server.shas[3]   # a task deleted there: its review stops counting
+    server.queries.clear()
+    second = _pull(db, server)
+    assert (second.deleted, second.tasks_gone, second.new, second.updated) == (2, 1, 0, 0)
+    (items,) = [json.loads(q["query"][0])["filters"]["items"] for q in server.queries
+                if "query" in q]
+    assert items[0]["value"] == watermark.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert set(_stored(db)) == {21, 22}
+
+    with pytest.raises(LabelStudioError, match="nothing was pushed to .* run labelassist push"):
+        _pull(db, server, url=server.url + "/")
 
 
 # ---- serve: who may come in -------------------------------------------------------------
