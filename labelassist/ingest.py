@@ -2,8 +2,8 @@
 
 Policy: an image is its content. The same bytes under two paths become one
 `images` row and two `files` rows, so duplicates are predicted, pushed and
-reviewed once. A file whose size and mtime are unchanged is not read again; an object in storage
-(s3://bucket/prefix, objectstore.py) whose ETag and size are unchanged is not either.
+reviewed once. A file whose size and mtime are unchanged is not read again, nor is an
+object in storage (s3://bucket/prefix, objectstore.py) whose ETag and size are unchanged.
 
 Speed: each file's header is read first, so a file that is no image is refused without
 being read whole; only then is it hashed and checked. Checks run in worker processes when
@@ -31,7 +31,14 @@ from .labels import IMAGE_EXTENSIONS
 from .db import Database
 from .db.models import File, Image, utcnow
 from .errors import ConfigError
-from .objectstore import ObjectInfo, check_url, is_object_url, list_objects, read_object
+from .objectstore import (
+    READERS,
+    ObjectInfo,
+    check_url,
+    is_object_url,
+    list_objects,
+    read_object,
+)
 from .images import (
     DEFAULT_MAX_PIXELS,
     TRANSIENT,
@@ -100,7 +107,7 @@ def ingest(db: Database, roots: Iterable[str | Path], *, max_pixels: int = DEFAU
     mark_non_utf8_paths(db)
     if any(isinstance(root, str) for root in roots):
         processes = False  # objects: reads wait on the network, and fsspec's loop hates fork
-        workers = workers or 16
+        workers = workers or READERS
     with _checker(total, workers, processes) as pool:
         check = partial(_check, max_pixels=max_pixels)
         inflight: deque = deque()
