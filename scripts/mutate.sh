@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Mutation testing, on request (never in CI: it is slow). For each module named, mutmut
+# changes its code one small way at a time (a flipped comparison, a constant off by one, a
+# dropped argument) and runs the fast tests that cover it: a mutant that no test notices
+# marks a rule nobody checks. Runs in a copy of the tree ($MUTATE_DIR/MODULE, default
+# /tmp/labelassist-mutate), never in this checkout; a rerun keeps the copy's results and
+# tests again only what changed.
+#
+# Usage: scripts/mutate.sh [MODULE...]   MODULE: audit accept outofset learn reviews
+#        zeroshot claims export pull (default: all of them, one after another)
+# Then:  cd /tmp/labelassist-mutate/MODULE && mutmut results   (the survivors)
+#        mutmut show NAME                                        (one mutant's diff)
+# Needs the dev extra (scripts/setup.sh test,dev). MUTATE_CHILDREN: parallel runs (2);
+# MUTATE_FUNCTIONS="class_threshold coverage": only the mutants of these functions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+declare -A SOURCE=(
+  [audit]=labelassist/trust/audit.py [accept]=labelassist/trust/accept.py
+  [outofset]=labelassist/trust/outofset.py [learn]=labelassist/trust/learn.py
+  [reviews]=labelassist/trust/reviews.py [zeroshot]=labelassist/model/zeroshot.py
+  [claims]=labelassist/db/claims.py [export]=labelassist/outputs/export.py
+  [pull]=labelassist/labelstudio/pull.py)
+# The fast tests (no Label Studio, nothing marked slow) that cover each module. mutmut
+# runs, for each mutant, only those of them that call the mutated function.
+PINS="tests/test_trust_pins.py tests/test_properties.py"
+declare -A TESTS=(
+  [audit]="$PINS tests/test_audit.py"
+  [accept]="$PINS tests/test_outofset.py tests/test_export.py tests/test_learn.py"
+  [outofset]="$PINS tests/test_outofset.py"
+  [learn]="$PINS tests/test_learn.py"
+  [reviews]="$PINS tests/test_audit.py tests/test_cli_flags.py"
+  [zeroshot]="$PINS tests/test_zeroshot.py"
+  [claims]="$PINS tests/test_predict.py tests/test_db.py"
+  [export]="$PINS tests/test_export.py"
+  [pull]="$PINS")
+
+modules=("$@")
+[ ${#modules[@]} -gt 0 ] || modules=(audit reviews outofset claims pull export zeroshot accept learn)
+for module in "${modules[@]}"; do
+  [ -n "${SOURCE[$module]:-}" ] || { echo "unknown module $module: use ${!SOURCE[*]}" >&2; exit 2; }
+done
+
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+work="${MUTATE_DIR:-/tmp/labelassist-mutate}"
+for module in "${modules[@]}"; do
+  copy="$work/$module"
+  mkdir -p "$copy"
+  # The files as they are now: edits and new files not yet committed included
+  git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --ignore-missing-args --files-from=- . "$copy/"
+  python - "$copy/pyproject.toml" "${SOURCE[$module]}" ${TESTS[$module]} <<'EOF'
+import json, re, sys
+path, source, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
+text = open(path).read()
+text = re.sub(r"(?ms)^only_mutate = \[.*?\]$", f"only_mutate = {json.dumps([source])}", text)
+text = re.sub(r"(?m)^pytest_add_cli_args_test_selection = .*$",
+              f"pytest_add_cli_args_test_selection = {json.dumps(tests)}", text)
+open(path, "w").write(text)
+EOF
+  echo "== $module: ${SOURCE[$module]} against ${TESTS[$module]}" >&2
+  # MUTATE_FUNCTIONS="class_threshold coverage": only those functions' mutants
+  names=()
+  stem="$(echo "${SOURCE[$module]%.py}" | tr / .)"
+  for f in ${MUTATE_FUNCTIONS:-}; do names+=("$stem.x_${f}__mutmut_*"); done
+  if ! (cd "$copy" && mutmut run --max-children "${MUTATE_CHILDREN:-2}" "${names[@]}" \
+          >mutmut.log 2>&1 \
+        && mutmut export-cicd-stats >>mutmut.log 2>&1); then
+    tail -40 "$copy/mutmut.log" >&2
+    exit 1
+  fi
+  python - "$copy/mutants/mutmut-cicd-stats.json" "$module" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+tested = s["total"] - s.get("skipped", 0)
+killed = s["killed"] + s.get("timeout", 0)
+print(f"{sys.argv[2]}: {killed} of {tested} mutants killed ({killed / max(tested, 1):.1%}); "
+      f"survived {s['survived']}, no tests {s.get('no_tests', 0)}, "
+      f"suspicious {s.get('suspicious', 0)}")
+EOF
+done
