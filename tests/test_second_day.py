@@ -300,3 +300,35 @@ def test_the_scripts_say_what_they_install_before_they_do():
     for script in ("scripts/setup.sh", "scripts/test.sh"):  # and it shows progress as it goes
         text = (repo / script).read_text()
         assert " -qq " not in text and ">/dev/null\n" not in text and "pip install -q" not in text
+
+
+def test_serve_names_the_version_that_reached_label_studio(db, tiny_model, photo_dir,
+                                                          labels_file, tmp_path):
+    """After `learn` stored a probe that was never pushed, serve's status said it showed
+    that probe: Label Studio had only ever been sent the zero-shot version."""
+    from labelassist.db.models import LSPrediction, LSProject, LSTask
+    from labelassist.labelstudio.client import Connection, LabelStudioClient
+    from labelassist.serve.backend import Backend
+
+    ingest(db, [photo_dir])
+    pushed = predict(db, tiny_model, load_label_file(labels_file)).model_version
+    other = tmp_path / "other.toml"
+    other.write_text(labels_file.read_text().replace('"grey"', '"grey", "silver"'))
+    stored_only = predict(db, tiny_model, load_label_file(other)).model_version
+    with db.write() as s:
+        version = s.scalars(select(ModelVersion).where(ModelVersion.name == pushed)).one()
+        project = LSProject(url="http://127.0.0.1:9", ls_project_id=1, title="t",
+                            classes=list(version.label_set["classes"]), image_mode="local")
+        s.add(project)
+        s.flush()
+        for n, image_id in enumerate(s.scalars(select(Prediction.image_id).where(
+                Prediction.model_version_id == version.id))):
+            task = LSTask(project_id=project.id, image_id=image_id, ls_task_id=n + 1)
+            s.add(task)
+            s.flush()
+            s.add(LSPrediction(task_id=task.id, model_version_id=version.id))
+        s.expunge(project)
+    backend = Backend(db, LabelStudioClient(Connection("http://127.0.0.1:9", "t0ken-x")),
+                      project, load_model=None, fetch_dir=tmp_path / "fetched")
+    assert stored_only != pushed
+    assert backend.status.model_version == pushed

@@ -17,7 +17,8 @@ from pathlib import Path
 from sqlalchemy import delete, select
 
 from ..db import Database, insert_ignoring_duplicates
-from ..db.models import File, LSDeletedTask, LSProject, LSTask, ModelVersion, Prediction
+from ..db.models import (File, LSDeletedTask, LSPrediction, LSProject, LSTask, ModelVersion,
+                          Prediction)
 from ..errors import LabelAssistError
 from ..labelstudio import LabelStudioClient
 from ..labelstudio.project import MADE_IN_STUDIO, ChoicesControl, choice_result
@@ -99,14 +100,24 @@ class Backend:
             return self._model
 
     def newest_version_name(self) -> str | None:
-        """The newest model_version with predictions for this project's images, or the
-        one serve was told to predict with when that is newer."""
+        """The newest model_version that reached this project in Label Studio (its
+        predictions were sent onto the project's tasks), or the one serve was told to
+        predict with when that is newer. A version only stored (a probe `learn` made and
+        nobody pushed) is not named: Label Studio never saw it. With nothing sent yet,
+        the newest with predictions of the project's images."""
         with self.db.read() as s:
-            newest = s.execute(select(ModelVersion.id, ModelVersion.name).where(
-                select(Prediction.id).join(LSTask, LSTask.image_id == Prediction.image_id)
-                .where(Prediction.model_version_id == ModelVersion.id,
-                       LSTask.project_id == self.project.id).exists())
-                .order_by(ModelVersion.id.desc()).limit(1)).first()
+            sent = select(LSPrediction.id).join(LSTask, LSTask.id == LSPrediction.task_id) \
+                .where(LSPrediction.model_version_id == ModelVersion.id,
+                       LSTask.project_id == self.project.id).exists()
+            predicted = select(Prediction.id).join(
+                LSTask, LSTask.image_id == Prediction.image_id).where(
+                Prediction.model_version_id == ModelVersion.id,
+                LSTask.project_id == self.project.id).exists()
+            newest = None
+            for reached in (sent, predicted):
+                newest = newest or s.execute(select(ModelVersion.id, ModelVersion.name)
+                                             .where(reached).order_by(ModelVersion.id.desc())
+                                             .limit(1)).first()
         if self.pinned is not None and (newest is None or newest.id < self.pinned.id):
             return self.pinned.name
         return None if newest is None else newest.name
