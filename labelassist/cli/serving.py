@@ -98,7 +98,7 @@ def make_backend(database, client, db, project, labels, model, device, fetch_dir
     from ..model.load import load_model
     from ..serve import Backend, fetch_dir_for, find_project, status_file_for
     from ..serve.project import pin_zero_shot, project_control, served_label_set
-    from . import resolve_model_id
+    from . import model_source, resolve_model_id
 
     target = find_project(database, client, project)
     control = project_control(client, target)
@@ -106,7 +106,8 @@ def make_backend(database, client, db, project, labels, model, device, fetch_dir
     def loader(model_id: str, runtime: str = ""):
         # the zero-shot version's own model and runtime (its embeddings are keyed by
         # both), unless --model says otherwise
-        return load_model(model or model_id, device="cpu" if runtime else device,
+        return load_model(model_source(model) if model else model_id,
+                          device="cpu" if runtime else device,
                           dtype=runtime or "auto")
 
     backend = Backend(database, client, target, load_model=loader,
