@@ -27,7 +27,7 @@ from labelassist.outputs.export import (NAME_BYTES, RESERVED, class_folders, par
 from labelassist.trust import audit as A
 from labelassist.workspace import KEYS, load_workspace, save_workspace
 
-FAST = settings(max_examples=60, deadline=None,
+FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Text as people type it, control characters and surrogates aside (TOML and XML carry none)
@@ -304,7 +304,7 @@ def test_a_split_is_one_of_its_names_and_the_same_every_time(fractions, sha, see
 
 # ---- the trust threshold, against its definition -------------------------------------------
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]),
                           st.booleans()), max_size=25),
        st.sampled_from([0.5, 0.8, 0.9, 1.0]), st.integers(1, 6))

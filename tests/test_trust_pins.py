@@ -248,8 +248,12 @@ class ReviewServer(HostileServer):
     changes), and its users; every listing's query is kept."""
 
     def __init__(self, shas):
+        from labelassist.labelstudio.project import label_config
+
         super().__init__({"/api/tasks": self.tasks, "/api/users": lambda q: (200, JSON, [
-            {"id": 1, "email": "a@b.c"}, {"id": 2, "email": "", "username": "bea"}])})
+            {"id": 1, "email": "a@b.c"}, {"id": 2, "email": "", "username": "bea"}]),
+            "/api/projects/1": lambda q: (200, JSON, {
+                "id": 1, "title": "p", "label_config": label_config(["cat", "dog"])})})
         self.notes = {}
         self.shas = dict(shas)
         self.queries = []
