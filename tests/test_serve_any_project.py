@@ -230,3 +230,21 @@ def test_reviews_made_while_serve_was_down_are_caught_up_with_their_label(served
     assert any("caught up: 1 new" in line for line in served.said), served.said
     assert served.count(Annotation, Annotation.ls_annotation_id == made,
                         Annotation.label == "warm") == 1
+
+
+def test_a_pull_run_by_hand_reads_the_projects_own_control(served, monkeypatch):
+    """`labelassist pull` read only a result named `label`: for a project whose Choices
+    is named otherwise, a review came back with no label."""
+    served.stop_serving()
+    task = max((t for t in served.tasks() if t["data"]["picture"] not in LOCAL_FILES),
+               key=lambda t: t["id"])
+    made = annotate(served, task["id"], "cool")  # nobody listens: only pull can read it
+    monkeypatch.setenv("LABEL_STUDIO_URL", served.ls.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", served.ls.token)
+
+    pulled = CliRunner().invoke(app, ["pull", "--db", served.db_url])
+
+    assert pulled.exit_code == 0, pulled.output
+    with served.db.read() as s:
+        assert s.scalar(select(Annotation.label).where(
+            Annotation.ls_annotation_id == made)) == "cool"

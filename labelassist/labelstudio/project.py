@@ -65,6 +65,24 @@ class ChoicesControl:
     image_key: str = "image"
 
 
+def as_labelassist_choices(tasks: list[dict], control: ChoicesControl) -> list[dict]:
+    """The tasks with the project's own Choices control named as labelassist names its
+    own (`label`), which is where the ledger reads a reviewer's choice from."""
+    if control.from_name == FROM_NAME:
+        return tasks
+
+    def renamed(results):
+        if not isinstance(results, list):
+            return results
+        return [{**r, "from_name": FROM_NAME} if isinstance(r, dict)
+                and r.get("from_name") == control.from_name else r for r in results]
+
+    return [{**t, **{kind: [{**item, "result": renamed(item.get("result"))}
+                            if isinstance(item, dict) else item
+                            for item in t.get(kind) or []]
+                     for kind in ("annotations", "predictions")}} for t in tasks]
+
+
 def read_choices(config: str, title: str = "the project") -> ChoicesControl:
     """The Choices control of a labeling config that labels an Image: the one named
     `label` (what labelassist makes) when there is one, else the first."""

@@ -13,7 +13,8 @@ from ..db.models import Annotation, Image, LSProject, LSTask, ModelVersion, as_u
 from ..errors import LabelStudioError
 from ..db.queries import rows_in_chunks
 from .client import LabelStudioClient
-from .project import BATCH, FROM_NAME, Progress, iter_remote_pages, iter_remote_task_ids
+from .project import (BATCH, FROM_NAME, ChoicesControl, Progress, as_labelassist_choices,
+                      iter_remote_pages, iter_remote_task_ids, read_choices)
 from .tasks import Forgotten, TaskRow, forget_tasks, match, task_rows
 
 
@@ -64,9 +65,11 @@ def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
         # machine and Label Studio does not matter either.
         started = client.server_time()
         since = None if full or project.last_pull_at is None else as_utc(project.last_pull_at)
-        for read_at, (tasks, total) in _timed(iter_remote_pages(
+        control = project_choices(client, project)  # a project made in Label Studio names
+        for read_at, (tasks, total) in _timed(iter_remote_pages(  # its control as it likes
                 client, project.ls_project_id, since, page_size=page_size)):
-            store_annotations(db, project, tasks, users, summary, read_at)
+            store_annotations(db, project, as_labelassist_choices(tasks, control), users,
+                              summary, read_at)
             if on_progress:
                 on_progress(summary.tasks_seen, total)
         _forget_deleted_tasks(db, client, project, summary)
@@ -74,6 +77,16 @@ def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
             s.get(LSProject, project.id).last_pull_at = started - MARGIN
         summary.projects.append(project.title)
     return summary
+
+
+def project_choices(client: LabelStudioClient, project: LSProject) -> ChoicesControl:
+    """The project's Choices control, as its labeling config has it now (labelassist's own
+    `label` when the config has none that labels an image: nothing to read then)."""
+    remote = client.get_json(f"/api/projects/{project.ls_project_id}", "reading the project")
+    try:
+        return read_choices(remote.get("label_config") or "", repr(project.title))
+    except LabelStudioError:
+        return ChoicesControl()
 
 
 def _timed(pages):

@@ -18,7 +18,7 @@ from ..db import Database
 from ..db.models import Annotation, LSProject, LSTask, ReviewEventRecord, as_utc, utcnow
 from ..errors import LabelAssistError, LabelStudioError
 from ..labelstudio import LabelStudioClient
-from ..labelstudio.project import FROM_NAME, ChoicesControl, iter_remote_pages
+from ..labelstudio.project import ChoicesControl, as_labelassist_choices, iter_remote_pages
 from ..labelstudio.pull import PullSummary, store_annotations
 from ..labelstudio.tasks import forget_tasks, is_id, match, task_rows
 from .status import ServeStatus
@@ -55,24 +55,6 @@ class ReviewEvent:
         remote = {a.get("id"): str(a.get("updated_at") or "")
                   for t in tasks for a in t.get("annotations", [])}
         return all(i in remote and remote[i] >= stamp for i, stamp in self.expect.items())
-
-
-def as_labelassist_choices(tasks: list[dict], control: ChoicesControl) -> list[dict]:
-    """The tasks with the project's own Choices control named as labelassist names its
-    own (`label`), which is where the ledger reads a reviewer's choice from."""
-    if control.from_name == FROM_NAME:
-        return tasks
-
-    def renamed(results):
-        if not isinstance(results, list):
-            return results
-        return [{**r, "from_name": FROM_NAME} if isinstance(r, dict)
-                and r.get("from_name") == control.from_name else r for r in results]
-
-    return [{**t, **{kind: [{**item, "result": renamed(item.get("result"))}
-                            if isinstance(item, dict) else item
-                            for item in t.get(kind) or []]
-                     for kind in ("annotations", "predictions")}} for t in tasks]
 
 
 class ReviewJournal:
