@@ -128,7 +128,9 @@ def test_predict_on_openvino_writes_nothing_outside_the_workspace_and_cache(
     import subprocess
     import sys
 
-    pytest.importorskip("openvino")
+    from .ci import require
+
+    require("openvino")
     home = tmp_path / "home"
     home.mkdir()
     env = clean_env(home)

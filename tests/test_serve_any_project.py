@@ -185,6 +185,9 @@ def test_the_choices_come_from_the_control_that_labels_an_image():
     with pytest.raises(Exception, match="no <Choices> for an <Image>"):
         read_choices('<View><Text name="t" value="$t"/><Choices name="c" toName="t">'
                      '<Choice value="a"/></Choices></View>')
+    # an unnamed Image and a Choices with no toName (found by Hypothesis): AttributeError
+    with pytest.raises(Exception, match="no <Choices> for an <Image>"):
+        read_choices('<Cie0><Image name="" A=""/><Choices name="0" o=""></Choices></Cie0>')
 
 
 def test_a_new_version_goes_onto_the_tasks_with_the_projects_own_control(served):

@@ -93,7 +93,8 @@ def read_choices(config: str, title: str = "the project") -> ChoicesControl:
     except ET.ParseError as exc:
         raise LabelStudioError(f"{title}'s labeling config is not valid XML ({exc}); fix it "
                                "in Label Studio's settings") from None
-    images = {e.get("name"): str(e.get("value") or "") for e in root.iter("Image")}
+    images = {e.get("name"): str(e.get("value") or "") for e in root.iter("Image")
+              if e.get("name")}  # an unnamed Image cannot be labelled
     controls = [c for c in root.iter("Choices")
                 if (c.get("toName") or "").split(",")[0] in images and c.get("name")]
     control = next((c for c in controls if c.get("name") == FROM_NAME), None) or \
