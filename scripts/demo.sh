@@ -32,6 +32,12 @@ cd demo
 version_for() {
   labelassist -q predict --labels "$1" 2>&1 | grep -o '^[^ ]*@[0-9a-f]*' | head -1
 }
+if [ -z "${DEMO_PHOTOS:-}" ] && [ -z "${DEMO_LABELS:-}" ]; then
+  # The lesson's vague description first: the workspace's own label file then makes the
+  # newest version, which is what `labelassist push` sends by default.
+  labelassist -q ingest "$photos" >/dev/null
+  labelassist -q predict --labels "$repo/examples/toyworld/labels-vague.toml" >/dev/null
+fi
 labelassist run "$photos"
 labelassist status
 labelassist predictions --version "$(version_for "$labels")" --format csv > predictions.csv
@@ -66,7 +72,7 @@ cat >&2 <<NEXT
 Next: review in Label Studio, then export. demo/labelassist.toml holds the database,
 label file, model and image root, so no command below needs a flag:
   . .venv/bin/activate && cd demo
-  labelassist studio        # in another shell, from demo/ too$studio_hint
+  labelassist studio        # in another shell, in demo/$studio_hint
   labelassist push          # then review at the URL push prints, and:
   labelassist pull && labelassist report --html report.html && labelassist export dataset/
 NEXT
