@@ -171,7 +171,11 @@ def interrupt_after_progress(args: list[str], env: dict, marker: str):
         if marker in line and "/" in line.split(marker, 1)[1][:20]:
             break
         assert time.monotonic() < deadline, "".join(lines)
+    # Held still first: on a quiet machine the rest of the run takes about a second, and
+    # Ctrl-C must land while it runs. SIGINT waits while the group is stopped.
+    os.killpg(proc.pid, signal.SIGSTOP)
     os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGCONT)
     out, rest = proc.communicate(timeout=120)
     return proc.returncode, "".join(lines) + rest
 

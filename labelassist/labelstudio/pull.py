@@ -13,8 +13,9 @@ from ..db.models import Annotation, Image, LSProject, LSTask, ModelVersion, as_u
 from ..errors import LabelStudioError
 from ..db.queries import rows_in_chunks
 from .client import LabelStudioClient
-from .project import (BATCH, FROM_NAME, ChoicesControl, Progress, as_labelassist_choices,
-                      iter_remote_pages, iter_remote_task_ids, read_choices)
+from .project import (BATCH, FROM_NAME, MADE_IN_STUDIO, ChoicesControl, Progress,
+                      as_labelassist_choices, iter_remote_pages, iter_remote_task_ids,
+                      read_choices)
 from .tasks import Forgotten, TaskRow, forget_tasks, match, task_rows
 
 
@@ -80,8 +81,12 @@ def pull(db: Database, client: LabelStudioClient, *, full: bool = False,
 
 
 def project_choices(client: LabelStudioClient, project: LSProject) -> ChoicesControl:
-    """The project's Choices control, as its labeling config has it now (labelassist's own
-    `label` when the config has none that labels an image: nothing to read then)."""
+    """The project's Choices control, as its labeling config has it now: read for a
+    project made in Label Studio (serve adopted it); a project labelassist pushed has its
+    own `label` (and then nothing to read). Labelassist's `label` when the config has none
+    that labels an image."""
+    if project.image_mode != MADE_IN_STUDIO:
+        return ChoicesControl()
     remote = client.get_json(f"/api/projects/{project.ls_project_id}", "reading the project")
     try:
         return read_choices(remote.get("label_config") or "", repr(project.title))
