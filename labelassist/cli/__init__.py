@@ -119,14 +119,10 @@ def handles_errors(func):
             err.print(f"error: {exc}", markup=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:  # Ctrl-C: say what the ledger kept, and how to go on
-            err.print(interrupted_message(func.__name__.replace("_", "-")),
-                      markup=False)
-            raise typer.Exit(130) from None
+            stop_interrupted(func)
         except OperationalError as exc:  # the database went away outside a retried step
             if interrupted_by_user(exc):  # a clean-up after Ctrl-C failed: still Ctrl-C
-                err.print(interrupted_message(func.__name__.replace("_", "-")),
-                          markup=False)
-                raise typer.Exit(130) from None
+                stop_interrupted(func)
             first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             err.print(f"error: database error: {first}. Check --db / LABELASSIST_DB, then run "
                       "the command again: it resumes where it stopped", markup=False)
@@ -170,6 +166,11 @@ def interrupted_by_user(exc: BaseException) -> bool:
             return True
         seen = seen.__context__
     return False
+
+
+def stop_interrupted(func) -> None:
+    err.print(interrupted_message(func.__name__.replace("_", "-")), markup=False)
+    raise typer.Exit(130) from None
 
 
 def interrupted_message(command: str | None) -> str:

@@ -105,22 +105,23 @@ class Backend:
         predict with when that is newer. A version only stored (a probe `learn` made and
         nobody pushed) is not named: Label Studio never saw it. With nothing sent yet,
         the newest with predictions of the project's images."""
-        with self.db.read() as s:
-            sent = select(LSPrediction.id).join(LSTask, LSTask.id == LSPrediction.task_id) \
-                .where(LSPrediction.model_version_id == ModelVersion.id,
-                       LSTask.project_id == self.project.id).exists()
-            predicted = select(Prediction.id).join(
-                LSTask, LSTask.image_id == Prediction.image_id).where(
-                Prediction.model_version_id == ModelVersion.id,
-                LSTask.project_id == self.project.id).exists()
-            newest = None
-            for reached in (sent, predicted):
-                newest = newest or s.execute(select(ModelVersion.id, ModelVersion.name)
-                                             .where(reached).order_by(ModelVersion.id.desc())
-                                             .limit(1)).first()
+        sent = select(LSPrediction.id).join(LSTask, LSTask.id == LSPrediction.task_id).where(
+            LSPrediction.model_version_id == ModelVersion.id,
+            LSTask.project_id == self.project.id).exists()
+        predicted = select(Prediction.id).join(
+            LSTask, LSTask.image_id == Prediction.image_id).where(
+            Prediction.model_version_id == ModelVersion.id,
+            LSTask.project_id == self.project.id).exists()
+        newest = self._newest_version(sent) or self._newest_version(predicted)
         if self.pinned is not None and (newest is None or newest.id < self.pinned.id):
             return self.pinned.name
         return None if newest is None else newest.name
+
+    def _newest_version(self, condition):
+        """(id, name) of the newest model_version meeting `condition`, or None."""
+        with self.db.read() as s:
+            return s.execute(select(ModelVersion.id, ModelVersion.name).where(condition)
+                             .order_by(ModelVersion.id.desc()).limit(1)).first()
 
     def predict(self, tasks: list[dict]) -> list[dict]:
         """One answer per task, in order: the newest prediction of its image among the
