@@ -12,6 +12,7 @@
 #        mutmut show NAME                                        (one mutant's diff)
 # Needs the dev extra (scripts/setup.sh test,dev). MUTATE_CHILDREN: parallel runs (2);
 # MUTATE_FUNCTIONS="class_threshold coverage": only the mutants of these functions.
+# MUTATE_TESTS="tests/a.py tests/b.py": these test files instead of the module's own list.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,7 @@ for module in "${modules[@]}"; do
   mkdir -p "$copy"
   # The files as they are now: edits and new files not yet committed included
   git ls-files -z --cached --others --exclude-standard | rsync -a --from0 --ignore-missing-args --files-from=- . "$copy/"
-  python - "$copy/pyproject.toml" "${SOURCE[$module]}" ${TESTS[$module]} <<'EOF'
+  python - "$copy/pyproject.toml" "${SOURCE[$module]}" ${MUTATE_TESTS:-${TESTS[$module]}} <<'EOF'
 import json, re, sys
 path, source, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
 text = open(path).read()
@@ -58,7 +59,7 @@ text = re.sub(r"(?m)^pytest_add_cli_args_test_selection = .*$",
               f"pytest_add_cli_args_test_selection = {json.dumps(tests)}", text)
 open(path, "w").write(text)
 EOF
-  echo "== $module: ${SOURCE[$module]} against ${TESTS[$module]}" >&2
+  echo "== $module: ${SOURCE[$module]} against ${MUTATE_TESTS:-${TESTS[$module]}}" >&2
   # MUTATE_FUNCTIONS="class_threshold coverage": only those functions' mutants
   names=()
   stem="$(echo "${SOURCE[$module]%.py}" | tr / .)"
