@@ -21,7 +21,6 @@ from labelassist.errors import ModelLoadError
 from labelassist.ingest import ingest
 from labelassist.model.load import load_model
 from labelassist.predict.run import predict
-from labelassist.predict import choice as runtime_choice
 from labelassist.predict.choice import MAX_DRIFT, MIN_AGREEMENT, Trial, _trial
 
 from .ci import require
@@ -144,7 +143,7 @@ def test_int8_is_calibrated_once_on_the_workspace_and_loaded_from_the_cache(
     result = runner.invoke(app, ["predict", "--labels", str(toy_workspace), "--db", db_url,
                                  "--dtype", "ov-int8"])
     assert result.exit_code == 0, result.output
-    assert "calibrating int8 on 120 of this workspace's images" in result.output
+    assert "calibrating int8 on 64 of this workspace's images" in result.output
     with db.read() as s:
         key = s.scalars(select(ModelVersion.model_key)).one()
     runtime = key.split("+", 1)[1]
@@ -160,7 +159,7 @@ def test_a_small_workspace_without_a_measurement_runs_torch_and_says_so(
         toy_workspace, db_url, db):
     result = runner.invoke(app, ["predict", "--labels", str(toy_workspace), "--db", db_url])
     assert result.exit_code == 0, result.output
-    assert f"unmeasured (fewer than {runtime_choice.MEASURE_FROM:,} images" in result.output
+    assert "not measured: on 120 images to encode" in result.output
     with db.read() as s:
         assert s.scalar(select(func.count()).select_from(RuntimeChoice)) == 0
         assert "+" not in s.scalars(select(ModelVersion.model_key)).one()

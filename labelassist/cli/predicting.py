@@ -125,13 +125,14 @@ def runtimes(
                                         "on.")] = 256,
 ) -> None:
     """Measure the CPU runtimes on this workspace's own images and store the choice that
-    `predict --dtype auto` then uses (it measures by itself from 5,000 images).
+    `predict --dtype auto` then uses. predict measures by itself only where it pays on the
+    images it has to encode; what this command measures is also remembered for this
+    machine (in the cache), so later predicts in any workspace can tell.
 
     Each runtime (torch bf16 and int8; OpenVINO bf16 and int8 with
     pip install 'labelassist[openvino]') encodes the same sample as torch fp32. The fastest
     whose top-1 class agrees on at least 99.5% of them, and whose top-1 probability moves by
-    at most 0.02 on average, is chosen. About 100 s for ViT-B/32 on 2 cores, most of it
-    calibrating int8.
+    at most 0.02 on average, is chosen. About a minute for ViT-B/32 on 2 cores.
 
     Example: labelassist runtimes --labels labels.toml --sample 256
     """

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ..labels import LabelSet
 from ..db import Database
@@ -31,13 +31,13 @@ from ..images import DEFAULT_MAX_PIXELS
 from ..model.load import LoadedModel, cpu_has_fast_bf16, cpu_identity, quantise_int8
 from .run import image_paths, version_name
 from ..model.zeroshot import build_text_classifier
-from . import describe_choice
+from . import describe_choice, payoff
 from ..model import openvino as ov_runtime
 
 SAMPLE = 256            # images measured
+CALIBRATION = 64        # of them, int8 is calibrated on (the speed is the same on more)
 MIN_AGREEMENT = 0.995   # top-1 agreement with fp32, at least
 MAX_DRIFT = 0.02        # mean |change| of the top-1 probability, at most
-MEASURE_FROM = 5000     # images in the workspace from which predict measures on its own
 BATCH = 32
 
 Log = Callable[[str], None]
@@ -50,6 +50,7 @@ class Trial:
     agreement: float
     drift: float
     disqualified: str | None = None  # why, when it is
+    seconds: float = 0.0             # to build it and encode the sample
 
 
 @dataclass
@@ -98,9 +99,12 @@ def _fingerprint(model: LoadedModel, label_set: LabelSet) -> str:
 
 
 def measure_runtimes(db: Database, reference: LoadedModel, label_set: LabelSet, *,
-                     sample: int = SAMPLE, log: Log = lambda message: None) -> Measurement:
+                     sample: int = SAMPLE, log: Log = lambda message: None,
+                     only: list[str] | None = None) -> Measurement:
     """Measure every candidate on `sample` of the workspace's images and store the choice.
-    `reference` is the torch fp32 model on the CPU; it is left as it was."""
+    `reference` is the torch fp32 model on the CPU; it is left as it was. `only`: try
+    just these runtimes, in this order, and stop at the first that qualifies (they are
+    the ones that ran fastest on this machine before)."""
     started = time.perf_counter()
     ids, hashes, pixels = workspace_sample(db, reference, sample)
     if not ids:
@@ -110,21 +114,37 @@ def measure_runtimes(db: Database, reference: LoadedModel, label_set: LabelSet, 
     exact = _encode(reference, pixels)
     exact_probs = classifier.probabilities(exact[0])
     trials = [_trial("fp32", exact, exact_probs, exact_probs)]
+    trials[0].seconds = time.perf_counter() - started
     log(f"  {_describe(trials[0])}")
-    for name, build in _candidates(reference, hashes, pixels):
-        try:
-            model = build()
-        except (ModelLoadError, RuntimeError, ImportError, OSError) as exc:  # cannot run here
-            trials.append(Trial(name, 0.0, 0.0, 0.0, f"failed: {str(exc).splitlines()[0]}"))
-            continue
-        encoded = _encode(model, pixels)
-        trials.append(_trial(name, encoded, classifier.probabilities(encoded[0]), exact_probs))
+    candidates = dict(_candidates(reference, hashes, pixels))
+    if only is not None:  # by kind: ov-int8 is ov-int8.<calibration> here
+        candidates = {n: candidates[n] for kind in only for n in candidates
+                      if payoff.kind_of(n) == kind}
+    for name in candidates:
+        trials.append(_try(name, candidates[name], classifier, pixels, exact_probs))
         log(f"  {_describe(trials[-1])}")
+        if only is not None and trials[-1].disqualified is None:
+            break
     fit = [t for t in trials if t.disqualified is None]
     best = max(fit, key=lambda t: t.images_per_second)
     result = Measurement(best.runtime, len(ids), time.perf_counter() - started, trials)
     _store(db, reference, label_set, result)
+    payoff.remember(payoff.machine_key(cpu_identity(), software(), reference.model_key),
+                    result.to_json())
     return result
+
+
+def _try(name: str, build, classifier, pixels: torch.Tensor, exact_probs) -> Trial:
+    """One candidate built and run on the sample, timed whole."""
+    started = time.perf_counter()
+    try:
+        model = build()
+    except (ModelLoadError, RuntimeError, ImportError, OSError) as exc:  # cannot run here
+        return Trial(name, 0.0, 0.0, 0.0, f"failed: {str(exc).splitlines()[0]}")
+    encoded = _encode(model, pixels)
+    trial = _trial(name, encoded, classifier.probabilities(encoded[0]), exact_probs)
+    trial.seconds = time.perf_counter() - started
+    return trial
 
 
 def _describe(trial: Trial) -> str:
@@ -171,8 +191,8 @@ def _candidates(reference: LoadedModel, hashes: list[str], pixels: torch.Tensor)
         return
     if cpu_has_fast_bf16():
         yield "ov-bf16", lambda: ov_runtime.on_openvino(reference, "ov-bf16")
-    name = int8_name(hashes)
-    yield name, lambda: calibrated_int8(reference, name, pixels)
+    name = int8_name(hashes[:CALIBRATION])
+    yield name, lambda: calibrated_int8(reference, name, pixels[:CALIBRATION])
 
 
 def int8_name(hashes: list[str]) -> str:
@@ -249,16 +269,15 @@ def load_for_predict(db: Database, model_id: str, label_set: LabelSet, *, device
                      dtype: str, log: Log = lambda message: None,
                      sample: int = SAMPLE) -> tuple[LoadedModel, str]:
     """The model predict runs, and the runtime's name (what worker processes load).
-    On a CPU, `auto` takes the stored choice for this workspace, or measures when there
-    are MEASURE_FROM images or more, else runs torch's default unmeasured: measuring
-    costs about 100 s on ViT-B/32, more than it saves on a small folder."""
+    On a CPU, `auto` takes the stored choice for this workspace, or measures when that
+    pays on the images pending (payoff.py), else runs torch's default unmeasured."""
     from ..model.load import load_model
 
     if not needs_choice(device, dtype):
         return load_model(model_id, device=device, dtype=dtype), dtype
     reference = load_model(model_id, device="cpu", dtype="fp32")
     if dtype == "ov-int8":
-        ids, hashes, pixels = workspace_sample(db, reference, sample)
+        ids, hashes, pixels = workspace_sample(db, reference, min(sample, CALIBRATION))
         if not ids:
             raise ConfigError("--dtype ov-int8 calibrates on the workspace's images, and it "
                               "has none that decode: ingest some first")
@@ -266,13 +285,15 @@ def load_for_predict(db: Database, model_id: str, label_set: LabelSet, *, device
         name = int8_name(hashes)
         return calibrated_int8(reference, name, pixels), name
     choice = stored_choice(db, reference, label_set)
-    if choice is None and _workspace_has(db, MEASURE_FROM):
-        choice = measure_runtimes(db, reference, label_set, sample=sample, log=log).to_json()
     if choice is None:
-        name = "bf16" if cpu_has_fast_bf16() else "fp32"
-        log(f"runtime: torch {name}, unmeasured (fewer than {MEASURE_FROM:,} images in this "
-            "workspace; `labelassist runtimes` measures the faster ones on them)")
-        return apply_runtime(reference, name), name
+        plan = plan_trial(db, reference, label_set, sample)
+        log(plan.reason)
+        if plan.measure:
+            choice = measure_runtimes(db, reference, label_set, sample=sample, log=log,
+                                      only=plan.candidates).to_json()
+        else:
+            name = default_runtime()
+            return apply_runtime(reference, name), name
     try:
         model = apply_runtime(reference, choice["runtime"])
     except ModelLoadError:  # the calibrated int8 tower is no longer in the cache
@@ -282,9 +303,49 @@ def load_for_predict(db: Database, model_id: str, label_set: LabelSet, *, device
     return model, choice["runtime"]
 
 
-def _workspace_has(db: Database, count: int) -> bool:
-    """Whether the workspace holds `count` decodable images: a bounded scan, not a count
-    of every image at each start of predict."""
+def default_runtime() -> str:
+    """What predict runs unmeasured: bf16 where the CPU is fast at it, else fp32."""
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def plan_trial(db: Database, reference: LoadedModel, label_set: LabelSet,
+               sample: int) -> payoff.Plan:
+    """Whether measuring pays on the images this predict will encode: from this
+    machine's memory of an earlier trial, else from a quick probe of two batches."""
+    default, pending = default_runtime(), pending_encodes(db, reference, label_set)
+    memory = payoff.remembered(payoff.machine_key(cpu_identity(), software(),
+                                                  reference.model_key))
+    if memory is not None:
+        return payoff.from_memory(pending, default, memory, sample)
+    if payoff.never_pays(pending, sample):
+        return payoff.Plan(False, f"runtime: torch {default}, not measured: on {pending:,} "
+                                  "images to encode, measuring would cost more than it can "
+                                  "save (`labelassist runtimes` measures now)")
+    _, _, pixels = workspace_sample(db, reference, payoff.PROBE)
+    fp32 = _seconds_per_image(reference, pixels)
+    copied = dataclasses.replace(reference, model=copy.deepcopy(reference.model))
+    fast = fp32 if default == "fp32" else _seconds_per_image(apply_runtime(copied, default),
+                                                             pixels)
+    count = len(list(_candidates(reference, [], pixels[:0])))
+    return payoff.from_probe(pending, default, sample, count, fp32, fast)
+
+
+def _seconds_per_image(model: LoadedModel, pixels: torch.Tensor) -> float:
+    model.encode_images(pixels[:2])  # warm
+    started = time.perf_counter()
+    model.encode_images(pixels)
+    return (time.perf_counter() - started) / max(len(pixels), 1)
+
+
+def pending_encodes(db: Database, reference: LoadedModel, label_set: LabelSet) -> int:
+    """Images the torch version has yet to encode (re-scoring stored embeddings costs no
+    tower time, so it counts for nothing here)."""
+    from ..db.claims import pending_images_query
+    from ..db.models import ModelVersion
+
+    name = version_name_for(reference, label_set, "fp32")
     with db.read() as session:
-        return session.scalar(select(Image.id).where(Image.error.is_(None))
-                              .order_by(Image.id).offset(count - 1).limit(1)) is not None
+        version_id = session.scalar(select(ModelVersion.id).where(ModelVersion.name == name))
+        query = pending_images_query(version_id if version_id is not None else -1,
+                                     reference.model_key, stored=False, now=utcnow())
+        return session.scalar(select(func.count()).select_from(query.subquery()))
