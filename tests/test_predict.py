@@ -47,6 +47,28 @@ def test_predicts_every_image_once_and_stores_embeddings(db, tiny_model, photo_d
     assert count(db, model=Claim) == 0
 
 
+def test_the_summary_splits_the_time_between_the_tower_decode_and_writes(
+        db, tiny_model, photo_dir, labels_file):
+    """The tower's share is what encode_images takes: a tower made 0.2 s slower per batch
+    shows it, and the three shares never add up to more than the run."""
+    import dataclasses
+
+    class SlowTower(type(tiny_model)):
+        def encode_images(self, pixels):
+            time.sleep(0.2)
+            return super().encode_images(pixels)
+
+    slow = SlowTower(**{f.name: getattr(tiny_model, f.name)
+                        for f in dataclasses.fields(tiny_model) if f.init})
+    ingest(db, [photo_dir])
+    summary = predict(db, slow, load_label_file(labels_file), PredictOptions(batch_size=6))
+    assert summary.encoded == 24 and summary.image_encoder_calls == 4
+    assert 0.8 <= summary.tower_seconds < summary.seconds
+    assert summary.decode_wait_seconds >= 0 and summary.write_wait_seconds >= 0
+    assert (summary.tower_seconds + summary.decode_wait_seconds
+            + summary.write_wait_seconds) <= summary.seconds
+
+
 def test_new_prompt_set_rescores_from_stored_embeddings_without_encoding(
         db, tiny_model, photo_dir, labels_file, monkeypatch):
     ingest(db, [photo_dir])
@@ -97,6 +119,8 @@ def test_cli_predict_and_predictions_jsonl_and_csv(db_url, tiny_clip_dir, photo_
                                  "--model", str(tiny_clip_dir), "--batch-size", "8"], env=env)
     assert result.exit_code == 0, result.output
     assert "24 predicted (24 encoded" in result.output
+    assert "  time: image tower " in result.output and "waiting for decoded images" in \
+        result.output
 
     out = runner.invoke(app, ["predictions"], env=env)
     records = [json.loads(line) for line in out.stdout.splitlines()]

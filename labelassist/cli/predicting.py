@@ -223,6 +223,13 @@ def print_predict_summary(summary) -> None:
               f"encoded, {summary.rescored:,} re-scored from stored embeddings), "
               f"{sum(summary.failed.values()):,} failed, {summary.images_per_second:,.1f} "
               f"images/s" + (f" ({summary.feed})" if summary.feed else ""), markup=False)
+    if summary.tower_seconds and summary.seconds:
+        def share(seconds: float) -> str:
+            return f"{seconds / summary.seconds:.0%}"
+
+        err.print(f"  time: image tower {share(summary.tower_seconds)}, waiting for decoded "
+                  f"images {share(summary.decode_wait_seconds)}, for writes "
+                  f"{share(summary.write_wait_seconds)}", markup=False)
     for reason, count in summary.failed.most_common():
         err.print(f"  skipped {count:,} ({reason}), e.g. {summary.failed_examples[reason]}",
                   markup=False)

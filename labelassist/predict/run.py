@@ -53,6 +53,9 @@ class PredictSummary:
     failed_examples: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     write_seconds: float = 0.0  # inside database writes (overlapped with encoding)
+    tower_seconds: float = 0.0  # encoding: the image tower (and scoring the batch)
+    decode_wait_seconds: float = 0.0  # the tower waiting for a decoded batch
+    write_wait_seconds: float = 0.0  # the tower waiting for the writes behind it
     image_encoder_calls: int = 0
     feed: str = ""
     measured: int = 0  # earlier predictions whose similarity was measured (outofset.py)
@@ -220,13 +223,19 @@ class Run:
                                   max_pixels=self.options.max_pixels, plan=plan,
                                   pin_memory=self.model.device.type == "cuda",
                                   prefetch=self.options.prefetch_batches)
+        summary, clock = self.summary, time.perf_counter
         with Writer(self) as writer:
+            waited = clock()
             for batch in batches:
+                started = clock()
+                summary.decode_wait_seconds += started - waited
                 vectors = None
                 if batch.ids:
                     vectors = self.model.encode_images(batch.pixels)
-                    self.summary.image_encoder_calls += 1
+                    summary.image_encoder_calls += 1
                 writer.submit(batch, vectors, store_embeddings=True)
+                waited = clock()
+                summary.tower_seconds += waited - started - writer.last_wait
 
     def jobs(self) -> Iterator[list[Job]]:
         """Claimed images with their paths, one batch at a time, as the feed asks."""
@@ -293,14 +302,18 @@ class Writer:
         self.run, self.depth = run, depth
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="write")
         self.pending: deque[Future] = deque()
+        self.last_wait = 0.0  # seconds the last submit waited for earlier writes
 
     def submit(self, batch: Batch, vectors: torch.Tensor | None, *,
                store_embeddings: bool) -> None:
         probs = self.run.classifier.scores(vectors) if batch.ids else None
         self.pending.append(self.pool.submit(self.run.write_batch, batch, vectors, probs,
                                              store_embeddings=store_embeddings))
+        started = time.perf_counter()
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
             self.pending.popleft().result()
+        self.last_wait = time.perf_counter() - started
+        self.run.summary.write_wait_seconds += self.last_wait
 
     def __enter__(self) -> "Writer":
         return self
