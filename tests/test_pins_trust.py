@@ -393,8 +393,8 @@ def test_the_audit_of_one_version_and_its_refusals(audit_db, tmp_path):
     with pytest.raises(A.NoReviews, match="^none of the reviewed images has a prediction "
                                           "from empty@1$"):
         A.audit(audit_db, "empty@1")
-    assert A.audit_version(audit_db, audit_db.read().__enter__().get(ModelVersion, 3),
-                           R.load_reviews(audit_db), TRUST) is None
+    assert A.audit_version(audit_db, version(audit_db, "empty@1"), R.load_reviews(audit_db),
+                           TRUST) is None
     bare = build_ledger(tmp_path / "bare.db", 2, [("zs@1", "zeroshot", CATDOG)],
                         [(1, 1, "cat", 0.9, 0.4, 0.3)], [])
     with pytest.raises(A.NoReviews, match=r"^no reviewed images yet: push to Label Studio, "
