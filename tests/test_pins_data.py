@@ -700,15 +700,18 @@ def sleeper():
     process.wait()
 
 
-def test_pid_alive(sleeper):
+def test_pid_alive_asks_without_signalling(sleeper):
+    import subprocess
+
     from labelassist.db.claims import pid_alive
 
     assert pid_alive(os.getpid()) and pid_alive(sleeper.pid)
     assert not pid_alive(NO_SUCH_PID)
-    assert sleeper.poll() is None  # asked, not signalled
+    with pytest.raises(subprocess.TimeoutExpired):  # asked, not signalled: still running
+        sleeper.wait(timeout=0.3)
 
 
-def test_a_process_of_another_user_is_alive():
+def test_pid_alive_when_another_users_process_refuses_the_signal():
     """kill(pid, 0) on another user's process is refused (EPERM): it is alive all the same."""
     from labelassist.db.claims import pid_alive
 
@@ -1156,6 +1159,8 @@ def test_split_of_cuts_the_hashs_uniform_draw_at_the_fractions():
     ("x.abcdefghijklmnop", {}, "x.abcdefghijklmnop"),     # a 16-byte extension is one
     ("con.abcdefghijklmnopq", {}, "con_.abcdefghijklmnopq"),  # 17 bytes: no extension
     ("x" * 200 + ".jpg", {"tag": "-abc"}, "x" * 112 + "-abc.jpg"),
+    ("x" * 200 + ".abcdefghijklmno", {}, "x" * 104 + ".abcdefghijklmno"),  # 16 bytes: kept
+    ("x" * 200 + ".abcdefghijklmnop", {}, "x" * 120),  # 17 bytes: no extension, cut
     ("\u00e9" * 100 + ".png", {}, "\u00e9" * 58 + ".png"),
     ("\u00e9" * 100 + ".png", {"tag": "-"}, "\u00e9" * 57 + "-.png"),  # no half character
     ("\u00e9", {"tag": "t" * 119}, "_" + "t" * 119),
@@ -1248,6 +1253,9 @@ def test_swap_into_place_and_stale_partials(tmp_path):
     _remove_stale_partials(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f".other.partial-{NO_SUCH_PID}", f".out.partial-{os.getpid()}", ".out.partial-x1", "out"]
+    (tmp_path / f".my-out.partial-{NO_SUCH_PID}").mkdir()  # the pid is after the last dash
+    _remove_stale_partials(tmp_path / "my-out")
+    assert not (tmp_path / f".my-out.partial-{NO_SUCH_PID}").exists()
 
 
 @pytest.fixture
@@ -1346,6 +1354,8 @@ def test_export_imagefolder_places_each_file_once_case_blind(export_ledger, tmp_
 
 
 def test_export_jsonl_and_a_changed_file(export_ledger, tmp_path):
+    import json
+
     from labelassist.outputs.export import export
 
     db, _, photos, contents = export_ledger
@@ -1353,11 +1363,25 @@ def test_export_jsonl_and_a_changed_file(export_ledger, tmp_path):
     export(db, out, "jsonl")
     assert _lines(out / "labels.jsonl") == _lines(out / "manifest.jsonl")
     assert sorted(p.name for p in out.iterdir()) == ["labels.jsonl", "manifest.jsonl"]
+    sha = {i: hashlib.sha256(c).hexdigest() for i, c in contents.items()}
+    edges = (0.8, 0.9)  # the default split 0.8,0.1,0.1 and seed 0
+    assert [json.loads(line)["split"] for line in _lines(out / "manifest.jsonl")] == [
+        "train" if _draw(sha[i], 0) < edges[0] else "validation" if _draw(sha[i], 0) < edges[1]
+        else "test" for i in (1, 2)]
+    from labelassist.errors import ExportError
+
+    with pytest.raises(ExportError, match="already exists"):  # no --overwrite by default
+        export(db, out, "jsonl")
     (photos / "one.png").write_bytes(b"edited")
     again = export(db, out, "hf", overwrite=True)
     assert again.rows == 1 and again.excluded["file changed since ingest"] == 1
     assert again.excluded_examples == {"file changed since ingest": str(photos / "one.png")}
     assert len(_lines(out / "manifest.jsonl")) == 1 and not (out / "labels.jsonl").exists()
+    (photos / "One.png").write_bytes(b"edited too")
+    with pytest.raises(ExportError, match=r"Left out: (?=.*\b1 skipped by reviewers)"
+                                          r"(?=.*\b2 file changed since ingest)"
+                                          r"(?=.*\b2 unreviewed \(add)"):  # in any order
+        export(db, out, "hf", overwrite=True)
 
 
 def test_export_refusals(export_ledger, tmp_path):
@@ -1372,10 +1396,11 @@ def test_export_refusals(export_ledger, tmp_path):
     with pytest.raises(ConfigError, match="--split"):
         export(db, tmp_path / "o", "csv", split="2")
     with db.write() as s:
-        s.execute(Annotation.__table__.delete())
+        s.execute(Annotation.__table__.delete().where(Annotation.image_id != 3))
     with pytest.raises(ExportError, match=r"^nothing to export: no reviewed images yet \(push, "
                        r"review, pull\), or --include-auto with trusted predictions\. Left out: "
-                       r"5 unreviewed \(add trusted ones with --include-auto\)$"):
+                       r"1 skipped by reviewers; "
+                       r"4 unreviewed \(add trusted ones with --include-auto\)$"):
         export(db, tmp_path / "o", "csv")
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("pins.db")) \
         == ["photos"]  # nothing left behind
@@ -1418,13 +1443,18 @@ def test_place_names_each_file_once_case_blind(tmp_path):
 
 
 def test_refuse_unsafe_target(export_ledger, tmp_path):
+    from pathlib import Path
+
     from labelassist.errors import ExportError
     from labelassist.outputs.export import refuse_unsafe_target
 
     db, _, photos, _ = export_ledger
-    with pytest.raises(ExportError, match="photos holds ingested images: export to a new"):
+    with pytest.raises(ExportError, match=f"^{photos} holds ingested images: export to a new "
+                                          "folder outside your image folders$"):
         refuse_unsafe_target(db, photos, False)
-    with pytest.raises(ExportError, match=f"out is inside {photos}, which holds ingested"):
+    with pytest.raises(ExportError, match=f"^{photos}/out is inside {photos}, which holds "
+                                          "ingested images: export to a folder outside your "
+                                          "image folders$"):
         refuse_unsafe_target(db, photos / "out", False)
     with pytest.raises(ExportError, match=f"deep is inside {photos}, which holds"):
         refuse_unsafe_target(db, photos / "out" / "deep", False)
@@ -1444,8 +1474,17 @@ def test_refuse_unsafe_target(export_ledger, tmp_path):
         refuse_unsafe_target(db, tmp_path / "old", False)
     with pytest.raises(ExportError, match="old is not a labelassist export"):
         refuse_unsafe_target(db, tmp_path / "old", True)
+    with pytest.raises(ExportError, match="^.*old is not a labelassist export \\(it has no "
+                                          r"manifest.jsonl\): --overwrite replaces only a "
+                                          "previous export; pick a new folder$"):
+        refuse_unsafe_target(db, tmp_path / "old", True)
     (tmp_path / "old" / "manifest.jsonl").write_text("")
     refuse_unsafe_target(db, tmp_path / "old", True)
+    with db.write() as s:  # pictures right in a folder under /: the top level counts too
+        s.add(File(path="/pins-top/x.png", size_bytes=1, mtime_ns=0, first_seen=utcnow(),
+                   updated_at=utcnow()))
+    with pytest.raises(ExportError, match="is inside /pins-top, which holds"):
+        refuse_unsafe_target(db, Path("/pins-top/new"), False)
 
 
 def test_holds_files_directly(export_ledger, tmp_path):
@@ -1461,6 +1500,21 @@ def test_holds_files_directly(export_ledger, tmp_path):
         assert _holds_files_directly(s, photos) and _holds_files_directly(s, Path("/"))
         assert not _holds_files_directly(s, tmp_path)  # only below it
         assert not _holds_files_directly(s, photos / "sub")
+
+
+def test_iter_rows_reads_a_chunk_at_a_time(tmp_path):
+    from labelassist.outputs.export import CHUNK, ExportSummary, iter_rows
+    from labelassist.trust.reviews import load_reviews
+
+    db = _ledger(tmp_path)
+    _add_images(db, CHUNK + 2)
+    _add_reviews(db, {1: "cat", CHUNK + 1: "cat"})
+    seen = []
+    rows = list(iter_rows(db, _plan(reviews=load_reviews(db)), ExportSummary(None, "csv"),
+                          lambda done, total: seen.append((done, total))))
+    assert [r.image_id for r in rows] == [1, CHUNK + 1]
+    assert seen == [(CHUNK, CHUNK + 2), (CHUNK + 2, CHUNK + 2)]
+    db.dispose()
 
 
 def _plan(thresholds=None, **kw):
@@ -1488,7 +1542,8 @@ def test_row_of_worked_out():
     assert _row_of(plan, 3, "s3", ("cat", 0.9), None, summary) is None
     assert _row_of(plan, 4, "s4", ("cat", 0.99), ("dog", 0.5, "acc@2"), summary) is None
     assert _row_of(plan, 5, "s5", None, None, summary) is None
-    assert summary.excluded == {"reviewed as 'other' (none of the classes)": 1,
+    assert _row_of(plan, 2, "s2", None, None, summary) is None
+    assert summary.excluded == {"reviewed as 'other' (none of the classes)": 2,
                                 "unreviewed (add trusted ones with --include-auto)": 1}
     summary = ExportSummary(None, "csv")
     plan = _plan({"cat": 0.8})
@@ -1502,10 +1557,11 @@ def test_row_of_worked_out():
                    True) is None  # out of set: not even if accepted
     assert _row_of(plan, 1, "s1", ("dog", 0.7), None, summary, True).source == "human"
     assert _row_of(plan, 3, "s3", ("cat", 0.9), None, summary, True) is None
+    assert _row_of(plan, 6, "s6", ("cat", 0.9), None, summary, True) is None
     assert _row_of(plan, 5, "s5", None, None, summary) is None
     assert summary.excluded == {
         "unreviewed, below the trust threshold": 2,
-        "unreviewed, matches none of the classes well (out of set)": 1}
+        "unreviewed, matches none of the classes well (out of set)": 2}
 
 
 def test_iter_rows_with_trusted_accepted_and_out_of_set(export_ledger):
@@ -1549,6 +1605,12 @@ def test_iter_rows_with_trusted_accepted_and_out_of_set(export_ledger):
     assert summary.excluded == {
         "skipped by reviewers": 1, "decode error or file gone": 2,
         "unreviewed, matches none of the classes well (out of set)": 1}
+    with db.write() as s:  # a file that failed to decode is left out, its file or not
+        s.add(File(path=str(photos / "bad.png"), image_id=6, sha256="6" * 64, size_bytes=1,
+                   mtime_ns=0, first_seen=utcnow(), updated_at=utcnow()))
+    summary = ExportSummary(None, "csv")
+    assert [r.image_id for r in iter_rows(db, plan, summary)] == [1, 2, 5]
+    assert summary.excluded["decode error or file gone"] == 2
     summary = ExportSummary(None, "csv")  # without --include-auto: no accepted, no bars
     assert [r.image_id for r in iter_rows(db, _plan(None, reviews=plan.reviews,
                                                     version_id=version, base_id=version,
