@@ -204,8 +204,8 @@ def _store_one(s, project: LSProject, image_id: int, row: Annotation | None, ls_
                          **values))
         summary.new += 1
         return
-    stored, remote = as_utc(row.ls_updated_at), values["ls_updated_at"]
-    newer = remote is not None and (stored is None or remote > stored)
+    stored, remote = row.ls_updated_at, values["ls_updated_at"]  # either may be missing
+    newer = remote is not None and (stored is None or remote > as_utc(stored))
     revived = row.deleted_at is not None and as_utc(row.deleted_at) < read_at
     if newer or revived:
         for key, value in values.items():
