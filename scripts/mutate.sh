@@ -38,13 +38,13 @@ declare -A TESTS=(
   [zeroshot]="$PINS tests/test_zeroshot.py"
   [claims]="$PINS tests/test_predict.py tests/test_db.py"
   [export]="$PINS tests/test_export.py"
-  [pull]="$PINS")
+  [pull]="tests/test_pins_pull.py")
 # A mutant's fresh pytest session spent about a second on two plugins that nothing here
 # uses: unraisableexception (gc.collect twice at the end, over a heap that holds torch)
 # and faker (an autouse fixture). These modules run without them (0.1 s for a one-test
 # session instead of 1.2 s); the others join once their copies' runs are done, since a
 # change of pytest's arguments makes mutmut test every mutant of a copy again.
-LEAN="audit accept outofset reviews"
+LEAN="audit accept outofset reviews pull"
 LEAN_ARGS='"-p", "no:unraisableexception", "-p", "no:faker"'
 
 modules=("$@")
