@@ -432,8 +432,11 @@ def test_pull_reads_every_page_names_reviewers_and_keeps_a_watermark(ledger, ser
     assert item["value"] == mark.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     server.queries.clear()
-    run_pull(ledger, server, full=True)  # everything again
+    server.tasks[1][1]["annotations"] = []  # 21 deleted in Label Studio
+    full = run_pull(ledger, server, full=True)  # everything again
     assert ["query" in q for q in server.queries] == [False, False]
+    assert counts(full) == {"tasks_seen": 3, "unchanged": 2, "deleted": 1}
+    assert annotations(ledger)[21].deleted_at is not None
 
 
 def test_pull_reads_the_choice_of_a_project_made_in_label_studio(ledger, server):
