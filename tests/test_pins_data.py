@@ -1300,6 +1300,10 @@ def test_export_csv_worked_out(export_ledger, tmp_path):
     from labelassist.outputs.export import export
 
     db, _, photos, contents = export_ledger
+    with db.write() as s:  # a second reviewer agrees about image 1
+        s.execute(insert(Annotation).values(project_id=1, ls_annotation_id=9, image_id=1,
+                                            label="cat", annotator="b", cancelled=False,
+                                            ls_updated_at=utcnow()))
     sha = {i: hashlib.sha256(c).hexdigest() for i, c in contents.items()}
     seed = next(n for n in range(100) if (_draw(sha[1], n) < 0.5) != (_draw(sha[2], n) < 0.5))
     seen = []
@@ -1312,15 +1316,16 @@ def test_export_csv_worked_out(export_ledger, tmp_path):
                                 "unreviewed (add trusted ones with --include-auto)": 2}
     split = {i: "train" if _draw(sha[i], seed) < 0.5 else "test" for i in (1, 2)}
     want = [{"file": None, "path": str(photos / name), "sha256": sha[i], "label": "cat",
-             "split": split[i], "source": "human", "annotators": ["a"],
+             "split": split[i], "source": "human", "annotators": who,
              "model_version": "v@1", "confidence": conf}
-            for i, name, conf in [(1, "One.png", 0.8), (2, "one.png", 0.7)]]
+            for i, name, conf, who in [(1, "One.png", 0.8, ["a", "b"]),
+                                       (2, "one.png", 0.7, ["a"])]]
     assert [json.loads(line) for line in _lines(out / "manifest.jsonl")] == want
     with open(out / "labels.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["file", "path", "sha256", "label", "split", "source", "annotators",
                        "model_version", "confidence"]
-    assert rows[1] == ["", str(photos / "One.png"), sha[1], "cat", split[1], "human", "a",
+    assert rows[1] == ["", str(photos / "One.png"), sha[1], "cat", split[1], "human", "a;b",
                        "v@1", "0.8"]
     assert summary.per_class_split == {"cat": {s: [split[1], split[2]].count(s)
                                                for s in set(split.values())}}
@@ -1414,11 +1419,15 @@ def test_export_makes_the_folders_above_and_takes_a_relative_path(export_ledger,
                                                                  monkeypatch):
     from labelassist.outputs.export import export
 
-    db, _, _, _ = export_ledger
+    db, _, _, contents = export_ledger
     monkeypatch.chdir(tmp_path)
-    summary = export(db, "new/deeper/out", "csv")
-    assert summary.out == tmp_path / "new" / "deeper" / "out"
-    assert (tmp_path / "new" / "deeper" / "out" / "labels.csv").is_file()
+    summary = export(db, "new/deeper/out", "csv", split="0.5,0.5")
+    out = tmp_path / "new" / "deeper" / "out"
+    assert summary.out == out and (out / "labels.csv").is_file()
+    # the default seed is 0: image 1 draws 0.65 (test), image 2 0.33 (train); seed 1 swaps
+    shas = [hashlib.sha256(contents[i]).hexdigest() for i in (1, 2)]
+    assert [round(_draw(sha, 0), 2) for sha in shas] == [0.65, 0.33]
+    assert [line.split(",")[4] for line in _lines(out / "labels.csv")[1:]] == ["test", "train"]
 
 
 def test_place_names_each_file_once_case_blind(tmp_path):
