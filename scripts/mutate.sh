@@ -27,24 +27,24 @@ declare -A SOURCE=(
 # pytest session: what a mutant costs is the fixtures of those tests. The trust modules
 # have direct tests on tiny ledgers (tests/test_pins_trust.py), a fraction of a second a
 # mutant; the end-to-end tests (a model run, the CLI: seconds a mutant) stay out of them.
-PINS="tests/test_trust_pins.py tests/test_properties.py"
 TRUST="tests/test_pins_trust.py tests/test_trust_pins.py"
+DATA="tests/test_pins_data.py tests/test_trust_pins.py"
 declare -A TESTS=(
   [audit]="$TRUST"
   [accept]="$TRUST"
   [outofset]="$TRUST"
-  [learn]="$PINS tests/test_learn.py"
+  [learn]="$DATA"
   [reviews]="$TRUST"
-  [zeroshot]="$PINS tests/test_zeroshot.py"
-  [claims]="$PINS tests/test_predict.py tests/test_db.py"
-  [export]="$PINS tests/test_export.py"
+  [zeroshot]="$DATA"
+  [claims]="$DATA"
+  [export]="$DATA"
   [pull]="tests/test_pins_pull.py")
 # A mutant's fresh pytest session spent about a second on two plugins that nothing here
 # uses: unraisableexception (gc.collect twice at the end, over a heap that holds torch)
-# and faker (an autouse fixture). These modules run without them (0.1 s for a one-test
-# session instead of 1.2 s); the others join once their copies' runs are done, since a
-# change of pytest's arguments makes mutmut test every mutant of a copy again.
-LEAN="audit accept outofset reviews pull"
+# and faker (an autouse fixture). Every module runs without them (0.1 s for a one-test
+# session instead of 1.2 s). A change of pytest's arguments makes mutmut test every
+# mutant of an existing copy again.
+LEAN="audit accept outofset reviews pull learn zeroshot claims export"
 LEAN_ARGS='"-p", "no:unraisableexception", "-p", "no:faker"'
 
 modules=("$@")
