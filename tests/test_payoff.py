@@ -56,6 +56,8 @@ def test_with_a_memory_a_runtime_disqualified_last_time_is_not_tried_again():
     # itself (always measured) is the fallback, not tried twice
     fp32 = payoff.from_memory(1_000_000, "fp32", memory, 256)
     assert fp32.measure and fp32.candidates == ["bf16", "ov-bf16", "int8"]
+    # its cost: fp32 and the fastest (12.5 + 5), where the trial stops when it qualifies
+    assert "for about 18 s" in fp32.reason
 
 
 def test_without_a_memory_the_trial_runs_only_at_5_percent_of_the_run_or_less():

@@ -110,7 +110,8 @@ def from_memory(pending: int, default: str, memory: dict, sample: int) -> Plan:
     best = faster[0]
     saves = pending * (1 / base - 1 / speeds[best])
     scale = sample / max(int(memory.get("sample", sample)), 1)
-    cost = scale * (costs.get("fp32", 0.0) + sum(costs.get(r, 0.0) for r in faster))
+    # the trial stops at the first that qualifies: fp32 and the fastest, as a rule
+    cost = scale * (costs.get("fp32", 0.0) + costs.get(best, 0.0))
     rates = f"{best} ran {speeds[best]:.0f} images/s against {default}'s {base:.0f} on {when}"
     if saves <= cost:
         return Plan(False, f"runtime: torch {default}, not measured: measuring (about "
