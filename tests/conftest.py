@@ -200,3 +200,20 @@ def terminate_connections(database_name: str, application_name: str) -> int:
             {"d": database_name, "a": application_name}).scalar()
     admin.dispose()
     return killed
+
+
+@pytest.fixture
+def toy_workspace(tmp_path, toy_model_dir, db_url):
+    """120 toy pictures ingested, and a warm/cool label file for the toy model."""
+    from typer.testing import CliRunner
+
+    from labelassist.cli import app
+    from labelassist.toy import world as toyworld
+
+    toyworld.write_images(tmp_path / "pics", 120, seed=5)
+    labels = tmp_path / "labels.toml"
+    labels.write_text(f'model = "{toy_model_dir}"\n[classes]\n'
+                      'warm = ["red", "orange", "yellow"]\ncool = ["green", "blue", "purple"]\n')
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "pics"), "--db", db_url])
+    assert result.exit_code == 0, result.output
+    return labels

@@ -13,7 +13,6 @@ from labelassist.db.models import RuntimeChoice
 from labelassist.model.load import cpu_identity, load_model
 from labelassist.predict import payoff
 from labelassist.predict.choice import default_runtime, software
-from labelassist.toy import world as toyworld
 
 runner = CliRunner()
 
@@ -90,17 +89,6 @@ def test_the_memory_keeps_speeds_by_kind_and_survives_a_partial_trial(tmp_path):
     assert not list(payoff.memory_path().parent.glob("*.partial"))
     payoff.memory_path().write_text("{not json")
     assert payoff.remembered(key) is None  # the memory only saves time: unreadable is none
-
-
-@pytest.fixture
-def toy_workspace(tmp_path, toy_model_dir, db_url):
-    toyworld.write_images(tmp_path / "pics", 120, seed=5)
-    labels = tmp_path / "labels.toml"
-    labels.write_text(f'model = "{toy_model_dir}"\n[classes]\n'
-                      'warm = ["red", "orange", "yellow"]\ncool = ["green", "blue", "purple"]\n')
-    result = runner.invoke(app, ["ingest", str(tmp_path / "pics"), "--db", db_url])
-    assert result.exit_code == 0, result.output
-    return labels
 
 
 def test_predict_without_a_memory_on_a_small_folder_runs_the_default_and_says_why(

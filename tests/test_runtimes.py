@@ -39,17 +39,6 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LABELASSIST_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def toy_workspace(tmp_path, toy_model_dir, db_url):
-    toyworld.write_images(tmp_path / "pics", 120, seed=5)
-    labels = tmp_path / "labels.toml"
-    labels.write_text(f'model = "{toy_model_dir}"\n[classes]\n'
-                      'warm = ["red", "orange", "yellow"]\ncool = ["green", "blue", "purple"]\n')
-    result = runner.invoke(app, ["ingest", str(tmp_path / "pics"), "--db", db_url])
-    assert result.exit_code == 0, result.output
-    return labels
-
-
 def test_the_openvino_tower_gives_torch_fp32_embeddings_under_a_key_of_its_own(tiny_clip_dir):
     model = load_model(str(tiny_clip_dir), device="cpu", dtype="fp32")
     pixels = torch.randint(0, 256, (6, 3, *model.preprocess.output_size), dtype=torch.uint8)
