@@ -132,7 +132,7 @@ def runtimes(
     Each runtime (torch bf16 and int8; OpenVINO bf16 and int8 with
     pip install 'labelassist[openvino]') encodes the same sample as torch fp32. The fastest
     whose top-1 class agrees on at least 99.5% of them, and whose top-1 probability moves by
-    at most 0.02 on average, is chosen. About a minute for ViT-B/32 on 2 cores.
+    at most 0.02 on average, is chosen. About 80 s for ViT-B/32 on 2 cores.
 
     Example: labelassist runtimes --labels labels.toml --sample 256
     """
