@@ -76,12 +76,16 @@ def available() -> bool:
         return False
 
 
+def cache_root() -> Path:
+    """labelassist's cache (the toy model, converted towers, the runtimes' speed memory):
+    LABELASSIST_CACHE, else $XDG_CACHE_HOME/labelassist, else ~/.cache/labelassist."""
+    return Path(os.environ.get("LABELASSIST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "labelassist"))
+
+
 def cache_dir() -> Path:
-    """Where converted towers live, beside the toy model: LABELASSIST_CACHE, else
-    $XDG_CACHE_HOME/labelassist, else ~/.cache/labelassist."""
-    root = os.environ.get("LABELASSIST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "labelassist")
-    return Path(root) / "openvino"
+    """Where converted towers live, beside the toy model."""
+    return cache_root() / "openvino"
 
 
 class _Tower(torch.nn.Module):

@@ -39,11 +39,10 @@ class Plan:
 
 
 def memory_path() -> Path:
-    """Beside the converted towers and the toy model: LABELASSIST_CACHE, else
-    $XDG_CACHE_HOME/labelassist, else ~/.cache/labelassist."""
-    root = os.environ.get("LABELASSIST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "labelassist")
-    return Path(root) / "runtime-speeds.json"
+    """Beside the converted towers and the toy model, in labelassist's cache."""
+    from ..model.openvino import cache_root
+
+    return cache_root() / "runtime-speeds.json"
 
 
 def machine_key(cpu: str, software: str, model_key: str) -> str:
