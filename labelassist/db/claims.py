@@ -68,10 +68,14 @@ def pid_alive(pid: int) -> bool:
 
 
 def pending_images_query(model_version_id: int, model_key: str, *, stored: bool,
-                         now: datetime, only: Collection[int] | None = None):
+                         now: datetime, only: Collection[int] | None = None,
+                         after: int | None = None):
     """Images without a prediction for this version, not claimed by a live worker.
     stored=True: those with a stored embedding (re-scoring, no decode); False: the rest.
-    only: just these images (the ML backend predicts the tasks Label Studio asks for)."""
+    only: just these images (the ML backend predicts the tasks Label Studio asks for).
+    after: only ids above it. A worker's next claim starts where its last one ended, so
+    it does not step over every image predicted so far (a claim on a ledger of 20,000
+    predictions would otherwise test each of them: the run grows quadratic)."""
     has_embedding = exists().where(Embedding.image_id == Image.id,
                                    Embedding.model_key == model_key)
     return (select(Image.id)
@@ -83,15 +87,18 @@ def pending_images_query(model_version_id: int, model_key: str, *, stored: bool,
                                    Claim.model_version_id == model_version_id,
                                    Claim.expires_at > now),
                    has_embedding if stored else ~has_embedding,
-                   *([Image.id.in_(list(only))] if only is not None else []))
+                   *([Image.id.in_(list(only))] if only is not None else []),
+                   *([Image.id > after] if after is not None else []))
             .order_by(Image.id))
 
 
 def claim_pending_images(db: Database, worker_id: int, model_version_id: int, model_key: str,
                          limit: int, *, stored: bool,
                          lease: timedelta = DEFAULT_LEASE,
-                         only: Collection[int] | None = None) -> list[int]:
-    """Atomically claim up to `limit` pending images; [] when nothing is left.
+                         only: Collection[int] | None = None,
+                         after: int | None = None) -> list[int]:
+    """Atomically claim up to `limit` pending images (with ids above `after`, if given);
+    [] when nothing is left.
 
     The candidate query may be stale under PostgreSQL's READ COMMITTED (another worker's
     claim can commit after our snapshot), so the claims table's primary key decides: an
@@ -101,7 +108,7 @@ def claim_pending_images(db: Database, worker_id: int, model_version_id: int, mo
         now = utcnow()
         with db.write() as session:
             query = pending_images_query(model_version_id, model_key, stored=stored,
-                                         now=now, only=only).limit(limit)
+                                         now=now, only=only, after=after).limit(limit)
             if session.bind.dialect.name == "postgresql":
                 query = query.with_for_update(of=Image, skip_locked=True)
             candidates = list(session.scalars(query))

@@ -171,13 +171,24 @@ class Run:
         self.version, self.worker_id, self.options = version, worker_id, options
         self.summary, self.progress, self.stop, self.only = summary, progress, stop, only
         self.batch_size = options.batch_size or default_batch_size(model.device)
+        self.cursor: dict[bool, int | None] = {True: None, False: None}
 
     def claim(self, limit: int, stored: bool) -> list[int]:
+        """The next batch, from where this run's last claim ended; when nothing is left
+        above it, one look from the start: images that another worker held, or that
+        came back (a dead worker's claims), are below it."""
         if self.stop.is_set():
             return []
+        ids = self._claim_after(limit, stored, self.cursor[stored])
+        if not ids and self.cursor[stored] is not None:
+            ids = self._claim_after(limit, stored, None)
+        self.cursor[stored] = max(ids) if ids else None
+        return ids
+
+    def _claim_after(self, limit: int, stored: bool, after: int | None) -> list[int]:
         return retrying(self.db, claim_pending_images, self.db, self.worker_id,
                         self.version.id, self.version.model_key, limit, stored=stored,
-                        only=self.only)
+                        only=self.only, after=after)
 
     def rescore_stored(self) -> None:
         with Writer(self) as writer:
