@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--new-machine-up-to", type=int, default=None, help="run the 'auto, "
                         "new machine' variant only up to this count (it decides from "
                         "the count alone below 5,120 images and from a probe above)")
+    parser.add_argument("--variants", default="auto, measured before;default;auto, new "
+                        "machine", help="which first runs, separated by ';'")
     args = parser.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
     from labelassist.toy.tiny import save_random_clip
@@ -125,6 +127,7 @@ def main() -> None:
                     ("default", default_runtime(), None), ("auto, new machine", "auto", None)]
         if args.new_machine_up_to is not None and count > args.new_machine_up_to:
             variants.pop()
+        variants = [v for v in variants if v[0] in args.variants.split(";")]
         for variant, dtype, cache_from in variants:
             cache = work / "cache-run"
             shutil.rmtree(cache, ignore_errors=True)
@@ -152,15 +155,15 @@ def main() -> None:
           "auto, measured before | best x blog loop | predict / its tower ceiling |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for count, results in rows:
-        base = results["default"]["seconds"]
-        cells = [f"{base:.0f} s"]
+        base = results["default"]["seconds"] if "default" in results else None
+        cells = [f"{base:.0f} s" if base else "not run"]
         for variant in ("auto, new machine", "auto, measured before"):
             if variant not in results:
                 cells.append("not run")
                 continue
             r = results[variant]
-            cells.append(f"{r['seconds']:.0f} s ({r['seconds'] / base - 1:+.1%}, "
-                         f"{r['runtime'].split('.')[0]})")
+            change = f"{r['seconds'] / base - 1:+.1%}, " if base else ""
+            cells.append(f"{r['seconds']:.0f} s ({change}{r['runtime'].split('.')[0]})")
         best = min(results.values(), key=lambda r: r["seconds"])
         kind = best["runtime"].split(".")[0]
         print(f"| {count:,} | {blog:.2f}/s | {' | '.join(cells)} | "
