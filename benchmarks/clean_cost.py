@@ -18,15 +18,19 @@ test, and `learn` runs at each point of a schedule (every 10 reviews to 50, ever
 product's own functions: learn's choose_lambda, fit_temperature and fit_probe (a probe is
 shown only when it beats zero-shot, reviewed images get their out-of-fold prediction, as
 learn stores them), the audit's class_threshold, risk.pooled_threshold, accept's fair-
-sample guard (rank_test) and the out-of-set bars. At each point both trust rules are
+sample guard (rank_test) and the out-of-set bars. At each point every trust rule is
 measured against the truth:
-- class: accept's default, each class's threshold at the target on 30+ reviews;
+- class: each class's threshold at the target on 30+ reviews;
 - bound: accept --rule bound, one threshold for all classes with a Clopper-Pearson bound
-  at 95% confidence (labelassist/trust/risk.py), each class guarded.
+  at 95% confidence (labelassist/trust/risk.py), each class guarded;
+- risk: accept --rule risk, one threshold for all classes by conformal risk control
+  (risk.risk_threshold: the precision holds in expectation), taken only where at least
+  --min-taken of the images outside the fair sample are, each class guarded.
 
 Orders: random (push's fair shuffle, risk.shuffle_rank); balanced (round robin over the
-classes the shown version predicts, in the shuffle's order within each); random-uncertain (the first --fair-reviews in
-the fair shuffle, then lowest margin of the version shown first). The bound rule rests on
+classes the shown version predicts, in the shuffle's order within each); random-uncertain (the first
+--fair-reviews in the fair shuffle, then lowest margin of the version shown first). The
+bound and risk rules rest on
 the longest prefix of the fair shuffle that is reviewed whole, and allows for the others
 reviewed (risk.py), as accept does. The cost is the first point whose dataset is clean.
 Baselines in the same run: reviewing everything (95% of the images), and zero-shot's own
@@ -48,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 ORDERS = ("random", "balanced", "random-uncertain")
-RULES = ("class", "bound")
+RULES = ("class", "bound", "risk")
 COVERAGE, ACCURACY = 0.95, 0.99
 
 
@@ -165,7 +169,7 @@ def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarra
                 fair: np.ndarray, args) -> np.ndarray:
     """What `accept --rule RULE` takes of the unreviewed images (before out of set)."""
     from labelassist.trust.audit import class_threshold
-    from labelassist.trust.risk import pooled_threshold
+    from labelassist.trust.risk import pooled_threshold, risk_threshold
 
     pred, conf = probs.argmax(1), probs.max(1)
     correct = pred == task["truth"]
@@ -176,6 +180,14 @@ def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarra
             mine = pred == c
             t = class_threshold(conf[rev & mine], correct[rev & mine], conf[mine],
                                 args.target_precision, 30)["threshold"]
+            thresholds[c] = np.inf if t is None else t
+    elif rule == "risk":
+        names = np.array(task["classes"])
+        result = risk_threshold(conf[fair], correct[fair], names[pred[fair]],
+                                task["classes"], args.target_precision, int((~fair).sum()),
+                                args.min_taken, args.min_class_reviews)
+        for c, name in enumerate(task["classes"]):
+            t = result.per_class[name]["threshold"]
             thresholds[c] = np.inf if t is None else t
     else:
         names = np.array(task["classes"])
@@ -212,11 +224,13 @@ def measure(task: dict, probs: np.ndarray, is_reviewed: np.ndarray, fair: np.nda
            "zero_shot": float(zs_correct[rest].mean())}
     unbiased = fair_sample(task, is_reviewed)
     odd = out_of_set(task, is_reviewed)
-    for rule in RULES:
+    for rule in args.rules.split(","):
         # the class rule needs all reviews to be a fair sample (accept's guard); the bound
         # rests on the fair sample alone, and allows for the others reviewed
         taken = accepted_by(rule, task, probs, is_reviewed, fair, args) & ~odd \
-            if unbiased or rule == "bound" else np.zeros(n, bool)
+            if unbiased or rule != "class" else np.zeros(n, bool)
+        if rule == "risk" and taken.sum() < args.min_taken * (~fair).sum():
+            taken[:] = False  # accept's check: under --min-taken, nothing is trusted
         a, right = int(taken.sum()), int(correct[taken].sum())
         extra = max(0, math.ceil(COVERAGE * n) - r - a)  # review the rest to 95%
         accuracy = (r + right) / (r + a) if r + a else None
@@ -307,11 +321,16 @@ def main() -> None:
     parser.add_argument("--target-precision", type=float, default=0.99)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--min-class-reviews", type=int, default=10)
+    parser.add_argument("--min-taken", type=float, default=0.5)
+    parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--orders", default=",".join(ORDERS))
     parser.add_argument("--tasks", default="warm/cool,shape,pairs")
     parser.add_argument("--fair-reviews", type=int, default=400,
                         help="random-uncertain: reviews in the fair shuffle first (or name "
                         "the order random-uncertain:N)")
+    parser.add_argument("--shuffle-seed", type=int, default=None, help="give the images "
+                        "other ids (a permutation by this seed): another fair shuffle, as "
+                        "in another workspace, to see how much one draw moves the figures")
     parser.add_argument("--work", help="keep the pictures and ledger here (reused)")
     parser.add_argument("--json", help="write every point of every run here")
     args = parser.parse_args()
@@ -323,6 +342,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = prepare(work, args.images)
     points = schedule(args.images, args.budget)
+    if args.shuffle_seed is not None:  # push's shuffle is a hash of the ids: new ids
+        for task in data.values():
+            task["ids"] = np.random.default_rng(args.shuffle_seed).permutation(task["ids"])
     results = {}
     for name in args.tasks.split(","):
         task = data[name]
@@ -341,7 +363,7 @@ def print_task(name: str, task: dict, runs: dict, args) -> None:
           f"to 95%: {math.ceil(COVERAGE * n):,}")
     for order, rows in runs.items():
         parts = []
-        for rule in RULES:
+        for rule in args.rules.split(","):
             c, f = cost(rows, rule), finish_cost(rows, rule)
             worst = min((r[rule]["precision"] for r in rows
                          if r[rule]["precision"] is not None), default=None)
@@ -350,13 +372,14 @@ def print_task(name: str, task: dict, runs: dict, args) -> None:
         early = [r["accuracy"] - r["zero_shot"] for r in rows if 0 < r["reviews"] <= 5 * k]
         print(f"{order:>17}: " + "; ".join(parts)
               + (f"; probe - zero-shot at <=5/class: {min(early):+.1%}" if early else ""))
-    print(f"{'curve':>17}  reviews: accuracy shown | class accept (precision) | "
-          "bound accept (precision)")
+    rules = args.rules.split(",")
+    print(f"{'curve':>17}  reviews: accuracy shown | "
+          + " | ".join(f"{rule} accept (precision)" for rule in rules))
     for order, rows in runs.items():
         for r in rows:
-            if r["reviews"] in (0, 50, 100, 200, 300, 400, 500, 700, 1000):
+            if r["reviews"] in (0, 50, 100, 150, 200, 300, 400, 500, 700, 1000):
                 print(f"{order:>17} {r['reviews']:>6}: {r['accuracy']:6.1%} | "
-                      f"{_taken(r['class'], n)} | {_taken(r['bound'], n)}"
+                      + " | ".join(_taken(r[rule], n) for rule in rules)
                       + ("" if r["fair"] else " (biased sample: refused)"))
 
 

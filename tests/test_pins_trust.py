@@ -256,16 +256,22 @@ def test_coverage_counts_ties_at_the_threshold():
 def test_trust_options_defaults_and_refusals():
     t = TrustOptions()
     assert (t.target_precision, t.min_support, t.policy, t.rule, t.confidence,
-            t.min_class_reviews) == (0.99, 30, "majority", "class", 0.95, 10)
-    assert A.RULES == ("class", "bound") and A.N_BINS == 10
+            t.min_class_reviews, t.min_taken) == (0.99, 30, "majority", "class", 0.95, 10,
+                                                  0.5)
+    assert A.RULES == ("class", "bound", "risk") and A.N_BINS == 10
     TrustOptions(target_precision=1.0)
     TrustOptions(rule="bound", confidence=0.5)
     for bad in (0.0, -0.1, 1.01):
         with pytest.raises(ConfigError, match=r"^--target-precision must be in \(0, 1\], "
                                               r"e\.g\. 0\.99$"):
             TrustOptions(target_precision=bad)
-    with pytest.raises(ConfigError, match="^--rule 'best': use class or bound$"):
+    with pytest.raises(ConfigError, match="^--rule 'best': use class, bound or risk$"):
         TrustOptions(rule="best")
+    TrustOptions(rule="risk", min_taken=1.0)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ConfigError, match=r"^--min-taken must be in \(0, 1\], e\.g\. "
+                                              r"0\.5$"):
+            TrustOptions(min_taken=bad)
     for bad in (0.0, 1.0):
         with pytest.raises(ConfigError,
                            match=r"^--confidence must be in \(0, 1\), e\.g\. 0\.95$"):
@@ -905,8 +911,9 @@ def test_accept_refuses_a_chosen_sample_unless_told(bias_db, tmp_path):
     assert fair.accepted == Counter({"cat": 11})
     bound = C.accept_trusted(bias_db, "zs@1", TrustOptions(rule="bound", confidence=0.9),
                              write=False)  # the bound rests on push's fair order alone
-    assert set(bound.bound) == {"threshold", "reviews", "errors", "error_bound",
-                                "confidence", "reason"}
+    assert set(bound.bound) == {"rule", "threshold", "reviews", "errors", "error_bound",
+                                "confidence", "reason", "others", "min_taken"}
+    assert bound.bound["rule"] == "bound"
     assert bound.bound["confidence"] == 0.9 and bound.bound["threshold"] is None
     assert bound.model_version == "zs@1"
     assert bound.bound["reason"] and bound.accepted == Counter()

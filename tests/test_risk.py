@@ -221,7 +221,7 @@ def test_accept_rule_bound_refuses_reviews_the_model_chose(db):
         in s.reasons["a"]
 
 
-@pytest.mark.parametrize("flag,value,says", [("--rule", "loose", "use class or bound"),
+@pytest.mark.parametrize("flag,value,says", [("--rule", "loose", "use class, bound or risk"),
                                              ("--confidence", "1", "--confidence must be")])
 def test_accept_refuses_a_bad_rule_or_confidence_in_one_line(db, db_url, flag, value, says):
     result = CliRunner().invoke(app, ["accept", "--db", db_url, flag, value])
@@ -248,3 +248,158 @@ def test_accept_bound_takes_its_confidence_and_class_guard_from_the_flags(db, db
                        write=False).bound["threshold"]
     assert t <= strict.bound["threshold"]
     assert f"one threshold for all classes: {t:.3f}" in loose.output
+
+
+# ---- --rule risk: conformal risk control ----------------------------------------------------
+
+def test_the_fewest_reviews_risk_control_can_take_anything_with():
+    """1 / (n + 1) <= (1 - target) x min_taken, worked by hand."""
+    assert risk.risk_reviews_needed(0.99, 0.5) == 199  # 1/200 = 0.005
+    assert risk.risk_reviews_needed(0.99, 1.0) == 99
+    assert risk.risk_reviews_needed(0.95, 0.5) == 39
+    assert risk.risk_reviews_needed(0.99, 0.8) == 124  # 1/125 = 0.008
+    conf = np.linspace(1.0, 0.5, 199)
+    right = np.ones(199, bool)
+    names = np.array(["a"] * 199)
+    assert risk.risk_threshold(conf, right, names, ["a"], 0.99, 5000,
+                               min_class_reviews=1).threshold == conf[-1]
+    short = risk.risk_threshold(conf[:198], right[:198], names[:198], ["a"], 0.99, 5000)
+    assert short.threshold is None and short.per_class["a"]["threshold"] is None
+    assert "198 reviewed predictions in the fair sample" in short.reason
+    assert "needs at least 199" in short.reason
+
+
+def test_risk_control_stops_above_the_error_that_would_break_the_budget():
+    """300 fair reviews, one wrong at rank 100: (0 + 1) / 301 passes down to rank 99,
+    (1 + 1) / 301 = 0.0066 > 0.005 stops there; at 400 reviews one error fits
+    ((1 + 1) / 401 = 0.00499), a second does not."""
+    conf = np.linspace(1.0, 0.6, 300)
+    right = np.ones(300, bool)
+    right[99] = False
+    names = np.array(["a", "b"] * 150)
+    r = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 9000)
+    assert r.threshold == conf[98] and r.errors == 0 and r.reviews == 300
+    assert r.error_bound == pytest.approx(1 / 301)
+    assert r.per_class["a"]["threshold"] == r.per_class["b"]["threshold"] == conf[98]
+    conf = np.linspace(1.0, 0.6, 400)
+    right = np.ones(400, bool)
+    right[[99, 250]] = False
+    names = np.array(["a", "b"] * 200)
+    r = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 9000)
+    assert r.threshold == conf[249] and r.errors == 1
+    top = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 0)
+    assert top.threshold is None and "nothing is left to take" in top.reason
+
+
+def test_risk_control_holds_the_expected_precision_in_repeated_draws():
+    """Draw a fair sample of 250 reviews again and again: averaged over the draws, the
+    error share of what the threshold takes of the rest (where it takes at least half)
+    stays at or under 1 - target, where the audit's rule on the same draws goes over."""
+    rng = np.random.default_rng(11)
+    conf, correct, classes = population(rng, 20_000)
+    shares, naive, trials = [], [], 300
+    for _ in range(trials):
+        sample = rng.choice(len(conf), 250, replace=False)
+        rest = np.ones(len(conf), bool)
+        rest[sample] = False
+        r = risk.risk_threshold(conf[sample], correct[sample], classes[sample], ["a", "b"],
+                                0.99, int(rest.sum()), min_class_reviews=1)
+        taken = rest & (conf >= (r.threshold if r.threshold is not None else np.inf))
+        shares.append(0.0 if taken.sum() < 0.5 * rest.sum()
+                      else 1 - correct[taken].mean())
+        t = naive_threshold(conf[sample], correct[sample], 0.99)
+        naive.append(0.0 if t is None else 1 - correct[rest & (conf >= t)].mean())
+    assert np.mean(shares) <= 0.01
+    assert max(shares) > 0  # it does take something wrong at times: the test can see it
+    assert np.mean(naive) > 0.01  # the same draws break the target without the rule
+
+
+def test_accept_rule_risk_end_to_end(db, db_url):
+    """250 tasks reviewed in push's order, all right: accept --rule risk takes the rest
+    above one threshold (more than the bound rule can on the same reviews: it needs 368)."""
+    ids, labels, conf = ledger(db, 3000, np.random.default_rng(2))
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))[:250]
+    review(db, ids[order], labels[order])
+    result = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "risk"])
+    assert result.exit_code == 0, result.output
+    s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
+    t = s.bound["threshold"]
+    assert t == conf[order].min() and s.bound["reviews"] == 250
+    assert s.thresholds == {"a": t, "b": t}
+    unreviewed = np.ones(3000, bool)
+    unreviewed[order] = False
+    assert sum(s.accepted.values()) == int((unreviewed & (conf >= t)).sum()) > 2500
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(AutoAccept)) == \
+            sum(s.accepted.values())
+    assert f"one threshold for all classes: {t:.3f}, by conformal risk control" \
+        in result.output
+    bound = accept_trusted(db, trust=TrustOptions(rule="bound"), write=False)
+    assert bound.bound["threshold"] is None and not bound.accepted
+
+
+def test_accept_rule_risk_takes_nothing_when_it_would_take_under_min_taken(db, db_url):
+    """Two fair reviews wrong at confidence ranks 130 and 131 of 400: the budget at 99% and
+    half taken ((e + 1) / 401 <= 0.005) allows one error, so the threshold is the first
+    wrong one's, and a third of the rest lies above it: under half, so nothing is taken,
+    each class saying why. --min-taken 0.3 allows no error (0.003) and takes that third."""
+    ids, labels, conf = ledger(db, 3000, np.random.default_rng(4))
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))[:400]
+    by_conf = np.argsort(-conf[order], kind="stable")
+    wrong = {int(by_conf[130]), int(by_conf[131])}
+    assert 0 not in wrong  # review() makes the project with the first review, right
+    review(db, ids[order], labels[order], wrong=wrong)
+    s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
+    assert not s.accepted and s.bound["threshold"] is None
+    assert "under the 50% that the expected 99% precision rests on" in s.reasons["a"]
+    assert s.reasons["a"] == s.reasons["b"]
+    low = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "risk",
+                                   "--min-taken", "0.3"])
+    assert low.exit_code == 0, low.output
+    loose = accept_trusted(db, trust=TrustOptions(rule="risk", min_taken=0.3), write=False)
+    assert loose.bound["threshold"] == conf[order][by_conf[129]]
+    assert 0.3 * 2600 <= sum(loose.accepted.values()) < 0.5 * 2600
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(AutoAccept)) == \
+            sum(loose.accepted.values())
+
+
+def test_export_include_auto_takes_by_accepts_rule(db, db_url, tmp_path):
+    """Two of 250 fair reviews wrong near the top: --rule risk takes nothing (a threshold
+    above them would take under half), where the class rule (each class 99.2% right on
+    125 reviews) takes everything. export --include-auto --rule risk exports what accept
+    --rule risk took: nothing (it used to add what the class rule's thresholds take,
+    whatever rule accept ran); with --rule class it adds the class rule's."""
+    import json
+
+    from labelassist.db.models import File
+
+    ids, labels, conf = ledger(db, 1500, np.random.default_rng(5))
+    with db.write() as s:
+        s.add_all(File(path=f"/data/r/{i}.png", image_id=int(i), sha256=f"{i:064x}",
+                       size_bytes=1, mtime_ns=0) for i in ids)
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))[:250]
+    by_conf = np.argsort(-conf[order], kind="stable")
+    wrong = {next(int(n) for n in by_conf[20:] if labels[order][n] == c) for c in "ab"}
+    assert 0 not in wrong  # one wrong review a class, both near the top
+    review(db, ids[order], labels[order], wrong=wrong)
+    accepted = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "risk"])
+    assert accepted.exit_code == 0, accepted.output
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(AutoAccept)) == 0
+
+    def auto_rows(*flags):
+        out = tmp_path / "-".join(flags)
+        done = CliRunner().invoke(app, ["export", str(out), "--db", db_url, "--format", "csv",
+                                        "--include-auto", *flags])
+        assert done.exit_code == 0, done.output
+        lines = (out / "manifest.jsonl").read_text().splitlines()
+        return sum(json.loads(line)["source"] == "auto" for line in lines)
+
+    assert auto_rows("--rule", "risk") == 0
+    assert auto_rows("--rule", "class") > 1200
+    low = CliRunner().invoke(app, ["export", str(tmp_path / "low"), "--db", db_url,
+                                   "--format", "csv", "--include-auto", "--rule", "risk",
+                                   "--min-taken", "0.05"])
+    assert low.exit_code == 0, low.output  # 0.05 needs 1,999 reviews: still nothing
+    assert "auto" not in (tmp_path / "low" / "manifest.jsonl").read_text()

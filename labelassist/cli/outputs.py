@@ -204,6 +204,11 @@ def export(
     allow_biased_sample: Annotated[bool, typer.Option(
         "--allow-biased-sample", help="With --include-auto: trust thresholds even from "
         "reviews that are not a fair sample of the rest (see accept).")] = False,
+    rule: Annotated[str, typer.Option(
+        help="With --include-auto: the trust rule, as accept's --rule (class, bound or "
+        "risk; bound at 95% confidence).")] = "class",
+    min_taken: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="With --include-auto --rule risk: as accept's.")] = 0.5,
 ) -> None:
     """Export the labeled dataset: human-reviewed labels, plus trusted predictions with
     --include-auto. Every row records its provenance (human or auto, annotators,
@@ -220,7 +225,8 @@ def export(
                              seed=seed, link=link, version=version,
                              overwrite=overwrite, on_progress=on_progress,
                              allow_biased_sample=allow_biased_sample,
-                             trust=TrustOptions(target_precision, min_support, resolve))
+                             trust=TrustOptions(target_precision, min_support, resolve,
+                                                rule, min_taken=min_taken))
     print_export_summary(summary)
 
 

@@ -174,13 +174,20 @@ def accept(
         "reviews (24 classes need 720 reviews). bound: one threshold for all classes, "
         "proven by a Clopper-Pearson bound at --confidence on the fair sample (the tasks "
         "reviewed in push's order), each class guarded; the precision holds however many "
-        "classes, from about 370 reviews (docs/trust.md).")] = "class",
+        "classes, from about 370 reviews. risk: one threshold by conformal risk control on "
+        "the fair sample, each class guarded; the precision holds in expectation, from "
+        "about 200 reviews, where at least --min-taken of the rest is taken "
+        "(docs/trust.md).")] = "class",
     confidence: Annotated[float, typer.Option(
         help="--rule bound: the probability that the precision taken reaches the "
         "target.")] = 0.95,
     min_class_reviews: Annotated[int, typer.Option(
         min=1, help="--rule bound: reviews of a class's predictions at or above the "
         "threshold before the pooled bound speaks for it.")] = 10,
+    min_taken: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="--rule risk: the share of the images outside the fair "
+        "sample that must be taken, or none is; the errors allowed are (1 - target) times "
+        "it, so a smaller share needs more reviews (0.5 and 99%: 199).")] = 0.5,
 ) -> None:
     """Mark unreviewed predictions as auto-accepted where their class's audited threshold
     says they can be trusted. They are recorded with provenance (source 'auto' in the
@@ -193,12 +200,20 @@ def accept(
     from ..trust.audit import TrustOptions
 
     s = accept_trusted(open_db(db), version, TrustOptions(
-        target_precision, min_support, resolve, rule, confidence, min_class_reviews),
+        target_precision, min_support, resolve, rule, confidence, min_class_reviews,
+        min_taken),
         allow_biased_sample=allow_biased_sample)
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"{s.model_version}: {sum(s.accepted.values()):,} predictions auto-accepted at "
               f"{target_precision:.1%} target precision", markup=False)
-    if s.bound and s.bound["threshold"] is not None:
+    if s.bound and s.bound["threshold"] is not None and s.bound["rule"] == "risk":
+        b = s.bound
+        out.print(f"  one threshold for all classes: {b['threshold']:.3f}, by conformal risk "
+                  f"control on {b['reviews']:,} reviews of the fair sample with "
+                  f"{b['errors']} errors at or above it (expected error share of what is "
+                  f"taken at most {1 - target_precision:.0%}: {b['min_taken']:.0%} or more "
+                  "of the rest is taken)", markup=False)
+    elif s.bound and s.bound["threshold"] is not None:
         b = s.bound
         out.print(f"  one threshold for all classes: {b['threshold']:.3f}, on {b['reviews']:,} "
                   f"reviews of the fair sample with {b['errors']} errors (error rate at most "

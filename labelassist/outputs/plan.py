@@ -36,7 +36,7 @@ def plan_export(db: Database, *, include_auto: bool, version: str | None,
     reviews = load_reviews(db, trust.policy)
     chosen = resolve_version(db, version)
     zero_shot = base_version(db, chosen)  # looked up once
-    if include_auto and not allow_biased_sample:
+    if include_auto and trust.rule == "class" and not allow_biased_sample:
         require_fair_sample(db, chosen, reviews, zero_shot)  # before anything is written
     with db.read() as s:
         versions = s.execute(select(ModelVersion.id, ModelVersion.name,
@@ -53,13 +53,13 @@ def plan_export(db: Database, *, include_auto: bool, version: str | None,
 
 def trust_thresholds(db: Database, version: ModelVersion, reviews,
                      trust: TrustOptions) -> dict[str, float]:
-    """Per class, the audited confidence above which unreviewed predictions are trusted,
-    from the reviews as this export resolves them (its --resolve policy)."""
-    from ..trust.audit import audit_version
+    """Per class, the confidence above which unreviewed predictions are trusted, by
+    accept's rule (trust.rule), from the reviews as this export resolves them (its
+    --resolve policy)."""
+    from ..trust.accept import NothingReviewed, rule_thresholds
 
-    result = audit_version(db, version, reviews, trust) \
-        if reviews.labels else None
-    if result is None:
+    try:
+        summary, _ = rule_thresholds(db, version, reviews, trust)
+    except NothingReviewed:
         return {}  # nothing reviewed yet: no threshold can be trusted
-    return {c: t["threshold"] for c, t in result.thresholds["per_class"].items()
-            if t["threshold"] is not None}
+    return {c: t for c, t in summary.thresholds.items() if t is not None}

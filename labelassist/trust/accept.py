@@ -51,46 +51,105 @@ class BiasedSample(ConfigError):
     """The reviews are not a fair sample of the rest: their thresholds are not trusted."""
 
 
+class NothingReviewed(ConfigError):
+    """No reviewed image has a prediction of the version: no threshold can be set."""
+
+
 def accept_trusted(db: Database, version_name: str | None = None,
                    trust: TrustOptions = TrustOptions(), *, allow_biased_sample: bool = False,
                    write: bool = True) -> AcceptSummary:
-    """Record the unreviewed predictions that clear their class's audited threshold.
+    """Record the unreviewed predictions that clear their class's threshold by the rule.
     write=False is a dry run: what accept would take (serve's status)."""
     version = resolve_version(db, version_name)
     reviews = load_reviews(db, trust.policy)
-    zero_shot = base_version(db, version)  # looked up once, for the three uses below
-    if trust.rule == "bound":  # rests on the fair sample alone: no guard needed
+    zero_shot = base_version(db, version)  # looked up once, for the uses below
+    if trust.rule == "class" and not allow_biased_sample:
+        require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
+    summary, take = rule_thresholds(db, version, reviews, trust, zero_shot)
+    summary.accepted, summary.unreviewed, summary.out_of_set = \
+        take.run(summary.thresholds, write=write)
+    return summary
+
+
+def rule_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOptions,
+                    zero_shot: ModelVersion | None = None
+                    ) -> tuple[AcceptSummary, "_Take"]:
+    """Each class's threshold by trust.rule (None, with its reason, where it has none),
+    and the pass that takes what clears them: accept writes it, export --include-auto
+    exports by the same thresholds. The bound and risk rules rest on the fair sample
+    alone (they need no guard against chosen reviews)."""
+    zero_shot = zero_shot or base_version(db, version)
+    if trust.rule in ("bound", "risk"):
         summary = _bounded(db, version, reviews, trust)
     else:
-        if not allow_biased_sample:
-            require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
         summary = _audited(db, version, reviews, trust)
-    reviewed = set(reviews.labels) | reviews.skipped
-    trusted = {c: t for c, t in summary.thresholds.items() if t is not None}
-    bars = class_bars(db, version, reviews, zero_shot)
-    base = aliased(Prediction)  # the zero-shot prediction whose similarity flags the image
-    base_id = zero_shot.id
-    query = (select(Prediction.id, Prediction.image_id, Prediction.label,
-                    Prediction.confidence, base.label, base.similarity)
-             .outerjoin(base, (base.image_id == Prediction.image_id)
-                        & (base.model_version_id == base_id))
-             .where(Prediction.model_version_id == version.id))
-    # in pages, by id: a million predictions never sit in memory at once
-    for chunk in keyset_pages(db, query, Prediction.id, size=CHUNK):
-        fresh = [row for row in chunk if row[1] not in reviewed]
-        summary.unreviewed += len(fresh)
-        odd = {row[1] for row in fresh if flagged(row[4], row[5], bars)}
-        summary.out_of_set += len(odd)
-        rows = [{"image_id": image_id, "model_version_id": version.id, "label": label,
-                 "confidence": confidence, "threshold": trusted[label],
-                 "target_precision": trust.target_precision, "created_at": utcnow()}
-                for _, image_id, label, confidence, _, _ in fresh
-                if label in trusted and confidence >= trusted[label] and image_id not in odd]
-        if write and rows:
-            with db.write() as s:
-                insert_ignoring_duplicates(s, AutoAccept, rows)
-        summary.accepted.update(r["label"] for r in rows)
-    return summary
+    take = _Take(db, version, set(reviews.labels) | reviews.skipped,
+                 class_bars(db, version, reviews, zero_shot), zero_shot.id,
+                 trust.target_precision)
+    if trust.rule == "risk":  # the expected precision holds only if enough is taken
+        _require_enough_taken(summary, take.run(summary.thresholds, write=False), trust)
+    return summary, take
+
+
+class _Take:
+    """The pass over a version's predictions that counts, and writes, what accept takes:
+    the unreviewed predictions at or above their class's threshold, out-of-set ones left
+    out. (what was taken by class, the unreviewed, the out of set)"""
+
+    def __init__(self, db: Database, version: ModelVersion, reviewed: set[int], bars,
+                 base_id: int, target_precision: float):
+        self.db, self.version, self.reviewed, self.bars = db, version, reviewed, bars
+        self.base_id, self.target_precision = base_id, target_precision
+
+    def run(self, thresholds: dict[str, float | None], write: bool
+            ) -> tuple[Counter, int, int]:
+        version, reviewed = self.version, self.reviewed
+        trusted = {c: t for c, t in thresholds.items() if t is not None}
+        accepted, unreviewed, out_of_set = Counter(), 0, 0
+        base = aliased(Prediction)  # the zero-shot prediction whose similarity flags it
+        query = (select(Prediction.id, Prediction.image_id, Prediction.label,
+                        Prediction.confidence, base.label, base.similarity)
+                 .outerjoin(base, (base.image_id == Prediction.image_id)
+                            & (base.model_version_id == self.base_id))
+                 .where(Prediction.model_version_id == version.id))
+        # in pages, by id: a million predictions never sit in memory at once
+        for chunk in keyset_pages(self.db, query, Prediction.id, size=CHUNK):
+            fresh = [row for row in chunk if row[1] not in reviewed]
+            unreviewed += len(fresh)
+            odd = {row[1] for row in fresh if flagged(row[4], row[5], self.bars)}
+            out_of_set += len(odd)
+            rows = [{"image_id": image_id, "model_version_id": version.id, "label": label,
+                     "confidence": confidence, "threshold": trusted[label],
+                     "target_precision": self.target_precision, "created_at": utcnow()}
+                    for _, image_id, label, confidence, _, _ in fresh
+                    if label in trusted and confidence >= trusted[label]
+                    and image_id not in odd]
+            if write and rows:
+                with self.db.write() as s:
+                    insert_ignoring_duplicates(s, AutoAccept, rows)
+            accepted.update(r["label"] for r in rows)
+        return accepted, unreviewed, out_of_set
+
+
+def _require_enough_taken(summary: AcceptSummary, counted: tuple[Counter, int, int],
+                          trust: TrustOptions) -> None:
+    """--rule risk: conformal risk control bounds the expected errors at or above the
+    threshold to (1 - target) x min_taken of the images outside the fair sample, so the
+    precision holds only where at least min_taken of them are taken. Else nothing is
+    trusted, each class with the reason."""
+    others, taken = summary.bound["others"], sum(counted[0].values())
+    if summary.bound["threshold"] is None or taken >= trust.min_taken * others:
+        return
+    reason = (f"the threshold {summary.bound['threshold']:.3f} would take {taken:,} of the "
+              f"{others:,} images outside the fair sample ({taken / others:.1%}), under "
+              f"the {trust.min_taken:.0%} that the expected {trust.target_precision:.0%} "
+              "precision rests on (--min-taken; out-of-set images and guarded classes are "
+              "not taken): review more in push's order, or learn a better probe")
+    for cls, t in summary.thresholds.items():
+        if t is not None:
+            summary.thresholds[cls] = None
+            summary.reasons[cls] = reason
+    summary.bound.update(threshold=None, reason=reason)
 
 
 def _audited(db: Database, version: ModelVersion, reviews,
@@ -100,8 +159,8 @@ def _audited(db: Database, version: ModelVersion, reviews,
     result = audit_version(db, version, reviews, trust) \
         if reviews.labels else None
     if result is None:
-        raise ConfigError(f"no reviewed image has a prediction from {version.name}: "
-                          "review some of its tasks, then pull")
+        raise NothingReviewed(f"no reviewed image has a prediction from {version.name}: "
+                              "review some of its tasks, then pull")
     summary = AcceptSummary(version.name)
     for cls, t in result.thresholds["per_class"].items():
         summary.thresholds[cls] = t["threshold"]
@@ -115,14 +174,16 @@ def _bounded(db: Database, version: ModelVersion, reviews,
     """The summary with the pooled threshold of risk.py for every class that its guard
     lets through (or each class's reason), and what the bound rests on."""
     if not reviews.labels:
-        raise ConfigError(f"no reviewed image has a prediction from {version.name}: "
-                          "review some of its tasks, then pull")
+        raise NothingReviewed(f"no reviewed image has a prediction from {version.name}: "
+                              "review some of its tasks, then pull")
     result = bound_thresholds(db, version, reviews, trust.target_precision,
-                              trust.confidence, trust.min_class_reviews)
+                              trust.confidence, trust.min_class_reviews, rule=trust.rule,
+                              min_taken=trust.min_taken)
     summary = AcceptSummary(version.name, bound={
-        "threshold": result.threshold, "reviews": result.reviews, "errors": result.errors,
-        "error_bound": result.error_bound, "confidence": trust.confidence,
-        "reason": result.reason})
+        "rule": trust.rule, "threshold": result.threshold, "reviews": result.reviews,
+        "errors": result.errors, "error_bound": result.error_bound,
+        "confidence": trust.confidence, "reason": result.reason, "others": result.others,
+        "min_taken": trust.min_taken})
     for cls, t in result.per_class.items():
         summary.thresholds[cls] = t["threshold"]
         if t["threshold"] is None:

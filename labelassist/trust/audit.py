@@ -18,7 +18,7 @@ from .reviews import load_reviews
 
 N_BINS = 10
 DEFAULT_MIN_SUPPORT = 30
-RULES = ("class", "bound")  # accept --rule (TrustOptions.rule)
+RULES = ("class", "bound", "risk")  # accept --rule (TrustOptions.rule)
 
 
 # ---- metrics (checked against scikit-learn in tests) -------------------------------------
@@ -161,17 +161,23 @@ class TrustOptions:
     # accept --rule: "class" (each class's threshold from its own 30+ reviews, as the
     # audit shows) or "bound" (one threshold for all classes with a finite-sample bound
     # at `confidence`, each class guarded by `min_class_reviews`: trust/risk.py)
+    # or "risk" (one threshold by conformal risk control: the precision holds in
+    # expectation, and at least `min_taken` of the unreviewed images are taken or none)
     rule: str = "class"
     confidence: float = 0.95
     min_class_reviews: int = 10
+    min_taken: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.target_precision <= 1:
             raise ConfigError("--target-precision must be in (0, 1], e.g. 0.99")
         if self.rule not in RULES:
-            raise ConfigError(f"--rule {self.rule!r}: use {' or '.join(RULES)}")
+            raise ConfigError(f"--rule {self.rule!r}: use {', '.join(RULES[:-1])} or "
+                              f"{RULES[-1]}")
         if not 0 < self.confidence < 1:
             raise ConfigError("--confidence must be in (0, 1), e.g. 0.95")
+        if not 0 < self.min_taken <= 1:
+            raise ConfigError("--min-taken must be in (0, 1], e.g. 0.5")
 
 
 class NoReviews(ConfigError):

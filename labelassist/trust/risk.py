@@ -53,6 +53,9 @@ from ..db.queries import keyset_pages
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MIN_CLASS_REVIEWS = 10
+# --rule risk: accept takes at least this share of the images outside the fair sample, or
+# nothing (conformal risk control's error budget is (1 - target) times it).
+DEFAULT_MIN_TAKEN = 0.5
 # The walks, each from where this many errors could pass: one from 0 (the fewest reviews:
 # 299 at 99% and 95%, with the confidence split over the two walks: 368), one from 1 (one
 # confidently wrong review among the first 368 does not end everything).
@@ -130,6 +133,7 @@ class PooledThreshold:
     error_bound: float | None
     per_class: dict[str, dict] = field(default_factory=dict)
     reason: str | None = None
+    others: int = 0  # the version's predictions outside the fair sample
 
 
 def pooled_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.ndarray,
@@ -173,7 +177,8 @@ def pooled_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.
             reviews_needed(target, each), target, level))
     t = float(conf[best])
     result = PooledThreshold(t, int(n[best]), int(errors[best]),
-                             clopper_pearson_upper(int(errors[best]), int(n[best]), each))
+                             clopper_pearson_upper(int(errors[best]), int(n[best]), each),
+                             others=len(others))
     above = np.asarray(confidence, dtype=np.float64) >= t
     wrong = ~np.asarray(correct, dtype=bool)
     for c in classes:
@@ -237,6 +242,75 @@ def _no_threshold(reviews: int, first: tuple[int, int] | None, needed: int, targ
             "(review more, or learn a better probe)")
 
 
+# ---- conformal risk control: the precision taken, in expectation ----------------------------
+
+def risk_reviews_needed(target: float, min_taken: float) -> int:
+    """The fewest fair reviews with which conformal risk control can take anything: all of
+    them right above the threshold, and 1 / (n + 1) <= (1 - target) * min_taken."""
+    return math.ceil(1 / ((1 - target) * min_taken) - 1 - 1e-9)
+
+
+def risk_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.ndarray,
+                   classes: list[str], target: float, others: int,
+                   min_taken: float = DEFAULT_MIN_TAKEN,
+                   min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS) -> PooledThreshold:
+    """The lowest threshold t on the fair sample's confidence (`predicted`: their class
+    names, `correct`: whether the human agreed) at which conformal risk control keeps the
+    errors taken at or above t to 1 - target of what is taken, in expectation, then each
+    class's guard at t.
+
+    The loss of an image at t is 1 when its prediction is at or above t and wrong: it falls
+    as t rises, and is at most 1. Conformal risk control (Angelopoulos, Bates et al., 2022)
+    takes the lowest t with (errors of the fair sample at or above t + 1) / (n + 1) <= a,
+    and then, over the draw of the fair sample, the expected share of the `others` (the
+    images outside it) that lie at or above t and are wrong is at most a. With
+    a = (1 - target) * min_taken, and accept taking at least min_taken of the others
+    (accept checks that on what it really takes, after the guards and the out-of-set
+    flags, and else takes nothing), the expected share of errors among what is taken is at
+    most 1 - target. Its price: n >= 1 / a - 1 fair reviews (199 at 99% and a half taken),
+    against the 368 of a bound that holds at 95% confidence (pooled_threshold)."""
+    if target >= 1:
+        return _refused(classes, "no finite number of reviews proves 100% precision: "
+                        "pass --target-precision below 1")
+    allowed = (1 - target) * min_taken
+    order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
+    conf = np.asarray(confidence, dtype=np.float64)[order]
+    errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
+    n = len(conf)
+    best = None
+    for i in range(n):  # errors only grow as t falls: the lowest t that passes ends it
+        if i + 1 < n and conf[i + 1] == conf[i]:
+            continue  # a threshold sits between distinct confidences: the last of ties
+        if (errors[i] + 1) / (n + 1) > allowed:
+            break
+        best = i
+    needed = risk_reviews_needed(target, min_taken)
+    if others == 0:
+        return _refused(classes, "every image is in the fair sample: nothing is left to take")
+    if n < needed:
+        return _refused(classes, (
+            f"{n} reviewed predictions in the fair sample; conformal risk control at "
+            f"{target:.0%} precision, taking at least {min_taken:.0%} of the rest "
+            f"(--min-taken), needs at least {needed}, all right at or above a threshold "
+            "(review more tasks in push's order)"))
+    if best is None:
+        top = int(np.searchsorted(-conf, -conf[0], side="right"))
+        return _refused(classes, (
+            f"the {top} most confident reviewed predictions of the fair sample hold "
+            f"{int(errors[top - 1])} errors: too many for {target:.0%} precision (review "
+            "more, or learn a better probe)"))
+    t = float(conf[best])
+    result = PooledThreshold(t, n, int(errors[best]), float((errors[best] + 1) / (n + 1)),
+                             others=others)
+    above = np.asarray(confidence, dtype=np.float64) >= t
+    wrong = ~np.asarray(correct, dtype=bool)
+    for c in classes:
+        mine = above & (np.asarray(predicted) == c)
+        result.per_class[c] = class_guard(int(mine.sum()), int((mine & wrong).sum()), t,
+                                          target, DEFAULT_CONFIDENCE, min_class_reviews)
+    return result
+
+
 # ---- the fair sample, and the rule on a version's predictions -----------------------------
 
 def shuffle_rank(image_ids: np.ndarray) -> np.ndarray:
@@ -262,9 +336,13 @@ def fair_prefix(image_ids: np.ndarray, labelled: np.ndarray) -> np.ndarray:
 
 def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float,
                      level: float = DEFAULT_CONFIDENCE,
-                     min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS) -> PooledThreshold:
+                     min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS, *,
+                     rule: str = "bound",
+                     min_taken: float = DEFAULT_MIN_TAKEN) -> PooledThreshold:
     """The pooled threshold of a version's predictions, from the fair sample of its
-    reviews (reviews.py's resolved labels are the truth; "other" is an error)."""
+    reviews (reviews.py's resolved labels are the truth; "other" is an error): rule
+    "bound" holds at confidence `level` (pooled_threshold), "risk" in expectation
+    (risk_threshold)."""
     classes = list(version.label_set["classes"])
     index = {c: n for n, c in enumerate(classes)}
     parts = []  # a page at a time into arrays: 24 bytes a prediction, not a Python row
@@ -283,6 +361,9 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
     human = np.array([index.get(reviews.labels[i].label, -2) for i in ids[fair].tolist()],
                      dtype=np.int64)
     names = np.array(classes + ["?"], dtype=object)[labels[fair]]
+    if rule == "risk":
+        return risk_threshold(confs[fair], labels[fair] == human, names, classes, target,
+                              int((~fair).sum()), min_taken, min_class_reviews)
     return pooled_threshold(confs[fair], labels[fair] == human, names, classes, target, level,
                             min_class_reviews, chosen=confs[reviewed & ~fair],
                             others=confs[~fair])
