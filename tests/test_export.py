@@ -150,7 +150,7 @@ def test_include_auto_adds_only_predictions_above_their_class_threshold(reviewed
     thresholds = thresholds_by_hand(reviewed_db, 0.9, 2)
     assert thresholds  # some class has one: else nothing here would be tested
     summary = E.export(reviewed_db, tmp_path / "auto", "jsonl", include_auto=True,
-                       trust=TrustOptions(target_precision=0.9, min_support=2))
+                       trust=TrustOptions(target_precision=0.9, min_support=2, rule="class"))
 
     with reviewed_db.read() as s:
         preds = s.scalars(select(Prediction).order_by(Prediction.image_id)).all()
@@ -202,11 +202,11 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
     # The middle of the range was reviewed on purpose: not a fair sample, and said so
     with pytest.raises(ConfigError, match="not a fair sample"):
         E.export(db, tmp_path / "refused", "jsonl", include_auto=True,
-                 trust=TrustOptions(target_precision=0.99, min_support=2))
+                 trust=TrustOptions(target_precision=0.99, min_support=2, rule="class"))
     assert not (tmp_path / "refused").exists()
     summary = E.export(db, tmp_path / "out", "jsonl", include_auto=True,
                        allow_biased_sample=True,
-                       trust=TrustOptions(target_precision=0.99, min_support=2))
+                       trust=TrustOptions(target_precision=0.99, min_support=2, rule="class"))
 
     expected = {p.image_id: p for label in top for p in top[label]}
     assert len(expected) >= 6
@@ -223,12 +223,13 @@ def test_include_auto_exports_trusted_predictions_with_their_provenance(db, tiny
     assert shas[lowest["cat"].image_id] not in {r["sha256"] for r in manifest(tmp_path / "out")}
 
     # accept records the same trust; the export then carries it without re-auditing
-    accepted = accept_trusted(db, version, TrustOptions(target_precision=0.99, min_support=2),
+    accepted = accept_trusted(db, version, TrustOptions(target_precision=0.99, min_support=2,
+                                                        rule="class"),
                               allow_biased_sample=True)
     assert sum(accepted.accepted.values()) == len(expected)
     again = E.export(db, tmp_path / "again", "jsonl", include_auto=True,
                      allow_biased_sample=True,
-                     trust=TrustOptions(target_precision=0.99, min_support=2))
+                     trust=TrustOptions(target_precision=0.99, min_support=2, rule="class"))
     assert again.per_source == summary.per_source
 
 
@@ -367,7 +368,7 @@ def test_include_auto_takes_its_thresholds_from_reviews_resolved_by_the_same_pol
     assert majority != latest  # the two policies do disagree here
 
     plan = E.plan_export(db, include_auto=True, version=None,
-                         trust=TrustOptions(0.9, 2, "latest"), allow_biased_sample=True)
+                         trust=TrustOptions(0.9, 2, "latest", "class"), allow_biased_sample=True)
 
     assert plan.thresholds == latest
 

@@ -516,11 +516,11 @@ def test_reviews_from_a_real_label_studio_flow_into_audit_learn_accept_and_expor
     after = list_remote_tasks(client, project.id)
     assert sum(probe in {p["model_version"] for p in t["predictions"]} for t in after) >= 30
     accepted = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.9",
-                                   "--min-support", "10"])
+                                   "--min-support", "10", "--rule", "class"])
     assert accepted.exit_code == 0, accepted.output
     exported = runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
                                    "--include-auto", "--target-precision", "0.9",
-                                   "--min-support", "10"])
+                                   "--min-support", "10", "--rule", "class"])
     assert exported.exit_code == 0, exported.output
     rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text()
             .splitlines()]

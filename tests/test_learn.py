@@ -185,13 +185,15 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
     assert learned.exit_code == 0, learned.output
     assert " holds 150 predictions (100 reviewed images" in learned.output
     accepted = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.5",
-                                   "--min-support", "5"])
+                                   "--min-support", "5",
+        "--rule", "class"])
     assert accepted.exit_code == 0, accepted.output
     with db.read() as s:
         n_auto = s.scalar(select(func.count()).select_from(AutoAccept))
     assert n_auto > 0 and f"{n_auto} predictions auto-accepted" in accepted.output
     again = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.5",
-                                "--min-support", "5"])
+                                "--min-support", "5",
+        "--rule", "class"])
     with db.read() as s:
         assert s.scalar(select(func.count()).select_from(AutoAccept)) == n_auto  # idempotent
     assert again.exit_code == 0
@@ -208,7 +210,8 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
     assert "session from " in report.output
     exported = runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
                                    "--include-auto", "--target-precision", "0.5",
-                                   "--min-support", "5"])
+                                   "--min-support", "5",
+        "--rule", "class"])
     assert exported.exit_code == 0, exported.output
     rows = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().split("\n")
             if x]
@@ -256,7 +259,8 @@ def test_learn_and_accept_flags_and_refusals(toy_workspace, db_url, toy_model_di
 
     # accept judges the version it is given, not the newest
     accepted = runner.invoke(app, ["accept", "--db", db_url, "--version", base, "--resolve",
-                                   "latest", "--target-precision", "0.5", "--min-support", "5"])
+                                   "latest", "--target-precision", "0.5", "--min-support", "5",
+        "--rule", "class"])
     assert accepted.exit_code == 0, accepted.output
     assert accepted.output.startswith(f"{base}: ")
     with db.read() as s:
@@ -353,7 +357,8 @@ def test_accept_refuses_thresholds_from_reviews_chosen_by_uncertainty(toy_worksp
         add_annotation(db, image_id, truth_of(paths[image_id]), n=n)
     L.learn(db, model, base)
     runner = CliRunner()
-    args = ["accept", "--db", db_url, "--target-precision", "0.9", "--min-support", "5"]
+    args = ["accept", "--db", db_url, "--target-precision", "0.9", "--min-support", "5",
+        "--rule", "class"]
 
     refused = runner.invoke(app, args)
     assert refused.exit_code == 1
@@ -363,7 +368,8 @@ def test_accept_refuses_thresholds_from_reviews_chosen_by_uncertainty(toy_worksp
         assert s.scalar(select(func.count()).select_from(AutoAccept)) == 0
 
     allowed = runner.invoke(app, ["accept", "--db", db_url, "--target-precision", "0.9",
-                                  "--min-support", "5", "--allow-biased-sample"])
+                                  "--min-support", "5", "--allow-biased-sample",
+        "--rule", "class"])
     assert allowed.exit_code == 0, allowed.output
     with db.read() as s:
         taken = s.execute(select(AutoAccept.image_id, AutoAccept.label)).all()
@@ -373,9 +379,10 @@ def test_accept_refuses_thresholds_from_reviews_chosen_by_uncertainty(toy_worksp
     assert taken and wrong > 0.2 * len(taken)
 
     refused = runner.invoke(app, ["export", str(tmp_path / "refused"), "--db", db_url,
-                                  "--include-auto", "--min-support", "5"])
+                                  "--include-auto", "--min-support", "5",
+        "--rule", "class"])
     assert refused.exit_code == 1 and "not a fair sample" in refused.output
     assert not (tmp_path / "refused").exists()
     assert runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
                                "--include-auto", "--min-support", "5",
-                               "--allow-biased-sample"]).exit_code == 0
+                               "--allow-biased-sample", "--rule", "class"]).exit_code == 0

@@ -92,7 +92,8 @@ def growth(ledgers, run) -> int:
 def test_export_streams(ledgers, tmp_path):
     def run(db, size):
         summary = export(db, tmp_path / f"out{size}", "jsonl", include_auto=True,
-                         on_progress=collect, trust=TrustOptions(target_precision=0.9, min_support=30))
+                         on_progress=collect, trust=TrustOptions(
+                             target_precision=0.9, min_support=30, rule="class"))
         assert summary.per_source["auto"] > (size - 500) // 2  # most really are exported
 
     grown = growth(ledgers, run)
@@ -102,7 +103,8 @@ def test_export_streams(ledgers, tmp_path):
 
 def test_accept_streams(ledgers):
     def run(db, size):
-        accepted = accept_trusted(db, trust=TrustOptions(target_precision=0.9)).accepted
+        accepted = accept_trusted(db, trust=TrustOptions(target_precision=0.9,
+                                                        rule="class")).accepted
         assert sum(accepted.values()) > (size - 500) // 2
 
     grown = growth(ledgers, run)

@@ -146,7 +146,8 @@ def test_an_other_review_raises_the_bar_of_its_class_to_cover_it(junky_folder):
 def test_flagged_images_are_never_auto_accepted_and_come_first(junky_folder):
     db, rows = junky_folder
     version = resolve_version(db)
-    summary = accept_trusted(db, trust=TrustOptions(target_precision=0.9, min_support=5))
+    summary = accept_trusted(db, trust=TrustOptions(target_precision=0.9, min_support=5,
+                                                    rule="class"))
     with db.read() as s:
         accepted = set(s.scalars(select(AutoAccept.image_id)).all())
         order = s.scalars(select(Prediction.image_id).where(
@@ -165,7 +166,8 @@ def test_the_report_counts_them_and_what_reviewers_said(junky_folder, db_url, tm
     for n, image_id in enumerate(junk_ids[:5]):
         add_annotation(db, image_id, OTHER, n=500 + n)
     accepted = CliRunner().invoke(app, ["accept", "--db", db_url, "--target-precision", "0.9",
-                                        "--min-support", "5"])
+                                        "--min-support", "5",
+        "--rule", "class"])
     assert accepted.exit_code == 0, accepted.output
     assert "unreviewed images match none of the classes well" in accepted.output
     result = CliRunner().invoke(app, ["report", "--db", db_url, "--json", str(tmp_path / "r.json"),
@@ -189,7 +191,7 @@ def test_export_leaves_out_junk_and_what_reviewers_called_other(junky_folder, tm
     for n, image_id in enumerate(junk_ids[:3]):
         add_annotation(db, image_id, OTHER, n=700 + n)
     summary = export(db, tmp_path / "out", "csv", include_auto=True,
-                     trust=TrustOptions(target_precision=0.9, min_support=5))
+                     trust=TrustOptions(target_precision=0.9, min_support=5, rule="class"))
     with open(tmp_path / "out" / "labels.csv", newline="") as fh:
         exported = list(csv.DictReader(fh))
     assert exported and not any(Path(r["path"]).name.split("_")[0] in toyworld.JUNK

@@ -256,7 +256,7 @@ def test_coverage_counts_ties_at_the_threshold():
 def test_trust_options_defaults_and_refusals():
     t = TrustOptions()
     assert (t.target_precision, t.min_support, t.policy, t.rule, t.confidence,
-            t.min_class_reviews, t.min_taken) == (0.99, 30, "majority", "class", 0.95, 10,
+            t.min_class_reviews, t.min_taken) == (0.99, 30, "majority", "risk", 0.95, 10,
                                                   0.5)
     assert A.RULES == ("class", "bound", "risk") and A.N_BINS == 10
     TrustOptions(target_precision=1.0)
@@ -712,7 +712,7 @@ ACCEPT = {1: ("cat", 0.95, 0.30, "cat"), 2: ("cat", 0.90, 0.31, "cat"),
           9: ("cat", 0.84, 0.36, None), 10: ("cat", 0.95, 0.01, None),
           11: ("dog", 0.99, 0.50, None), 12: ("cat", 0.99, 0.37, "skipped"),
           13: ("dog", 0.50, 0.505, "dog")}
-ACCEPT_TRUST = TrustOptions(target_precision=0.9, min_support=3)
+ACCEPT_TRUST = TrustOptions(target_precision=0.9, min_support=3, rule="class")
 
 
 @pytest.fixture
@@ -758,7 +758,8 @@ def test_accept_takes_what_clears_its_class_threshold_and_is_not_junk(accept_db)
 
 def test_accept_follows_the_resolve_policy(accept_db):
     # latest: 4 is a cat, and cat's four reviews are all right: its threshold falls to .60
-    latest = C.accept_trusted(accept_db, "zs@1", TrustOptions(0.9, 3, "latest"), write=False)
+    latest = C.accept_trusted(accept_db, "zs@1", TrustOptions(0.9, 3, "latest", "class"),
+                              write=False)
     assert latest.thresholds == {"cat": 0.6, "dog": None}
     assert latest.accepted == Counter({"cat": 3})   # 7, 8 and 9 (.84); 10 is junk
     # and 13 ("other" at .505) lifts dog's bar to its p5, .50075: 11 (.50) is flagged too
@@ -784,7 +785,7 @@ def test_accept_in_pages(accept_db, monkeypatch):
 def test_accept_needs_reviews_of_the_version(tmp_path):
     db = build_ledger(tmp_path / "none.db", 3, [("zs@1", "zeroshot", CATDOG)],
                       [(1, 1, "cat", 0.9, 0.4, 0.3)], [])
-    for rule in ("class", "bound"):
+    for rule in ("class", "bound", "risk"):
         with pytest.raises(ConfigError, match="^no reviewed image has a prediction from "
                                               "zs@1: review some of its tasks, then pull$"):
             C.accept_trusted(db, trust=TrustOptions(rule=rule))
@@ -793,7 +794,7 @@ def test_accept_needs_reviews_of_the_version(tmp_path):
                                             label="cat", cancelled=False, pulled_at=T0))
     with pytest.raises(ConfigError, match="^no reviewed image has a prediction from zs@1: "
                                           "review some of its tasks, then pull$"):
-        C.accept_trusted(db)
+        C.accept_trusted(db, trust=TrustOptions(rule="class"))
     db.dispose()
 
 

@@ -205,8 +205,8 @@ def export(
         "--allow-biased-sample", help="With --include-auto: trust thresholds even from "
         "reviews that are not a fair sample of the rest (see accept).")] = False,
     rule: Annotated[str, typer.Option(
-        help="With --include-auto: the trust rule, as accept's --rule (class, bound or "
-        "risk; bound at 95% confidence).")] = "class",
+        help="With --include-auto: the trust rule, as accept's --rule (risk, bound or "
+        "class; bound at 95% confidence).")] = "risk",
     min_taken: Annotated[float, typer.Option(
         min=0.01, max=1.0, help="With --include-auto --rule risk: as accept's.")] = 0.5,
 ) -> None:

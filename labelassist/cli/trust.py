@@ -159,25 +159,23 @@ def print_proposal(s, path: Path) -> None:
 @command()
 def accept(
     db: DbOpt = DEFAULT_DB,
-    target_precision: Annotated[float, typer.Option(help="Precision each class's threshold "
-                                                    "must reach on the reviews.")] = 0.99,
+    target_precision: Annotated[float, typer.Option(help="Precision what is taken must "
+                                                    "reach.")] = 0.99,
     version: VersionOpt = None,
-    min_support: Annotated[int, typer.Option(min=1, help="Reviews each class's threshold "
-                                             "must rest on.")] = 30,
+    min_support: Annotated[int, typer.Option(min=1, help="--rule class: reviews each "
+                                             "class's threshold must rest on.")] = 30,
     resolve: ResolveBriefOpt = "majority",
     allow_biased_sample: Annotated[bool, typer.Option(
         "--allow-biased-sample", help="Accept even when the reviewed images are not a fair "
         "sample of the rest (reviewed in uncertainty order), where thresholds may not "
         "hold.")] = False,
     rule: Annotated[str, typer.Option(
-        help="class: each class's threshold reaches the target on its own --min-support "
-        "reviews (24 classes need 720 reviews). bound: one threshold for all classes, "
-        "proven by a Clopper-Pearson bound at --confidence on the fair sample (the tasks "
-        "reviewed in push's order), each class guarded; the precision holds however many "
-        "classes, from about 370 reviews. risk: one threshold by conformal risk control on "
-        "the fair sample, each class guarded; the precision holds in expectation, from "
-        "about 200 reviews, where at least --min-taken of the rest is taken "
-        "(docs/trust.md).")] = "class",
+        help="risk: one threshold for all classes by conformal risk control on the fair "
+        "sample (the tasks reviewed in push's order), each class guarded; the precision "
+        "holds in expectation, from 199 fair reviews at 99%, where at least --min-taken of "
+        "the rest is taken. bound: the same with a Clopper-Pearson bound at --confidence, "
+        "from about 370 reviews. class: each class's threshold reaches the target on its "
+        "own --min-support reviews, with no guarantee (docs/trust.md).")] = "risk",
     confidence: Annotated[float, typer.Option(
         help="--rule bound: the probability that the precision taken reaches the "
         "target.")] = 0.95,
@@ -189,10 +187,12 @@ def accept(
         "sample that must be taken, or none is; the errors allowed are (1 - target) times "
         "it, so a smaller share needs more reviews (0.5 and 99%: 199).")] = 0.5,
 ) -> None:
-    """Mark unreviewed predictions as auto-accepted where their class's audited threshold
-    says they can be trusted. They are recorded with provenance (source 'auto' in the
-    export) and Label Studio is never told: nothing is passed off as human work. Images
-    that match none of the classes well (out of set) are never accepted.
+    """Mark unreviewed predictions as auto-accepted where the reviews show they can be
+    trusted at --target-precision: by default one threshold for all classes, set by
+    conformal risk control on the tasks reviewed in push's order (from 199 of them at
+    99%). They are recorded with provenance (source 'auto' in the export) and Label
+    Studio is never told: nothing is passed off as human work. Images that match none of
+    the classes well (out of set) are never accepted.
 
     Example: labelassist accept --target-precision 0.99 && labelassist export out/ --include-auto
     """

@@ -119,6 +119,8 @@ class LearningLoop:
             return 0.0
         except LabelAssistError:  # no reviews of this version yet
             return None
+        if would.bound and would.bound["threshold"] is None:  # e.g. too few fair reviews
+            self.status.accept_refused = would.bound["reason"]
         return sum(would.accepted.values()) / would.unreviewed if would.unreviewed else None
 
 
