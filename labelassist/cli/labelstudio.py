@@ -41,9 +41,10 @@ def push(
              "reviewers who work in task order review a fair sample, which learn learns "
              "fastest from and suggest and accept need (file names often sort by class: "
              "ingest order would show one class first). After the first ~400 tasks (the "
-             "fair sample accept --rule bound rests on), the Data Manager sorted by score "
-             "teaches the probe fastest: in benchmarks/clean_cost.py that order cost the "
-             "fewest reviews on all three tasks, so random stays the default. ingest: as "
+             "fair sample accept's rules rest on: risk needs 199, bound 368), the Data "
+             "Manager sorted by score teaches the probe fastest: in benchmarks/"
+             "clean_cost.py that order cost the fewest reviews on the three tasks, so random "
+             "stays the default. ingest: as "
              "ingested; uncertain: lowest margin first; confident: surest first.")] = "random",
     batch_size: Annotated[int, typer.Option(min=1, max=5000, help="Tasks per import request "
                                             "(Label Studio handles ~1,000 in 1.5 s).")] = 500,
