@@ -198,7 +198,8 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
         assert s.scalar(select(func.count()).select_from(AutoAccept)) == n_auto  # idempotent
     assert again.exit_code == 0
     js = tmp_path / "r.json"
-    report = runner.invoke(app, ["report", "--db", db_url, "--json", str(js), "--html",
+    report = runner.invoke(app, ["report", "--db", db_url, "--rule", "class", "--json", str(js),
+                                 "--html",
                                  str(tmp_path / "r.html")])
     assert report.exit_code == 0, report.output
     learning = json.loads(js.read_text())["learning"]
@@ -207,7 +208,7 @@ def test_cli_learn_accept_report_and_export_close_the_loop(toy_workspace, db_url
     (session,) = json.loads(js.read_text())["session"]
     assert [p["reviews"] for p in session["points"]] == [0, 100]
     assert 'class="chart session-curve"' in (tmp_path / "r.html").read_text()
-    assert "session from " in report.output
+    assert "session from " in report.output and "accept --rule class would" in report.output
     exported = runner.invoke(app, ["export", str(tmp_path / "out"), "--db", db_url,
                                    "--include-auto", "--target-precision", "0.5",
                                    "--min-support", "5",
@@ -282,16 +283,23 @@ def images_of_the_base_version(db, order_by):
     return base, order, paths
 
 
-def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(toy_workspace):
-    """A session in random order, learning every 20 reviews: each version's accuracy
-    on the images reviewed later equals the toy world's own truth, and its auto-accept
-    share uses only earlier reviews (wrong later labels change accuracy, never the share)."""
+@pytest.mark.parametrize("rule", ["class", "risk"])
+def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(toy_workspace,
+                                                                             rule):
+    """A session in random order (push's, for the risk rule: its fair sample), learning
+    every 20 reviews: each version's accuracy on the images reviewed later equals the toy
+    world's own truth, and its auto-accept share, by the rule asked for, uses only earlier
+    reviews (wrong later labels change accuracy, never the share)."""
     from labelassist.db.models import Annotation
     from labelassist.trust.replay import session_sections
+    from labelassist.trust.risk import shuffle_rank
 
     db, model, _ = toy_workspace
     base, order, paths = images_of_the_base_version(db, Prediction.image_id)
     random.Random(1).shuffle(order)  # reviewers take tasks in random order
+    if rule == "risk":  # in push's order
+        order = [int(i) for i in np.array(order)[np.lexsort((order, shuffle_rank(order)))]]
+    trust = TrustOptions(target_precision=0.95, min_support=5, rule=rule)
     for n, image_id in enumerate(order[:60]):
         add_annotation(db, image_id, truth_of(paths[image_id]), n=n + 1)
         if (n + 1) % 20 == 0:
@@ -299,9 +307,10 @@ def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(to
     for n, image_id in enumerate(order[60:], start=61):  # the rest, reviewed later
         add_annotation(db, image_id, truth_of(paths[image_id]), n=n)
 
-    (section,) = session_sections(db, trust=TrustOptions(target_precision=0.95, min_support=5))
+    (section,) = session_sections(db, trust=trust)
     points = section["points"]
     assert section["base"] == base.name and section["reviews"] == 150
+    assert section["rule"] == rule
     assert [p["reviews"] for p in points][0] == 0 and len(points) >= 2
     assert [p["reviews"] for p in points] == sorted(p["reviews"] for p in points)
     for p in points:
@@ -316,11 +325,13 @@ def test_the_session_replay_scores_each_version_on_what_was_reviewed_after_it(to
     assert zero_shot["accept_share"] == 0.0  # no reviews: no threshold
     assert newest["accuracy_later_reviewed"] > zero_shot["accuracy_later_reviewed"] + 0.15
     assert newest["accept_share"] > 0.5 and newest["accept_precision"] >= 0.95
+    if rule == "risk":  # one threshold for both classes
+        assert len(set(newest["thresholds"].values())) == 1
 
     with db.write() as s:  # later reviewers disagree with everything: no version saw them
         for a in s.scalars(select(Annotation).where(Annotation.ls_annotation_id > 60)):
             a.label = "cool" if a.label == "warm" else "warm"
-    (flipped,) = session_sections(db, trust=TrustOptions(target_precision=0.95, min_support=5))
+    (flipped,) = session_sections(db, trust=trust)
     for before, after in zip(points, flipped["points"]):
         assert after["accept_share"] == before["accept_share"]
         assert after["thresholds"] == before["thresholds"]

@@ -33,6 +33,9 @@ def report(
     min_support: Annotated[int, typer.Option(min=1, help="Reviews a threshold needs before "
                                              "it is trusted.")] = 30,
     resolve: ResolveOpt = "majority",
+    rule: Annotated[str, typer.Option(
+        help="The session replay's auto-accept: accept's --rule (risk, bound or class) "
+        "from the reviews made so far.")] = "risk",
 ) -> None:
     """Audit model-human agreement per model_version: accuracy, Cohen's kappa, per-class
     precision/recall/F1, confusion matrix, calibration (ECE), the confidence above which
@@ -49,7 +52,7 @@ def report(
     from ..trust.audit import NoReviews, TrustOptions, audit
 
     database = open_db(db)
-    trust = TrustOptions(target_precision, min_support, resolve)
+    trust = TrustOptions(target_precision, min_support, resolve, rule)
     try:
         audits, waiting = audit(database, version, trust), None
     except NoReviews as exc:  # nothing reviewed yet: describe what predict found
@@ -150,8 +153,8 @@ def print_session(out: Console, section: dict) -> None:
         return "-" if v is None else f"{v:.1%}"
 
     out.print(f"session from {section['base']} ({section['reviews']:,} reviews; accuracy on "
-              "the images reviewed later, and what accept would have taken then):",
-              markup=False)
+              f"the images reviewed later, and what accept --rule {section['rule']} would "
+              "have taken then):", markup=False)
     for p in section["points"]:
         out.print(f"  {p['reviews']:>6,} reviews  {p['model_version']:<24} accuracy "
                   f"{pct(p['accuracy_later_reviewed'])} of {p['later_reviewed']:,}; accept "

@@ -6,9 +6,10 @@ zero-shot version at R = 0, then its probes in the order of R), this module asks
 questions of the images that were reviewed after that version existed:
 
 - accuracy: how often was the version right on them (the human label is the truth)?
-- auto-accept: with the thresholds that the audit would have set from the first R
-  reviews alone (target precision, minimum support), what share of the images not yet
-  reviewed would `accept` have taken, and how precise was that on the ones reviewed later?
+- auto-accept: with the thresholds that accept's rule (the report's --rule: risk by
+  default) would have set from the first R reviews alone, what share of the images not
+  yet reviewed would `accept` have taken, and how precise was that on the ones reviewed
+  later? (Out-of-set flags are left aside.)
 
 Nothing here peeks ahead: thresholds come only from reviews made before the version, and
 a probe's own predictions for the reviews it learned from are out of fold. The images
@@ -24,6 +25,7 @@ import numpy as np
 from sqlalchemy import select
 
 from .audit import TrustOptions, class_threshold
+from .risk import fair_prefix, pooled_threshold, risk_threshold
 from ..db import Database
 from ..db.models import ModelVersion, Prediction, as_utc
 from ..db.queries import keyset_pages
@@ -62,25 +64,20 @@ def _predictions(db: Database, version_id: int, classes: list[str]):
 
 
 def session_point(db: Database, version: ModelVersion, reviews_before: int, order: list[int],
-                  truth: dict[int, str], target: float, min_support: int) -> dict:
+                  truth: dict[int, str], trust: TrustOptions) -> dict:
     classes = list(version.label_set["classes"])
     ids, labels, confs = _predictions(db, version.id, classes)
-    before = set(order[:reviews_before])
+    before = order[:reviews_before]
     later = np.isin(ids, order[reviews_before:])
-    known = np.isin(ids, list(before))
+    known = np.isin(ids, before)
     human = np.array([classes.index(truth[i]) if truth.get(i) in classes else -2
                       for i in ids.tolist()], dtype=np.int64)
     correct = labels == human
     unreviewed = ~known
-    trusted = np.zeros(len(ids), dtype=bool)
-    thresholds = {}
-    for n, c in enumerate(classes):
-        mine = labels == n
-        t = class_threshold(confs[mine & known], correct[mine & known],
-                            confs[mine & unreviewed], target, min_support)["threshold"]
-        thresholds[c] = t
-        if t is not None:
-            trusted |= mine & unreviewed & (confs >= t)
+    thresholds = _thresholds(ids, labels, confs, correct, known, classes, before, trust)
+    cut = np.array([np.inf if thresholds[c] is None else thresholds[c] for c in classes]
+                   + [np.inf])  # a label outside the classes (-1) is never trusted
+    trusted = unreviewed & (confs >= cut[labels])
     checked = trusted & later
     return {
         "model_version": version.name, "kind": version.kind, "reviews": reviews_before,
@@ -92,6 +89,34 @@ def session_point(db: Database, version: ModelVersion, reviews_before: int, orde
         "accept_precision": float(correct[checked].mean()) if checked.any() else None,
         "thresholds": thresholds,
     }
+
+
+def _thresholds(ids, labels, confs, correct, known, classes, before, trust) -> dict:
+    """Each class's threshold by accept's rule (trust.rule), from the reviews made so far:
+    the class rule on them all; risk and bound on their fair sample (push's shuffle)."""
+    if trust.rule == "class":
+        return {c: class_threshold(confs[(labels == n) & known],
+                                   correct[(labels == n) & known],
+                                   confs[(labels == n) & ~known], trust.target_precision,
+                                   trust.min_support)["threshold"]
+                for n, c in enumerate(classes)}
+    fair = fair_prefix(ids, np.asarray(before, dtype=np.int64))
+    names = np.array(classes + ["?"], dtype=object)[labels[fair]]
+    if trust.rule == "risk":
+        result = risk_threshold(confs[fair], correct[fair], names, classes,
+                                trust.target_precision, int((~fair).sum()), trust.min_taken,
+                                trust.min_class_reviews)
+    else:
+        result = pooled_threshold(confs[fair], correct[fair], names, classes,
+                                  trust.target_precision, trust.confidence,
+                                  trust.min_class_reviews, chosen=confs[known & ~fair],
+                                  others=confs[~fair])
+    out = {c: result.per_class[c]["threshold"] for c in classes}
+    if trust.rule == "risk":  # accept's check: under --min-taken, nothing is trusted
+        cut = np.array([np.inf if out[c] is None else out[c] for c in classes] + [np.inf])
+        if ((~known) & (confs >= cut[labels])).sum() < trust.min_taken * (~fair).sum():
+            out = dict.fromkeys(classes)
+    return out
 
 
 def session_sections(db: Database, trust: TrustOptions = TrustOptions()) -> list[dict]:
@@ -114,9 +139,9 @@ def session_sections(db: Database, trust: TrustOptions = TrustOptions()) -> list
     for base in bases:
         family = [(base, 0)] + sorted(((p, int(p.label_set["probe"]["reviews"]))
                                        for p in probes[base.name]), key=lambda t: t[1])
-        points = [session_point(db, v, min(r, len(order)), order, truth, target_precision,
-                                min_support) for v, r in family]
+        points = [session_point(db, v, min(r, len(order)), order, truth, trust)
+                  for v, r in family]
         sections.append({"base": base.name, "target_precision": target_precision,
-                         "min_support": min_support, "reviews": len(order),
-                         "points": points})
+                         "min_support": min_support, "rule": trust.rule,
+                         "reviews": len(order), "points": points})
     return sections
