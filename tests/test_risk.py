@@ -200,15 +200,22 @@ def test_accept_rule_bound_end_to_end(db, db_url):
     s = accept_trusted(db, trust=TrustOptions(rule="bound"), write=False)
     assert s.bound["reviews"] <= 500 and s.bound["errors"] <= 1
     assert s.bound["error_bound"] <= 0.01
+    t = takes_the_rest_above_one_threshold(db, s, order, conf, more_than=2000)
+    assert f"one threshold for all classes: {t:.3f}" in result.output
+
+
+def takes_the_rest_above_one_threshold(db, s, order, conf, more_than):
+    """accept's summary s: one threshold for both classes, every unreviewed image at or
+    above it taken (more than `more_than`), and what was taken recorded."""
     t = s.bound["threshold"]
     assert s.thresholds == {"a": t, "b": t}
-    unreviewed = np.ones(3000, bool)
+    unreviewed = np.ones(len(conf), bool)
     unreviewed[order] = False
-    assert sum(s.accepted.values()) == int((unreviewed & (conf >= t)).sum()) > 2000
+    assert sum(s.accepted.values()) == int((unreviewed & (conf >= t)).sum()) > more_than
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(AutoAccept)) == \
             sum(s.accepted.values())
-    assert f"one threshold for all classes: {t:.3f}" in result.output
+    return t
 
 
 def test_accept_rule_bound_refuses_reviews_the_model_chose(db):
@@ -323,15 +330,8 @@ def test_accept_rule_risk_end_to_end(db, db_url):
     result = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "risk"])
     assert result.exit_code == 0, result.output
     s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
-    t = s.bound["threshold"]
+    t = takes_the_rest_above_one_threshold(db, s, order, conf, more_than=2500)
     assert t == conf[order].min() and s.bound["reviews"] == 250
-    assert s.thresholds == {"a": t, "b": t}
-    unreviewed = np.ones(3000, bool)
-    unreviewed[order] = False
-    assert sum(s.accepted.values()) == int((unreviewed & (conf >= t)).sum()) > 2500
-    with db.read() as session:
-        assert session.scalar(select(func.count()).select_from(AutoAccept)) == \
-            sum(s.accepted.values())
     assert f"one threshold for all classes: {t:.3f}, by conformal risk control" \
         in result.output
     bound = accept_trusted(db, trust=TrustOptions(rule="bound"), write=False)

@@ -179,12 +179,19 @@ def pooled_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.
     result = PooledThreshold(t, int(n[best]), int(errors[best]),
                              clopper_pearson_upper(int(errors[best]), int(n[best]), each),
                              others=len(others))
-    above = np.asarray(confidence, dtype=np.float64) >= t
+    return _guarded(result, confidence, correct, predicted, classes, target, level,
+                    min_class_reviews)
+
+
+def _guarded(result: PooledThreshold, confidence, correct, predicted, classes: list[str],
+             target: float, level: float, min_class_reviews: int) -> PooledThreshold:
+    """The pooled threshold with each class's guard (class_guard) at it."""
+    above = np.asarray(confidence, dtype=np.float64) >= result.threshold
     wrong = ~np.asarray(correct, dtype=bool)
     for c in classes:
         mine = above & (np.asarray(predicted) == c)
-        result.per_class[c] = class_guard(int(mine.sum()), int((mine & wrong).sum()), t,
-                                          target, level, min_class_reviews)
+        result.per_class[c] = class_guard(int(mine.sum()), int((mine & wrong).sum()),
+                                          result.threshold, target, level, min_class_reviews)
     return result
 
 
@@ -302,13 +309,8 @@ def risk_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.nd
     t = float(conf[best])
     result = PooledThreshold(t, n, int(errors[best]), float((errors[best] + 1) / (n + 1)),
                              others=others)
-    above = np.asarray(confidence, dtype=np.float64) >= t
-    wrong = ~np.asarray(correct, dtype=bool)
-    for c in classes:
-        mine = above & (np.asarray(predicted) == c)
-        result.per_class[c] = class_guard(int(mine.sum()), int((mine & wrong).sum()), t,
-                                          target, DEFAULT_CONFIDENCE, min_class_reviews)
-    return result
+    return _guarded(result, confidence, correct, predicted, classes, target,
+                    DEFAULT_CONFIDENCE, min_class_reviews)
 
 
 # ---- the fair sample, and the rule on a version's predictions -----------------------------
