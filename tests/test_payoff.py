@@ -135,3 +135,39 @@ def _key(labels) -> str:
     model = load_model(resolve_model_id(None, load_label_file(labels)), device="cpu",
                        dtype="fp32")
     return payoff.machine_key(cpu_identity(), software(), model.model_key)
+
+
+def test_a_trial_first_tries_the_int8_tower_another_workspace_calibrated(
+        toy_workspace, toy_model_dir, db_url, db, tmp_path):
+    """Another workspace on this machine calibrated int8 for this model: this workspace's
+    trial tries that tower first instead of calibrating (NNCF is most of int8's trial),
+    checked against fp32 on this workspace's sample like any candidate; its own
+    calibration follows only if the borrowed tower does not agree."""
+    from labelassist.model import openvino as ov_runtime
+    from labelassist.toy import world as toyworld
+
+    toyworld.write_images(tmp_path / "other", 80, seed=9)
+    other = f"sqlite:///{tmp_path}/other.db"
+    assert runner.invoke(app, ["ingest", str(tmp_path / "other"), "--db", other]).exit_code == 0
+    there = runner.invoke(app, ["predict", "--labels", str(toy_workspace), "--db", other,
+                                "--dtype", "ov-int8"])
+    assert there.exit_code == 0, there.output
+    model_key = load_model(str(toy_model_dir), device="cpu", dtype="fp32").model_key
+    (theirs,) = ov_runtime.calibrated_tags(model_key)
+    default = default_runtime()
+    payoff.memory_path().write_text(json.dumps({_key(toy_workspace): {
+        "speeds": {"fp32": 10.0, default: 10.0, "ov-int8": 1_000_000.0},
+        "costs": {"fp32": 0.1, default: 0.1, "ov-int8": 0.1},
+        "qualified": sorted({"fp32", default, "ov-int8"}), "sample": 256,
+        "measured_at": "2026-12-01"}}))
+    result = runner.invoke(app, ["predict", "--labels", str(toy_workspace), "--db", db_url])
+    assert result.exit_code == 0, result.output
+    with db.read() as s:
+        trials = s.scalars(select(RuntimeChoice.measurement)).one()["trials"]
+    assert [t["runtime"] for t in trials[:2]] == ["fp32", f"ov-int8.{theirs}"]
+    if trials[1]["disqualified"] is None:  # it agreed here: nothing was calibrated
+        assert ov_runtime.calibrated_tags(model_key) == [theirs]
+        assert len(trials) == 2
+    else:  # this workspace's own calibration was tried next
+        assert trials[2]["runtime"].startswith("ov-int8.") and len(
+            ov_runtime.calibrated_tags(model_key)) == 2

@@ -144,6 +144,16 @@ def quantised_tower_path(model_key: str, tag: str) -> Path:
     return _tower_dir(model_key, f"int8-{tag}") / "tower.xml"
 
 
+def calibrated_tags(model_key: str) -> list[str]:
+    """The calibration tags of this model's int8 towers already in the cache (whatever
+    workspace calibrated them), the newest first."""
+    root = quantised_tower_path(model_key, "x").parent.parent
+    found = [(path.stat().st_mtime, path.parent.name.removeprefix("int8-"))
+             for path in root.glob("int8-*/tower.xml")]
+    return [tag for _, tag in sorted(found, reverse=True)
+            if len(tag) == 10 and all(c in "0123456789abcdef" for c in tag)]
+
+
 def quantise_tower(fp32_ir: Path, model_key: str, tag: str,
                    calibration: list[np.ndarray]) -> Path:
     """int8 weights and activations by NNCF, calibrated on the workspace's own images
