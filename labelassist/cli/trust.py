@@ -166,9 +166,9 @@ def accept(
                                              "class's threshold must rest on.")] = 30,
     resolve: ResolveBriefOpt = "majority",
     allow_biased_sample: Annotated[bool, typer.Option(
-        "--allow-biased-sample", help="Accept even when the reviewed images are not a fair "
-        "sample of the rest (reviewed in uncertainty order), where thresholds may not "
-        "hold.")] = False,
+        "--allow-biased-sample", help="--rule class: accept even when the reviewed images "
+        "are not a fair sample of the rest (reviewed in uncertainty order), where thresholds "
+        "may not hold. (risk and bound rest on the fair sample alone.)")] = False,
     rule: Annotated[str, typer.Option(
         help="risk: one threshold for all classes by conformal risk control on the fair "
         "sample (the tasks reviewed in push's order), each class guarded; the precision "
