@@ -7,7 +7,7 @@
 # tests again only what changed.
 #
 # Usage: scripts/mutate.sh [MODULE...]   MODULE: audit accept outofset learn reviews
-#        zeroshot claims export pull (default: all of them, one after another)
+#        zeroshot claims export pull risk (default: all of them, one after another)
 # Then:  cd /tmp/labelassist-mutate/MODULE && mutmut results   (the survivors)
 #        mutmut show NAME                                        (one mutant's diff)
 # Needs the dev extra (scripts/setup.sh test,dev). MUTATE_CHILDREN: parallel runs (2);
@@ -21,7 +21,7 @@ declare -A SOURCE=(
   [outofset]=labelassist/trust/outofset.py [learn]=labelassist/trust/learn.py
   [reviews]=labelassist/trust/reviews.py [zeroshot]=labelassist/model/zeroshot.py
   [claims]=labelassist/db/claims.py [export]=labelassist/outputs/export.py
-  [pull]=labelassist/labelstudio/pull.py)
+  [pull]=labelassist/labelstudio/pull.py [risk]=labelassist/trust/risk.py)
 # The fast tests (no Label Studio, nothing marked slow) that cover each module. mutmut
 # runs, for each mutant, only those of them that call the mutated function, in a fresh
 # pytest session: what a mutant costs is the fixtures of those tests. The trust modules
@@ -38,17 +38,18 @@ declare -A TESTS=(
   [zeroshot]="$DATA"
   [claims]="$DATA"
   [export]="$DATA"
-  [pull]="tests/test_pins_pull.py")
+  [pull]="tests/test_pins_pull.py"
+  [risk]="tests/test_risk.py tests/test_pins_trust.py")
 # A mutant's fresh pytest session spent about a second on two plugins that nothing here
 # uses: unraisableexception (gc.collect twice at the end, over a heap that holds torch)
 # and faker (an autouse fixture). Every module runs without them (0.1 s for a one-test
 # session instead of 1.2 s). A change of pytest's arguments makes mutmut test every
 # mutant of an existing copy again.
-LEAN="audit accept outofset reviews pull learn zeroshot claims export"
+LEAN="audit accept outofset reviews pull learn zeroshot claims export risk"
 LEAN_ARGS='"-p", "no:unraisableexception", "-p", "no:faker"'
 
 modules=("$@")
-[ ${#modules[@]} -gt 0 ] || modules=(audit reviews outofset claims pull export zeroshot accept learn)
+[ ${#modules[@]} -gt 0 ] || modules=(audit reviews outofset claims pull export zeroshot accept learn risk)
 for module in "${modules[@]}"; do
   [ -n "${SOURCE[$module]:-}" ] || { echo "unknown module $module: use ${!SOURCE[*]}" >&2; exit 2; }
 done

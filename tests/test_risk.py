@@ -272,8 +272,14 @@ def test_the_fewest_reviews_risk_control_can_take_anything_with():
                                min_class_reviews=1).threshold == conf[-1]
     short = risk.risk_threshold(conf[:198], right[:198], names[:198], ["a"], 0.99, 5000)
     assert short.threshold is None and short.per_class["a"]["threshold"] is None
-    assert "198 reviewed predictions in the fair sample" in short.reason
-    assert "needs at least 199" in short.reason
+    assert short.reason == (
+        "198 reviewed predictions in the fair sample; conformal risk control at 99% "
+        "precision, taking at least 50% of the rest (--min-taken), needs at least 199, all "
+        "right at or above a threshold (review more tasks in push's order)")
+    # exactly at the budget passes: 3 reviews at 50% and a half, (0 + 1) / 4 = 0.25
+    three = risk.risk_threshold(np.array([0.9, 0.8, 0.7]), np.ones(3, bool),
+                                np.array(["a"] * 3), ["a"], 0.5, 100, min_class_reviews=1)
+    assert risk.risk_reviews_needed(0.5, 0.5) == 3 and three.threshold == 0.7
 
 
 def test_risk_control_stops_above_the_error_that_would_break_the_budget():
@@ -295,7 +301,14 @@ def test_risk_control_stops_above_the_error_that_would_break_the_budget():
     r = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 9000)
     assert r.threshold == conf[249] and r.errors == 1
     top = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 0)
-    assert top.threshold is None and "nothing is left to take" in top.reason
+    assert top.threshold is None
+    assert top.reason == "every image is in the fair sample: nothing is left to take"
+    # 398 reviews: one error does not fit ((1 + 1) / 399 > 0.005), at 399 it would
+    conf = np.linspace(1.0, 0.6, 398)
+    right = np.ones(398, bool)
+    right[99] = False
+    r = risk.risk_threshold(conf, right, np.array(["a", "b"] * 199), ["a", "b"], 0.99, 9000)
+    assert r.threshold == conf[98]
 
 
 def test_risk_control_holds_the_expected_precision_in_repeated_draws():
@@ -351,8 +364,16 @@ def test_accept_rule_risk_takes_nothing_when_it_would_take_under_min_taken(db, d
     review(db, ids[order], labels[order], wrong=wrong)
     s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
     assert not s.accepted and s.bound["threshold"] is None
-    assert "under the 50% that the expected 99% precision rests on" in s.reasons["a"]
-    assert s.reasons["a"] == s.reasons["b"]
+    t = conf[order][by_conf[130]]
+    unreviewed = np.ones(len(conf), bool)
+    unreviewed[order] = False
+    taken = int((unreviewed & (conf >= t)).sum())
+    assert s.reasons["a"] == (
+        f"the threshold {t:.3f} would take {taken:,} of the 2,600 images outside the fair "
+        f"sample ({taken / 2600:.1%}), under the 50% that the expected 99% precision rests "
+        "on (--min-taken; out-of-set images and guarded classes are not taken): review "
+        "more in push's order, or learn a better probe")
+    assert s.reasons["a"] == s.reasons["b"] == s.bound["reason"]
     low = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "risk",
                                    "--min-taken", "0.3"])
     assert low.exit_code == 0, low.output
@@ -424,3 +445,42 @@ def test_the_default_rule_takes_nothing_on_reviews_that_prove_nothing(db, db_url
     assert classic.exit_code == 0, classic.output
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(AutoAccept)) > 800
+
+
+def test_risk_control_refusals_and_ties_worked_by_hand():
+    """A target of 1 is refused; a wrong review at the very top ends it with the size of
+    the top tie group; a threshold never sits inside a group of tied confidences (the
+    last two tied, the last one wrong: the threshold is the third from last); a class's
+    reviews exactly at the threshold count for its guard."""
+    names = np.array(["a", "b"] * 150)
+    conf = np.linspace(1.0, 0.6, 300)
+    right = np.ones(300, bool)
+    one = risk.risk_threshold(conf, right, names, ["a", "b"], 1.0, 9000)
+    assert one.threshold is None and one.reason == (
+        "no finite number of reviews proves 100% precision: pass --target-precision below 1")
+    assert one.per_class["b"]["reason"] == one.reason
+    top = right.copy()
+    top[[2, 3]] = False  # the last of the top three, tied, and the one after them
+    tied = conf.copy()
+    tied[:3] = 1.0
+    first = risk.risk_threshold(tied, top, names, ["a", "b"], 0.99, 9000)
+    assert first.threshold is None and first.reason == (
+        "the 3 most confident reviewed predictions of the fair sample hold 1 errors: too "
+        "many for 99% precision (review more, or learn a better probe)")
+    alone = right.copy()
+    alone[0] = False
+    lone = risk.risk_threshold(conf, alone, names, ["a", "b"], 0.99, 9000)
+    assert lone.reason.startswith("the 1 most confident reviewed predictions of the fair "
+                                  "sample hold 1 errors")
+    last = right.copy()
+    last[-1] = False
+    tail = conf.copy()
+    tail[-1] = tail[-2]
+    r = risk.risk_threshold(tail, last, names, ["a", "b"], 0.99, 9000)
+    assert r.threshold == tail[-3] and r.errors == 0
+    at = np.where(np.arange(300) < 290, 1.0 - np.arange(300) / 1000, 0.5)
+    labels = np.array(["a"] * 290 + ["b"] * 10)
+    guarded = risk.risk_threshold(at, right, labels, ["a", "b"], 0.99, 9000)
+    assert guarded.threshold == 0.5
+    assert guarded.per_class["b"] == {"threshold": 0.5, "reviews": 10, "errors": 0,
+                                      "reason": None}
