@@ -1,6 +1,7 @@
-"""Auto-accept: trust unreviewed predictions above their class's audited threshold (--rule
-class), or above one threshold for all classes with a finite-sample bound (--rule bound:
-risk.py).
+"""Auto-accept: trust unreviewed predictions above one threshold for all classes, set by
+conformal risk control on the fair sample (--rule risk, the default) or with a
+finite-sample bound (--rule bound: both in risk.py), or above their class's audited
+threshold (--rule class).
 
 They are recorded in auto_accepts with their provenance (model_version, confidence,
 threshold, target precision) and exported as source "auto". Label Studio is never told:
