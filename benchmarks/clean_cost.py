@@ -169,7 +169,7 @@ def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarra
                 fair: np.ndarray, args) -> np.ndarray:
     """What `accept --rule RULE` takes of the unreviewed images (before out of set)."""
     from labelassist.trust.audit import class_threshold
-    from labelassist.trust.risk import pooled_threshold, risk_threshold
+    from labelassist.trust.risk import pooled_rule
 
     pred, conf = probs.argmax(1), probs.max(1)
     correct = pred == task["truth"]
@@ -181,20 +181,13 @@ def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarra
             t = class_threshold(conf[rev & mine], correct[rev & mine], conf[mine],
                                 args.target_precision, 30)["threshold"]
             thresholds[c] = np.inf if t is None else t
-    elif rule == "risk":
+    else:  # risk or bound: accept's pooled rules on the fair sample
         names = np.array(task["classes"])
-        result = risk_threshold(conf[fair], correct[fair], names[pred[fair]],
-                                task["classes"], args.target_precision, int((~fair).sum()),
-                                args.min_taken, args.min_class_reviews)
-        for c, name in enumerate(task["classes"]):
-            t = result.per_class[name]["threshold"]
-            thresholds[c] = np.inf if t is None else t
-    else:
-        names = np.array(task["classes"])
-        result = pooled_threshold(conf[fair], correct[fair], names[pred[fair]],
-                                  task["classes"], args.target_precision, args.confidence,
-                                  args.min_class_reviews, chosen=conf[rev & ~fair],
-                                  others=conf[~fair])
+        result = pooled_rule(rule, conf[fair], correct[fair], names[pred[fair]],
+                             task["classes"], args.target_precision, level=args.confidence,
+                             min_class_reviews=args.min_class_reviews,
+                             min_taken=args.min_taken, chosen=conf[rev & ~fair],
+                             others=conf[~fair])
         for c, name in enumerate(task["classes"]):
             t = result.per_class[name]["threshold"]
             thresholds[c] = np.inf if t is None else t
@@ -215,6 +208,8 @@ def fair_sample(task: dict, is_reviewed: np.ndarray) -> bool:
 
 def measure(task: dict, probs: np.ndarray, is_reviewed: np.ndarray, fair: np.ndarray,
             args) -> dict:
+    from labelassist.trust.risk import takes_enough
+
     n = len(is_reviewed)
     r = int(is_reviewed.sum())
     correct = probs.argmax(1) == task["truth"]
@@ -229,7 +224,8 @@ def measure(task: dict, probs: np.ndarray, is_reviewed: np.ndarray, fair: np.nda
         # rests on the fair sample alone, and allows for the others reviewed
         taken = accepted_by(rule, task, probs, is_reviewed, fair, args) & ~odd \
             if unbiased or rule != "class" else np.zeros(n, bool)
-        if rule == "risk" and taken.sum() < args.min_taken * (~fair).sum():
+        if rule == "risk" and not takes_enough(int(taken.sum()), int((~fair).sum()),
+                                               args.min_taken):
             taken[:] = False  # accept's check: under --min-taken, nothing is trusted
         a, right = int(taken.sum()), int(correct[taken].sum())
         extra = max(0, math.ceil(COVERAGE * n) - r - a)  # review the rest to 95%

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from .outofset import base_version, class_bars, flagged
 from ..db.queries import keyset_pages, resolve_version
 from .reviews import load_reviews
-from .risk import bound_thresholds
+from .risk import bound_thresholds, takes_enough
 
 CHUNK = 5000
 # Reviews chosen by the model (lowest margin first) are not a fair sample of the rest, and
@@ -139,7 +139,7 @@ def _require_enough_taken(summary: AcceptSummary, counted: tuple[Counter, int, i
     precision holds only where at least min_taken of them are taken. Else nothing is
     trusted, each class with the reason."""
     others, taken = summary.bound["others"], sum(counted[0].values())
-    if summary.bound["threshold"] is None or taken >= trust.min_taken * others:
+    if summary.bound["threshold"] is None or takes_enough(taken, others, trust.min_taken):
         return
     reason = (f"the threshold {summary.bound['threshold']:.3f} would take {taken:,} of the "
               f"{others:,} images outside the fair sample ({taken / others:.1%}), under "

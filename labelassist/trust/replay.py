@@ -25,7 +25,7 @@ import numpy as np
 from sqlalchemy import select
 
 from .audit import TrustOptions, class_threshold
-from .risk import fair_prefix, pooled_threshold, risk_threshold
+from .risk import fair_prefix, pooled_rule, takes_enough
 from ..db import Database
 from ..db.models import ModelVersion, Prediction, as_utc
 from ..db.queries import keyset_pages
@@ -75,9 +75,7 @@ def session_point(db: Database, version: ModelVersion, reviews_before: int, orde
     correct = labels == human
     unreviewed = ~known
     thresholds = _thresholds(ids, labels, confs, correct, known, classes, before, trust)
-    cut = np.array([np.inf if thresholds[c] is None else thresholds[c] for c in classes]
-                   + [np.inf])  # a label outside the classes (-1) is never trusted
-    trusted = unreviewed & (confs >= cut[labels])
+    trusted = unreviewed & (confs >= _cuts(thresholds, classes)[labels])
     checked = trusted & later
     return {
         "model_version": version.name, "kind": version.kind, "reviews": reviews_before,
@@ -102,21 +100,24 @@ def _thresholds(ids, labels, confs, correct, known, classes, before, trust) -> d
                 for n, c in enumerate(classes)}
     fair = fair_prefix(ids, np.asarray(before, dtype=np.int64))
     names = np.array(classes + ["?"], dtype=object)[labels[fair]]
-    if trust.rule == "risk":
-        result = risk_threshold(confs[fair], correct[fair], names, classes,
-                                trust.target_precision, int((~fair).sum()), trust.min_taken,
-                                trust.min_class_reviews)
-    else:
-        result = pooled_threshold(confs[fair], correct[fair], names, classes,
-                                  trust.target_precision, trust.confidence,
-                                  trust.min_class_reviews, chosen=confs[known & ~fair],
-                                  others=confs[~fair])
+    result = pooled_rule(trust.rule, confs[fair], correct[fair], names, classes,
+                         trust.target_precision, level=trust.confidence,
+                         min_class_reviews=trust.min_class_reviews,
+                         min_taken=trust.min_taken, chosen=confs[known & ~fair],
+                         others=confs[~fair])
     out = {c: result.per_class[c]["threshold"] for c in classes}
     if trust.rule == "risk":  # accept's check: under --min-taken, nothing is trusted
-        cut = np.array([np.inf if out[c] is None else out[c] for c in classes] + [np.inf])
-        if ((~known) & (confs >= cut[labels])).sum() < trust.min_taken * (~fair).sum():
+        taken = int(((~known) & (confs >= _cuts(out, classes)[labels])).sum())
+        if not takes_enough(taken, int((~fair).sum()), trust.min_taken):
             out = dict.fromkeys(classes)
     return out
+
+
+def _cuts(thresholds: dict, classes: list[str]) -> np.ndarray:
+    """Each class's threshold by index, inf where it has none, and inf last for a label
+    outside the classes (index -1): never trusted."""
+    return np.array([np.inf if thresholds[c] is None else thresholds[c] for c in classes]
+                    + [np.inf])
 
 
 def session_sections(db: Database, trust: TrustOptions = TrustOptions()) -> list[dict]:

@@ -279,19 +279,7 @@ def risk_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.nd
     if target >= 1:
         return _refused(classes, "no finite number of reviews proves 100% precision: "
                         "pass --target-precision below 1")
-    allowed = (1 - target) * min_taken
-    order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
-    conf = np.asarray(confidence, dtype=np.float64)[order]
-    errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
-    n = len(conf)
-    best = None
-    for i in range(n):  # errors only grow as t falls: the lowest t that passes ends it
-        if i + 1 < n and conf[i + 1] == conf[i]:
-            continue  # a threshold sits between distinct confidences: the last of ties
-        if (errors[i] + 1) / (n + 1) > allowed:
-            break
-        best = i
-    needed = risk_reviews_needed(target, min_taken)
+    n, needed = len(confidence), risk_reviews_needed(target, min_taken)
     if others == 0:
         return _refused(classes, "every image is in the fair sample: nothing is left to take")
     if n < needed:
@@ -300,6 +288,17 @@ def risk_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.nd
             f"{target:.0%} precision, taking at least {min_taken:.0%} of the rest "
             f"(--min-taken), needs at least {needed}, all right at or above a threshold "
             "(review more tasks in push's order)"))
+    allowed = (1 - target) * min_taken
+    order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
+    conf = np.asarray(confidence, dtype=np.float64)[order]
+    errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
+    best = None
+    for i in range(n):  # errors only grow as t falls: the lowest t that passes ends it
+        if i + 1 < n and conf[i + 1] == conf[i]:
+            continue  # a threshold sits between distinct confidences: the last of ties
+        if (errors[i] + 1) / (n + 1) > allowed:
+            break
+        best = i
     if best is None:
         top = int(np.searchsorted(-conf, -conf[0], side="right"))
         return _refused(classes, (
@@ -311,6 +310,26 @@ def risk_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.nd
                              others=others)
     return _guarded(result, confidence, correct, predicted, classes, target,
                     DEFAULT_CONFIDENCE, min_class_reviews)
+
+
+def takes_enough(taken: int, others: int, min_taken: float) -> bool:
+    """--rule risk: the expected precision holds only where what accept really takes is at
+    least min_taken of the images outside the fair sample."""
+    return taken >= min_taken * others
+
+
+def pooled_rule(rule: str, confidence: np.ndarray, correct: np.ndarray,
+                predicted: np.ndarray, classes: list[str], target: float, *, level: float,
+                min_class_reviews: int, min_taken: float, chosen: np.ndarray,
+                others: np.ndarray) -> PooledThreshold:
+    """accept's pooled rules on a fair sample (its confidences, whether the human agreed,
+    the class names predicted): "risk" (risk_threshold) or "bound" (pooled_threshold).
+    `others`: the confidences outside the fair sample, `chosen`: those reviewed anyway."""
+    if rule == "risk":
+        return risk_threshold(confidence, correct, predicted, classes, target, len(others),
+                              min_taken, min_class_reviews)
+    return pooled_threshold(confidence, correct, predicted, classes, target, level,
+                            min_class_reviews, chosen=chosen, others=others)
 
 
 # ---- the fair sample, and the rule on a version's predictions -----------------------------
@@ -363,9 +382,6 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
     human = np.array([index.get(reviews.labels[i].label, -2) for i in ids[fair].tolist()],
                      dtype=np.int64)
     names = np.array(classes + ["?"], dtype=object)[labels[fair]]
-    if rule == "risk":
-        return risk_threshold(confs[fair], labels[fair] == human, names, classes, target,
-                              int((~fair).sum()), min_taken, min_class_reviews)
-    return pooled_threshold(confs[fair], labels[fair] == human, names, classes, target, level,
-                            min_class_reviews, chosen=confs[reviewed & ~fair],
-                            others=confs[~fair])
+    return pooled_rule(rule, confs[fair], labels[fair] == human, names, classes, target,
+                       level=level, min_class_reviews=min_class_reviews, min_taken=min_taken,
+                       chosen=confs[reviewed & ~fair], others=confs[~fair])
