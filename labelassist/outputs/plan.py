@@ -30,36 +30,37 @@ class Plan:
 
 def plan_export(db: Database, *, include_auto: bool, version: str | None,
                 trust: TrustOptions, allow_biased_sample: bool = False) -> Plan:
-    from ..trust.accept import require_fair_sample
     from ..db.queries import resolve_version
 
     reviews = load_reviews(db, trust.policy)
     chosen = resolve_version(db, version)
     zero_shot = base_version(db, chosen)  # looked up once
-    if include_auto and trust.rule == "class" and not allow_biased_sample:
-        require_fair_sample(db, chosen, reviews, zero_shot)  # before anything is written
+    # before anything is written: the thresholds (the class rule refuses a biased sample)
+    thresholds = trust_thresholds(db, chosen, reviews, trust, allow_biased_sample,
+                                  zero_shot) if include_auto else None
     with db.read() as s:
         versions = s.execute(select(ModelVersion.id, ModelVersion.name,
                                     ModelVersion.label_set)).all()
     classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
     labels = frozenset(classes | {h.label for h in reviews.labels.values()
                                   if h.label != OTHER or OTHER in classes})
-    thresholds = trust_thresholds(db, chosen, reviews, trust) \
-        if include_auto else None
     bars = class_bars(db, chosen, reviews, zero_shot) if include_auto else {}
     return Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
                  thresholds, labels, zero_shot.id, bars)
 
 
-def trust_thresholds(db: Database, version: ModelVersion, reviews,
-                     trust: TrustOptions) -> dict[str, float]:
+def trust_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOptions,
+                     allow_biased_sample: bool = False,
+                     zero_shot: ModelVersion | None = None) -> dict[str, float]:
     """Per class, the confidence above which unreviewed predictions are trusted, by
     accept's rule (trust.rule), from the reviews as this export resolves them (its
     --resolve policy)."""
     from ..trust.accept import NothingReviewed, rule_thresholds
 
     try:
-        summary, _ = rule_thresholds(db, version, reviews, trust)
+        summary, _ = rule_thresholds(db, version, reviews, trust,
+                                     allow_biased_sample=allow_biased_sample,
+                                     zero_shot=zero_shot)
     except NothingReviewed:
         return {}  # nothing reviewed yet: no threshold can be trusted
     return {c: t for c, t in summary.thresholds.items() if t is not None}

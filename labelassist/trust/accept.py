@@ -63,26 +63,27 @@ def accept_trusted(db: Database, version_name: str | None = None,
     write=False is a dry run: what accept would take (serve's status)."""
     version = resolve_version(db, version_name)
     reviews = load_reviews(db, trust.policy)
-    zero_shot = base_version(db, version)  # looked up once, for the uses below
-    if trust.rule == "class" and not allow_biased_sample:
-        require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
-    summary, take = rule_thresholds(db, version, reviews, trust, zero_shot)
+    summary, take = rule_thresholds(db, version, reviews, trust,
+                                    allow_biased_sample=allow_biased_sample)
     summary.accepted, summary.unreviewed, summary.out_of_set = \
         take.run(summary.thresholds, write=write)
     return summary
 
 
-def rule_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOptions,
-                    zero_shot: ModelVersion | None = None
+def rule_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOptions, *,
+                    allow_biased_sample: bool = False, zero_shot: ModelVersion | None = None
                     ) -> tuple[AcceptSummary, "_Take"]:
     """Each class's threshold by trust.rule (None, with its reason, where it has none),
     and the pass that takes what clears them: accept writes it, export --include-auto
     exports by the same thresholds. The bound and risk rules rest on the fair sample
-    alone (they need no guard against chosen reviews)."""
-    zero_shot = zero_shot or base_version(db, version)
+    alone; the class rule refuses reviews that are not a fair sample (BiasedSample)
+    unless allowed."""
+    zero_shot = zero_shot or base_version(db, version)  # once, for the uses below
     if trust.rule in ("bound", "risk"):
         summary = _bounded(db, version, reviews, trust)
     else:
+        if not allow_biased_sample:
+            require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
         summary = _audited(db, version, reviews, trust)
     take = _Take(db, version, set(reviews.labels) | reviews.skipped,
                  class_bars(db, version, reviews, zero_shot), zero_shot.id,
