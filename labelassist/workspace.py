@@ -159,3 +159,11 @@ def save_workspace(folder: Path, settings: dict[str, str]) -> Workspace:
 
 def update_workspace(workspace: Workspace, **changes: str) -> Workspace:
     return save_workspace(workspace.folder, {**workspace.settings, **changes})
+
+
+def cache_root() -> Path:
+    """labelassist's cache, shared by every workspace on the machine (the toy model
+    unpacked, converted image towers, the runtimes' speed memory): LABELASSIST_CACHE, else
+    $XDG_CACHE_HOME/labelassist, else ~/.cache/labelassist."""
+    return Path(os.environ.get("LABELASSIST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "labelassist"))

@@ -380,8 +380,8 @@ def model_source(name: str) -> str:
     labelassist into the cache (seconds, once); anything else is a hub id or a folder."""
     if name != TOY_MODEL or os.path.isdir(name):
         return name
-    from ..model.openvino import cache_root
     from ..toy.world import cached_model
+    from ..workspace import cache_root
 
     return str(cached_model(cache_root(), log=lambda line: err.print(line,
                                                                            markup=False)))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
+from ..workspace import cache_root
 
 PRECISIONS = {"ov-bf16": "bf16", "ov-fp32": "f32", "ov-int8": "f32"}  # int8: the rest in f32
 INSTALL_HINT = "pip install 'labelassist[openvino]'"
@@ -76,15 +77,8 @@ def available() -> bool:
         return False
 
 
-def cache_root() -> Path:
-    """labelassist's cache (the toy model, converted towers, the runtimes' speed memory):
-    LABELASSIST_CACHE, else $XDG_CACHE_HOME/labelassist, else ~/.cache/labelassist."""
-    return Path(os.environ.get("LABELASSIST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "labelassist"))
-
-
 def cache_dir() -> Path:
-    """Where converted towers live, beside the toy model."""
+    """Where converted towers live, in labelassist's cache beside the toy model."""
     return cache_root() / "openvino"
 
 
@@ -98,9 +92,14 @@ class _Tower(torch.nn.Module):
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _tower_dir(model_key: str, tag: str) -> Path:
+def _model_dir(model_key: str) -> Path:
+    """The cache's folder of one model's towers (for this OpenVINO version)."""
     safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in model_key)
-    return cache_dir() / f"{safe}-ov{version()}" / tag
+    return cache_dir() / f"{safe}-ov{version()}"
+
+
+def _tower_dir(model_key: str, tag: str) -> Path:
+    return _model_dir(model_key) / tag
 
 
 def _save_atomically(ov_model, target: Path) -> Path:
@@ -147,9 +146,8 @@ def quantised_tower_path(model_key: str, tag: str) -> Path:
 def calibrated_tags(model_key: str) -> list[str]:
     """The calibration tags of this model's int8 towers already in the cache (whatever
     workspace calibrated them), the newest first."""
-    root = quantised_tower_path(model_key, "x").parent.parent
     found = [(path.stat().st_mtime, path.parent.name.removeprefix("int8-"))
-             for path in root.glob("int8-*/tower.xml")]
+             for path in _model_dir(model_key).glob("int8-*/tower.xml")]
     return [tag for _, tag in sorted(found, reverse=True)
             if len(tag) == 10 and all(c in "0123456789abcdef" for c in tag)]
 

@@ -8,7 +8,8 @@ Two ways behind one generator, `decoded_batches(jobs, ...)`:
   memory, pinned for the copy to a GPU. The default on CUDA, where threads stall on the GIL
   at about a thousand images a second and the GPU waits.
 Jobs are claimed lazily in this process as the feed asks for them, so no more than
-`prefetch` batches per worker are ever claimed ahead. Pixels travel as uint8 (4x fewer bytes
+`prefetch` batches per worker (and, with threads, the one being claimed beside the tower)
+are ever claimed ahead. Pixels travel as uint8 (4x fewer bytes
 than float32); LoadedModel.encode_images normalises them on the device.
 """
 

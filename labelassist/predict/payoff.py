@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..workspace import cache_root
+
 TRIAL_SHARE = 0.05   # a trial on a machine that never measured costs at most this of the run
 SETUP_SHARE = 1.0    # conversions and calibration, as a share of the encodes (estimate)
 PROBE = 16           # images in each timed batch of the quick probe
@@ -40,8 +42,6 @@ class Plan:
 
 def memory_path() -> Path:
     """Beside the converted towers and the toy model, in labelassist's cache."""
-    from ..model.openvino import cache_root
-
     return cache_root() / "runtime-speeds.json"
 
 
