@@ -157,12 +157,12 @@ def iter_rows(db: Database, plan: Plan, summary: ExportSummary,
                 s.execute(select(AutoAccept.image_id, AutoAccept.label, AutoAccept.confidence,
                                  AutoAccept.model_version_id).where(
                     AutoAccept.image_id.in_(ids)).order_by(AutoAccept.id))}
-            odd = set() if plan.thresholds is None else {
-                i for i, label, similarity in s.execute(
-                    select(Prediction.image_id, Prediction.label, Prediction.similarity).where(
+            odd = set() if plan.thresholds is None else {  # the version's label, as accept
+                i for i, similarity in s.execute(
+                    select(Prediction.image_id, Prediction.similarity).where(
                         Prediction.model_version_id == plan.base_id,
                         Prediction.image_id.in_(ids)))
-                if flagged(label, similarity, plan.bars)}
+                if i in preds and flagged(preds[i][0], similarity, plan.bars)}
             files = first_files(s, ids)
         for image_id, sha, error in images:
             row = _row_of(plan, image_id, sha, preds.get(image_id), accepted.get(image_id),

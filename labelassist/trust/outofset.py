@@ -3,8 +3,9 @@ frame, a photo of something else). Real folders hold some.
 
 Each zero-shot prediction stores its similarity: the cosine of the image to its closest
 class description. The reviewed images of a class (the human label is the truth) show how
-close that class's real pictures come to its descriptions. An image predicted as that
-class whose similarity falls far below theirs matches none of the classes well:
+close that class's real pictures come to their closest descriptions. An image predicted
+as that class (by the version at hand: a probe's label where a probe corrects zero-shot)
+whose similarity falls far below theirs matches none of the classes well:
 
     threshold = p5 - (median - p5)     of the reference similarities
 
@@ -132,35 +133,41 @@ def flagged(label: str | None, similarity: float | None, bars: dict[str, ClassBa
                 and similarity < bar.threshold)
 
 
-def flag_clause(prediction, bars: dict[str, ClassBar]):
-    """SQL: the base version's prediction (a Prediction alias) is flagged."""
-    terms = [and_(prediction.label == c, prediction.similarity < bar.threshold)
+def flag_clause(label, similarity, bars: dict[str, ClassBar]):
+    """SQL: an image is flagged, given the label a version predicts for it and its
+    zero-shot similarity (two columns, or one Prediction's)."""
+    terms = [and_(label == c, similarity < bar.threshold)
              for c, bar in bars.items() if bar.threshold is not None]
     return or_(*terms) if terms else false()
 
 
 def flagged_first(db: Database, version: ModelVersion, bars: dict[str, ClassBar]):
-    """An ORDER BY term for a query over `version`'s predictions: 0 for images whose base
-    prediction is flagged, 1 for the rest."""
+    """An ORDER BY term for a query over `version`'s predictions: 0 for flagged images
+    (the label the version predicts, the similarity of its zero-shot base), 1 for the
+    rest."""
     base = base_version(db, version)
     if base.id == version.id:  # a zero-shot version: its own columns, no subquery a row
-        return case((flag_clause(Prediction, bars), 0), else_=1)
+        return case((flag_clause(Prediction.label, Prediction.similarity, bars), 0), else_=1)
     b = aliased(Prediction)
-    is_flagged = exists(select(b.id).where(b.image_id == Prediction.image_id,
-                                           b.model_version_id == base.id,
-                                           flag_clause(b, bars)))
+    is_flagged = exists(select(b.id).where(
+        b.image_id == Prediction.image_id, b.model_version_id == base.id,
+        flag_clause(Prediction.label, b.similarity, bars)))
     return case((is_flagged, 0), else_=1)
 
 
 def flagged_images(db: Database, version: ModelVersion,
                    bars: dict[str, ClassBar] | None = None) -> dict[int, float | None]:
-    """image id -> similarity, for the images whose base prediction is flagged: what
-    `predictions`, `status` and the report's preview show before any review."""
+    """image id -> similarity, for the images flagged by the label `version` predicts and
+    its zero-shot base's similarity: what `predictions`, `status` and the report's
+    preview show."""
     base = base_version(db, version)
     bars = class_bars(db, base) if bars is None else bars
+    b = aliased(Prediction)
     with db.read() as s:
-        return dict(s.execute(select(Prediction.image_id, Prediction.similarity).where(
-            Prediction.model_version_id == base.id, flag_clause(Prediction, bars))).all())
+        return dict(s.execute(select(Prediction.image_id, b.similarity).join(
+            b, (b.image_id == Prediction.image_id) & (b.model_version_id == base.id)).where(
+            Prediction.model_version_id == version.id,
+            flag_clause(Prediction.label, b.similarity, bars))).all())
 
 
 def out_of_set_summary(db: Database, version: ModelVersion, reviews: Reviews | None = None
@@ -172,10 +179,11 @@ def out_of_set_summary(db: Database, version: ModelVersion, reviews: Reviews | N
     bars = class_bars(db, base, reviews)
     of_base = Prediction.model_version_id == base.id
     with db.read() as s:
-        total = s.scalar(select(func.count()).where(of_base, flag_clause(Prediction, bars)))
+        is_flagged = flag_clause(Prediction.label, Prediction.similarity, bars)
+        total = s.scalar(select(func.count()).where(of_base, is_flagged))
         missing = s.scalar(select(func.count()).where(of_base, Prediction.similarity.is_(None)))
         flagged_ids = rows_in_chunks(s, lambda chunk: select(Prediction.image_id).where(
-            of_base, Prediction.image_id.in_(chunk), flag_clause(Prediction, bars)),
+            of_base, Prediction.image_id.in_(chunk), is_flagged),
             list(reviews.labels), scalars=True)
     said = [reviews.labels[i].label for i in flagged_ids]
     other_reviews = sum(r.label == OTHER for r in reviews.labels.values())
