@@ -23,11 +23,12 @@ measured against the truth:
 - class: each class's threshold at the target on 30+ reviews;
 - bound: accept --rule bound, one threshold for all classes with a Clopper-Pearson bound
   at 95% confidence (labelassist/trust/risk.py), each class guarded;
-- risk: accept --rule risk, one threshold for all classes by conformal risk control
+- risk: accept --rule risk, one threshold for all classes by conformal selection
   (risk.risk_threshold: the precision holds in expectation), taken only where at least
-  --min-taken of the images outside the fair sample are, each class guarded.
+  --min-taken of what it selects is, each class guarded.
 
-Orders: random (push's fair shuffle, risk.shuffle_rank); balanced (round robin over the
+Orders: random (push's fair shuffle, risk.shuffle_rank); push (push's order as it is:
+the images zero-shot flags out of set first, then the shuffle); balanced (round robin over the
 classes the shown version predicts, in the shuffle's order within each); random-uncertain (the first
 --fair-reviews in the fair shuffle, then lowest margin of the version shown first). The
 bound and risk rules rest on
@@ -51,7 +52,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-ORDERS = ("random", "balanced", "random-uncertain")
+ORDERS = ("random", "push", "balanced", "random-uncertain")
 RULES = ("class", "bound", "risk")
 COVERAGE, ACCURACY = 0.95, 0.99
 
@@ -149,8 +150,9 @@ def shown_probs(task: dict, reviewed: np.ndarray) -> tuple[np.ndarray, bool]:
     return probs, True
 
 
-def out_of_set(task: dict, is_reviewed: np.ndarray) -> np.ndarray:
-    """accept's out-of-set flags (trust.outofset), from the zero-shot similarities."""
+def out_of_set(task: dict, is_reviewed: np.ndarray, shown: np.ndarray) -> np.ndarray:
+    """accept's out-of-set flags (trust.outofset): the zero-shot similarity of each image
+    against the bar of the class the version shown predicts (`shown`)."""
     from labelassist.trust.outofset import MIN_REFERENCE, _bar, upper_group
 
     zs = task["offset"].argmax(1)
@@ -162,19 +164,20 @@ def out_of_set(task: dict, is_reviewed: np.ndarray) -> np.ndarray:
             ref = upper_group(sim[zs == c])
         bar = _bar(ref, "", [])
         bars[c] = -np.inf if bar.threshold is None else bar.threshold
-    return sim < bars[zs]
+    return sim < bars[shown]
 
 
 def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray,
-                fair: np.ndarray, args) -> np.ndarray:
-    """What `accept --rule RULE` takes of the unreviewed images (before out of set)."""
+                fair: np.ndarray, args) -> tuple[np.ndarray, int]:
+    """What `accept --rule RULE` takes of the unreviewed images (before out of set), and
+    what --rule risk selected (takes_enough's measure)."""
     from labelassist.trust.audit import class_threshold
     from labelassist.trust.risk import pooled_rule
 
     pred, conf = probs.argmax(1), probs.max(1)
     correct = pred == task["truth"]
     rev = is_reviewed
-    thresholds = np.full(len(task["classes"]), np.inf)
+    thresholds, selected = np.full(len(task["classes"]), np.inf), 0
     if rule == "class":
         for c in range(len(thresholds)):
             mine = pred == c
@@ -188,10 +191,11 @@ def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarra
                              min_class_reviews=args.min_class_reviews,
                              min_taken=args.min_taken, chosen=conf[rev & ~fair],
                              others=conf[~fair])
+        selected = result.selected
         for c, name in enumerate(task["classes"]):
             t = result.per_class[name]["threshold"]
             thresholds[c] = np.inf if t is None else t
-    return ~rev & (conf >= thresholds[pred])
+    return ~rev & (conf >= thresholds[pred]), selected
 
 
 def fair_sample(task: dict, is_reviewed: np.ndarray) -> bool:
@@ -218,14 +222,15 @@ def measure(task: dict, probs: np.ndarray, is_reviewed: np.ndarray, fair: np.nda
     row = {"reviews": r, "accuracy": float(correct[rest].mean()),
            "zero_shot": float(zs_correct[rest].mean())}
     unbiased = fair_sample(task, is_reviewed)
-    odd = out_of_set(task, is_reviewed)
+    odd = out_of_set(task, is_reviewed, probs.argmax(1))
     for rule in args.rules.split(","):
         # the class rule needs all reviews to be a fair sample (accept's guard); the bound
         # rests on the fair sample alone, and allows for the others reviewed
-        taken = accepted_by(rule, task, probs, is_reviewed, fair, args) & ~odd \
-            if unbiased or rule != "class" else np.zeros(n, bool)
-        if rule == "risk" and not takes_enough(int(taken.sum()), int((~fair).sum()),
-                                               args.min_taken):
+        taken, selected = accepted_by(rule, task, probs, is_reviewed, fair, args)
+        taken &= ~odd
+        if rule == "class" and not unbiased:
+            taken[:] = False
+        if rule == "risk" and not takes_enough(int(taken.sum()), selected, args.min_taken):
             taken[:] = False  # accept's check: under --min-taken, nothing is trusted
         a, right = int(taken.sum()), int(correct[taken].sum())
         extra = max(0, math.ceil(COVERAGE * n) - r - a)  # review the rest to 95%
@@ -261,6 +266,12 @@ def pick(order: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray, cou
                             count - len(first), shuffle, args)
     if order == "random":
         return left[:count].tolist()
+    if order == "push":  # what push sends: the images flagged out of set first
+        if "flagged at push" not in task:  # zero-shot's flags, before any review
+            task["flagged at push"] = out_of_set(task, np.zeros(len(task["truth"]), bool),
+                                                 task["offset"].argmax(1))
+        first = left[task["flagged at push"][left]]
+        return np.concatenate([first, left[~task["flagged at push"][left]]])[:count].tolist()
     if order == "random-uncertain":
         top2 = np.sort(probs[left], axis=1)[:, -2:]
         return left[np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:count]].tolist()
@@ -317,7 +328,7 @@ def main() -> None:
     parser.add_argument("--target-precision", type=float, default=0.99)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--min-class-reviews", type=int, default=10)
-    parser.add_argument("--min-taken", type=float, default=0.5)
+    parser.add_argument("--min-taken", type=float, default=0.65)
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--orders", default=",".join(ORDERS))
     parser.add_argument("--tasks", default="warm/cool,shape,pairs")

@@ -257,7 +257,7 @@ def test_trust_options_defaults_and_refusals():
     t = TrustOptions()
     assert (t.target_precision, t.min_support, t.policy, t.rule, t.confidence,
             t.min_class_reviews, t.min_taken) == (0.99, 30, "majority", "risk", 0.95, 10,
-                                                  0.5)
+                                                  0.65)
     assert A.RULES == ("class", "bound", "risk") and A.N_BINS == 10
     TrustOptions(target_precision=1.0)
     TrustOptions(rule="bound", confidence=0.5)
@@ -270,7 +270,7 @@ def test_trust_options_defaults_and_refusals():
     TrustOptions(rule="risk", min_taken=1.0)
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(ConfigError, match=r"^--min-taken must be in \(0, 1\], e\.g\. "
-                                              r"0\.5$"):
+                                              r"0\.65$"):
             TrustOptions(min_taken=bad)
     for bad in (0.0, 1.0):
         with pytest.raises(ConfigError,
@@ -597,16 +597,20 @@ def test_flagged_images_and_their_order(bars_db):
     zs, probe = version(bars_db, "zs@1"), version(bars_db, "probe@1")
     expected = {12: 0.28, 13: 0.10, 15: 0.25, 17: 0.05, 18: 0.06, 19: 0.07}
     assert O.flagged_images(bars_db, zs) == expected
-    assert O.flagged_images(bars_db, probe) == expected  # its base's similarities
+    # the probe's own predictions (all dog) against dog's bar (.464), with its base's
+    # similarities: 15 (.25) and 16 (.29), cats to zero-shot, now lie far below dog's
+    # pictures; 14 has no similarity, 20 is a dog picture
+    assert O.flagged_images(bars_db, probe) == {15: 0.25, 16: 0.29, 17: 0.05}
     bars = O.class_bars(bars_db, zs)
     assert O.flagged_images(bars_db, zs, bars) == expected
     with bars_db.read() as s:
-        for v, want in ((zs, [12, 13, 15, 17, 18, 19]), (probe, [15, 17, 14, 16, 20])):
+        for v, want in ((zs, [12, 13, 15, 17, 18, 19]), (probe, [15, 16, 17, 14, 20])):
             order = s.scalars(select(Prediction.image_id).where(
                 Prediction.model_version_id == v.id).order_by(
                 O.flagged_first(bars_db, v, bars), Prediction.image_id)).all()
             assert order[:len(want)] == want, v.name
-        none = s.scalar(select(Prediction.id).where(O.flag_clause(Prediction, {})))
+        none = s.scalar(select(Prediction.id).where(
+            O.flag_clause(Prediction.label, Prediction.similarity, {})))
     assert none is None
     # bars given are the bars used; on the bar is not below it (15 sits at .25)
     given = {"cat": O.ClassBar(0.25, "reviews", 10, 0.4, 0.3, 0)}
@@ -769,8 +773,10 @@ def test_accept_follows_the_resolve_policy(accept_db):
 def test_a_probe_is_accepted_with_its_base_s_out_of_set_flags(accept_db):
     summary = C.accept_trusted(accept_db, trust=ACCEPT_TRUST)  # the newest: probe@1
     assert summary.model_version == "probe@1"
+    # its own labels: 7 is a dog there, and at .34 (its base's similarity) it lies far
+    # below dog's pictures (.50-.52: bar .4955): flagged, as 10 (.01) is
     assert (summary.accepted, summary.unreviewed, summary.out_of_set) == \
-        (Counter({"cat": 1}), 5, 1)   # its own labels: 7 is a dog there
+        (Counter({"cat": 1}), 5, 2)
     assert accepted_rows(accept_db) == [(8, 2, "cat", 0.85, 0.85, 0.9)]
 
 
@@ -913,7 +919,7 @@ def test_accept_refuses_a_chosen_sample_unless_told(bias_db, tmp_path):
     bound = C.accept_trusted(bias_db, "zs@1", TrustOptions(rule="bound", confidence=0.9),
                              write=False)  # the bound rests on push's fair order alone
     assert set(bound.bound) == {"rule", "threshold", "reviews", "errors", "error_bound",
-                                "confidence", "reason", "others", "min_taken"}
+                                "confidence", "reason", "others", "selected", "min_taken"}
     assert bound.bound["rule"] == "bound"
     assert bound.bound["confidence"] == 0.9 and bound.bound["threshold"] is None
     assert bound.model_version == "zs@1"

@@ -257,64 +257,99 @@ def test_accept_bound_takes_its_confidence_and_class_guard_from_the_flags(db, db
     assert f"one threshold for all classes: {t:.3f}" in loose.output
 
 
-# ---- --rule risk: conformal risk control ----------------------------------------------------
+# ---- --rule risk: conformal selection -------------------------------------------------------
 
-def test_the_fewest_reviews_risk_control_can_take_anything_with():
-    """1 / (n + 1) <= (1 - target) x min_taken, worked by hand."""
-    assert risk.risk_reviews_needed(0.99, 0.5) == 199  # 1/200 = 0.005
+def selected_by_definition(conf, correct, others, q):
+    """Conformal selection from its definition, through scipy's Benjamini-Hochberg: each
+    other image's conformal p-value (1 + the fair sample's wrong predictions at or above
+    its confidence) / (n + 1), then BH at level q. The lowest confidence selected, or
+    None."""
+    from scipy.stats import false_discovery_control
+
+    wrong = np.asarray(conf)[~np.asarray(correct, dtype=bool)]
+    p = np.array([(1 + (wrong >= c).sum()) / (len(conf) + 1) for c in others])
+    chosen = false_discovery_control(p, method="bh") <= q + 1e-12
+    return float(np.min(others[chosen])) if chosen.any() else None
+
+
+def test_the_fewest_reviews_conformal_selection_can_take_anything_with():
+    """1 / (n + 1) <= (1 - target) x min_taken, worked by hand; with that many, all right,
+    everything is selected (the step-up: the largest selection that passes)."""
+    assert risk.risk_reviews_needed(0.99, 0.65) == 153  # 1/154 = 0.00649 <= 0.0065
+    assert risk.risk_reviews_needed(0.99, 0.9) == 111  # 1/112 = 0.00893 <= 0.009
+    assert risk.risk_reviews_needed(0.99, 0.5) == 199
     assert risk.risk_reviews_needed(0.99, 1.0) == 99
-    assert risk.risk_reviews_needed(0.95, 0.5) == 39
-    assert risk.risk_reviews_needed(0.99, 0.8) == 124  # 1/125 = 0.008
-    conf = np.linspace(1.0, 0.5, 199)
-    right = np.ones(199, bool)
-    names = np.array(["a"] * 199)
-    assert risk.risk_threshold(conf, right, names, ["a"], 0.99, 5000,
-                               min_class_reviews=1).threshold == conf[-1]
-    short = risk.risk_threshold(conf[:198], right[:198], names[:198], ["a"], 0.99, 5000)
+    assert risk.risk_reviews_needed(0.95, 0.9) == 22  # 1/23 = 0.0435 <= 0.045
+    conf = np.linspace(1.0, 0.5, 153)
+    right = np.ones(153, bool)
+    names = np.array(["a"] * 153)
+    others = np.linspace(0.99, 0.4, 5000)
+    r = risk.risk_threshold(conf, right, names, ["a"], 0.99, others, min_class_reviews=1)
+    assert r.threshold == others[-1] and r.selected == 5000 and r.others == 5000
+    assert r.error_bound == pytest.approx(1 / 154)
+    short = risk.risk_threshold(conf[:152], right[:152], names[:152], ["a"], 0.99, others)
     assert short.threshold is None and short.per_class["a"]["threshold"] is None
     assert short.reason == (
-        "198 reviewed predictions in the fair sample; conformal risk control at 99% "
-        "precision, taking at least 50% of the rest (--min-taken), needs at least 199, all "
-        "right at or above a threshold (review more tasks in push's order)")
-    # exactly at the budget passes: 3 reviews at 50% and a half, (0 + 1) / 4 = 0.25
-    three = risk.risk_threshold(np.array([0.9, 0.8, 0.7]), np.ones(3, bool),
-                                np.array(["a"] * 3), ["a"], 0.5, 100, min_class_reviews=1)
-    assert risk.risk_reviews_needed(0.5, 0.5) == 3 and three.threshold == 0.7
+        "152 reviewed predictions in the fair sample; conformal selection at 99% "
+        "precision, taking at least 65% of what it selects (--min-taken), needs at least "
+        "153, all right at or above a threshold (review more tasks in push's order)")
+    at_111 = risk.risk_threshold(conf[:111], right[:111], names[:111], ["a"], 0.99, others,
+                                 min_taken=0.9, min_class_reviews=1)
+    assert at_111.threshold == others[-1]
 
 
-def test_risk_control_stops_above_the_error_that_would_break_the_budget():
-    """300 fair reviews, one wrong at rank 100: (0 + 1) / 301 passes down to rank 99,
-    (1 + 1) / 301 = 0.0066 > 0.005 stops there; at 400 reviews one error fits
-    ((1 + 1) / 401 = 0.00499), a second does not."""
-    conf = np.linspace(1.0, 0.6, 300)
-    right = np.ones(300, bool)
-    right[99] = False
-    names = np.array(["a", "b"] * 150)
-    r = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 9000)
-    assert r.threshold == conf[98] and r.errors == 0 and r.reviews == 300
-    assert r.error_bound == pytest.approx(1 / 301)
-    assert r.per_class["a"]["threshold"] == r.per_class["b"]["threshold"] == conf[98]
-    conf = np.linspace(1.0, 0.6, 400)
-    right = np.ones(400, bool)
-    right[[99, 250]] = False
-    names = np.array(["a", "b"] * 200)
-    r = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 9000)
-    assert r.threshold == conf[249] and r.errors == 1
-    top = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, 0)
+def test_conformal_selection_worked_by_hand():
+    """--min-taken 0.9 (level 0.009). 300 fair reviews (1.0 down to 0.6, even steps), one
+    wrong at 0.8. Above 0.8 a
+    threshold passes where it selects 1 / (302 x 0.009) = 36.8% of the others or more;
+    at or below 0.8 where it selects 2 / (302 x 0.009) = 73.6% or more. Others spread
+    evenly from 1.0 to 0.6: the lowest threshold selects them all and passes (the
+    step-up). A second error at 0.7: at or below it (3 / 302 = 0.00993 > 0.009) nothing
+    passes, so the threshold is the lowest above 0.7 that selects 73.6%: one between 0.7
+    and 0.7057."""
+    conf = np.linspace(1.0, 0.6, 301)
+    right = np.ones(301, bool)
+    right[150] = False  # 0.8
+    names = np.array(["a", "b"] * 150 + ["a"])
+    others = np.linspace(1.0, 0.6, 10_001)[1:]  # 10,000 others
+    r = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, others, 0.9)
+    assert r.threshold == others[-1] and r.errors == 1 and r.selected == 10_000
+    assert r.error_bound == pytest.approx(2 / 302)
+    right[225] = False  # 0.7
+    r = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, others, 0.9)
+    assert r.errors == 1 and conf[225] < r.threshold <= 0.7057
+    assert r.selected == int((others >= r.threshold).sum()) >= 0.7359 * 10_000
+    assert r.threshold == selected_by_definition(conf, right, others, 0.009)
+    top = risk.risk_threshold(conf, right, names, ["a", "b"], 0.99, np.array([]), 0.9)
     assert top.threshold is None
     assert top.reason == "every image is in the fair sample: nothing is left to take"
-    # 398 reviews: one error does not fit ((1 + 1) / 399 > 0.005), at 399 it would
-    conf = np.linspace(1.0, 0.6, 398)
-    right = np.ones(398, bool)
-    right[99] = False
-    r = risk.risk_threshold(conf, right, np.array(["a", "b"] * 199), ["a", "b"], 0.99, 9000)
-    assert r.threshold == conf[98]
 
 
-def test_risk_control_holds_the_expected_precision_in_repeated_draws():
+@pytest.mark.parametrize("seed", range(40))
+def test_conformal_selection_agrees_with_benjamini_hochberg_from_scipy(seed):
+    """Random fair samples, errors and others (ties included): the threshold is the lowest
+    confidence that scipy's Benjamini-Hochberg selects on the conformal p-values."""
+    rng = np.random.default_rng(seed)
+    n, m = int(rng.integers(111, 400)), int(rng.integers(50, 600))
+    conf = np.round(rng.uniform(0.5, 1.0, n), 2)
+    correct = rng.random(n) >= rng.uniform(0, 0.03) * (1.0 - conf) / 0.5 * 4
+    others = np.round(rng.uniform(0.5, 1.0, m), 2)
+    target, taken = float(rng.choice([0.95, 0.98, 0.99])), float(rng.choice([0.5, 0.9, 1.0]))
+    if n < risk.risk_reviews_needed(target, taken):
+        return
+    r = risk.risk_threshold(conf, correct, np.array(["a"] * n), ["a"], target, others,
+                            taken, min_class_reviews=1)
+    assert r.threshold == selected_by_definition(conf, correct, others,
+                                                 (1 - target) * taken)
+    if r.threshold is not None:
+        assert r.selected == int((others >= r.threshold).sum())
+        assert r.errors == int((conf[~correct] >= r.threshold).sum())
+
+
+def test_conformal_selection_holds_the_expected_precision_in_repeated_draws():
     """Draw a fair sample of 250 reviews again and again: averaged over the draws, the
-    error share of what the threshold takes of the rest (where it takes at least half)
-    stays at or under 1 - target, where the audit's rule on the same draws goes over."""
+    error share of what the threshold selects of the rest stays at or under 1 - target
+    (its FDR), where the audit's rule on the same draws goes over."""
     rng = np.random.default_rng(11)
     conf, correct, classes = population(rng, 20_000)
     shares, naive, trials = [], [], 300
@@ -323,10 +358,9 @@ def test_risk_control_holds_the_expected_precision_in_repeated_draws():
         rest = np.ones(len(conf), bool)
         rest[sample] = False
         r = risk.risk_threshold(conf[sample], correct[sample], classes[sample], ["a", "b"],
-                                0.99, int(rest.sum()), min_class_reviews=1)
+                                0.99, conf[rest], min_taken=1.0, min_class_reviews=1)
         taken = rest & (conf >= (r.threshold if r.threshold is not None else np.inf))
-        shares.append(0.0 if taken.sum() < 0.5 * rest.sum()
-                      else 1 - correct[taken].mean())
+        shares.append(1 - correct[taken].mean() if taken.any() else 0.0)
         t = naive_threshold(conf[sample], correct[sample], 0.99)
         naive.append(0.0 if t is None else 1 - correct[rest & (conf >= t)].mean())
     assert np.mean(shares) <= 0.01
@@ -335,54 +369,55 @@ def test_risk_control_holds_the_expected_precision_in_repeated_draws():
 
 
 def test_accept_rule_risk_end_to_end(db, db_url):
-    """250 tasks reviewed in push's order, all right: accept --rule risk takes the rest
-    above one threshold (more than the bound rule can on the same reviews: it needs 368)."""
+    """250 tasks reviewed in push's order, all right: accept --rule risk takes everything
+    else, above one threshold (the bound rule takes nothing on the same reviews: it needs
+    368)."""
     ids, labels, conf = ledger(db, 3000, np.random.default_rng(2))
     order = np.lexsort((ids, risk.shuffle_rank(ids)))[:250]
     review(db, ids[order], labels[order])
     result = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "risk"])
     assert result.exit_code == 0, result.output
     s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
-    t = takes_the_rest_above_one_threshold(db, s, order, conf, more_than=2500)
-    assert t == conf[order].min() and s.bound["reviews"] == 250
-    assert f"one threshold for all classes: {t:.3f}, by conformal risk control" \
-        in result.output
+    t = takes_the_rest_above_one_threshold(db, s, order, conf, more_than=2700)
+    rest = np.ones(len(conf), bool)
+    rest[order] = False
+    assert t == conf[rest].min() and s.bound["reviews"] == 250
+    assert s.bound["selected"] == s.bound["others"] == 2750
+    assert (f"one threshold for all classes: {t:.3f}, by conformal selection on 250 "
+            "reviews of the fair sample with 0 errors at or above it; it selects 2,750 of "
+            "the 2,750 images outside it") in result.output
     bound = accept_trusted(db, trust=TrustOptions(rule="bound"), write=False)
     assert bound.bound["threshold"] is None and not bound.accepted
 
 
 def test_accept_rule_risk_takes_nothing_when_it_would_take_under_min_taken(db, db_url):
-    """Two fair reviews wrong at confidence ranks 130 and 131 of 400: the budget at 99% and
-    half taken ((e + 1) / 401 <= 0.005) allows one error, so the threshold is the first
-    wrong one's, and a third of the rest lies above it: under half, so nothing is taken,
-    each class saying why. --min-taken 0.3 allows no error (0.003) and takes that third."""
+    """250 tasks reviewed in push's order, all right, then the 1,000 most confident of the
+    rest reviewed too (push --order confident): the threshold selects all 2,750 others,
+    but accept can take only the 1,750 nobody reviewed (63.6%). Under --min-taken 0.65
+    (the default) nothing is taken, each class saying why; at 0.6 they are."""
     ids, labels, conf = ledger(db, 3000, np.random.default_rng(4))
-    order = np.lexsort((ids, risk.shuffle_rank(ids)))[:400]
-    by_conf = np.argsort(-conf[order], kind="stable")
-    wrong = {int(by_conf[130]), int(by_conf[131])}
-    assert 0 not in wrong  # review() makes the project with the first review, right
-    review(db, ids[order], labels[order], wrong=wrong)
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))[:250]
+    rest = np.setdiff1d(np.arange(3000), order)
+    confident = rest[np.argsort(-conf[rest], kind="stable")[:1000]]
+    reviewed = np.concatenate([order, confident])
+    review(db, ids[reviewed], labels[reviewed])
     s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
     assert not s.accepted and s.bound["threshold"] is None
-    t = conf[order][by_conf[130]]
-    unreviewed = np.ones(len(conf), bool)
-    unreviewed[order] = False
-    taken = int((unreviewed & (conf >= t)).sum())
+    t = conf[rest].min()
     assert s.reasons["a"] == (
-        f"the threshold {t:.3f} would take {taken:,} of the 2,600 images outside the fair "
-        f"sample ({taken / 2600:.1%}), under the 50% that the expected 99% precision rests "
-        "on (--min-taken; out-of-set images and guarded classes are not taken): review "
-        "more in push's order, or learn a better probe")
+        f"the threshold {t:.3f} selects 2,750 of the 2,750 images outside the fair "
+        "sample, and accept would take 1,750 of them (63.6%): under the 65% that the "
+        "expected 99% precision rests on (--min-taken; out-of-set images, guarded classes "
+        "and reviewed images are not taken): review more in push's order, or learn a "
+        "better probe")
     assert s.reasons["a"] == s.reasons["b"] == s.bound["reason"]
     low = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "risk",
-                                   "--min-taken", "0.3"])
+                                   "--min-taken", "0.6"])
     assert low.exit_code == 0, low.output
-    loose = accept_trusted(db, trust=TrustOptions(rule="risk", min_taken=0.3), write=False)
-    assert loose.bound["threshold"] == conf[order][by_conf[129]]
-    assert 0.3 * 2600 <= sum(loose.accepted.values()) < 0.5 * 2600
+    loose = accept_trusted(db, trust=TrustOptions(rule="risk", min_taken=0.6), write=False)
+    assert loose.bound["threshold"] == t and sum(loose.accepted.values()) == 1750
     with db.read() as session:
-        assert session.scalar(select(func.count()).select_from(AutoAccept)) == \
-            sum(loose.accepted.values())
+        assert session.scalar(select(func.count()).select_from(AutoAccept)) == 1750
 
 
 def test_export_include_auto_takes_by_accepts_rule(db, db_url, tmp_path):
@@ -440,47 +475,45 @@ def test_the_default_rule_takes_nothing_on_reviews_that_prove_nothing(db, db_url
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(AutoAccept)) == 0
     assert "100 reviewed predictions in the fair sample" in result.output
-    assert "needs at least 199" in result.output
+    assert "needs at least 153" in result.output
     classic = CliRunner().invoke(app, ["accept", "--db", db_url, "--rule", "class"])
     assert classic.exit_code == 0, classic.output
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(AutoAccept)) > 800
 
 
-def test_risk_control_refusals_and_ties_worked_by_hand():
-    """A target of 1 is refused; a wrong review at the very top ends it with the size of
-    the top tie group; a threshold never sits inside a group of tied confidences (the
-    last two tied, the last one wrong: the threshold is the third from last); a class's
-    reviews exactly at the threshold count for its guard."""
+def test_conformal_selection_refusals_and_ties_worked_by_hand():
+    """A target of 1 is refused; a wrong review at the very top, in the top tie group, ends
+    it with the best that could be had; a threshold never sits inside a group of tied
+    confidences of the others; a class's reviews exactly at the threshold count for its
+    guard."""
     names = np.array(["a", "b"] * 150)
     conf = np.linspace(1.0, 0.6, 300)
     right = np.ones(300, bool)
-    one = risk.risk_threshold(conf, right, names, ["a", "b"], 1.0, 9000)
+    others = np.linspace(1.0, 0.6, 9000)
+    one = risk.risk_threshold(conf, right, names, ["a", "b"], 1.0, others)
     assert one.threshold is None and one.reason == (
         "no finite number of reviews proves 100% precision: pass --target-precision below 1")
     assert one.per_class["b"]["reason"] == one.reason
     top = right.copy()
-    top[[2, 3]] = False  # the last of the top three, tied, and the one after them
-    tied = conf.copy()
-    tied[:3] = 1.0
-    first = risk.risk_threshold(tied, top, names, ["a", "b"], 0.99, 9000)
+    top[[0, 1]] = False  # (2 + 1) / 301 = 0.00997 > 0.009 wherever the threshold is
+    first = risk.risk_threshold(conf, top, names, ["a", "b"], 0.99, others)
     assert first.threshold is None and first.reason == (
-        "the 3 most confident reviewed predictions of the fair sample hold 1 errors: too "
-        "many for 99% precision (review more, or learn a better probe)")
-    alone = right.copy()
-    alone[0] = False
-    lone = risk.risk_threshold(conf, alone, names, ["a", "b"], 0.99, 9000)
-    assert lone.reason.startswith("the 1 most confident reviewed predictions of the fair "
-                                  "sample hold 1 errors")
+        "no threshold selects enough at 99% precision: at best 0.600, which selects 9,000 "
+        "of the 9,000 images outside the fair sample, where 2 of the 300 fair reviews at "
+        "or above it are wrong (review more in push's order, or learn a better probe)")
+    # --min-taken 0.9: (1 + 1) / 301 = 0.00664 <= 0.009 when all 9,000 are selected; the
+    # others' last 600 tied at 0.6: a threshold takes all of a tie group or none of it
     last = right.copy()
-    last[-1] = False
-    tail = conf.copy()
-    tail[-1] = tail[-2]
-    r = risk.risk_threshold(tail, last, names, ["a", "b"], 0.99, 9000)
-    assert r.threshold == tail[-3] and r.errors == 0
+    last[-1] = False  # at 0.6: only a threshold at 0.6 counts it
+    tied = np.linspace(1.0, 0.61, 9000)
+    tied[-600:] = 0.6
+    r = risk.risk_threshold(conf, last, names, ["a", "b"], 0.99, tied, 0.9)
+    assert r.threshold == 0.6 and r.errors == 1 and r.selected == 9000
     at = np.where(np.arange(300) < 290, 1.0 - np.arange(300) / 1000, 0.5)
     labels = np.array(["a"] * 290 + ["b"] * 10)
-    guarded = risk.risk_threshold(at, right, labels, ["a", "b"], 0.99, 9000)
+    guarded = risk.risk_threshold(at, right, labels, ["a", "b"], 0.99,
+                                  np.linspace(1.0, 0.5, 9000))
     assert guarded.threshold == 0.5
     assert guarded.per_class["b"] == {"threshold": 0.5, "reviews": 10, "errors": 0,
                                       "reason": None}

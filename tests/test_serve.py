@@ -389,7 +389,7 @@ def test_reviews_teach_the_model_and_reviewers_see_the_better_guess_next(
         assert learned["stored_version"] in {p["model_version"]
                                              for p in unreviewed["predictions"]}
         assert status["auto_accept_share"] == 0.0  # the default rule: 48 prove nothing
-        assert "needs at least 199" in status["accept_refused"]
+        assert "needs at least 153" in status["accept_refused"]
         said = runner.invoke(app, ["status", "--db", served.db_url]).output
         assert "serve (running" in said and "reviews recorded live" in said
         assert f"{learned['stored_version']} sent to Label Studio" in said

@@ -41,7 +41,7 @@ def push(
              "reviewers who work in task order review a fair sample, which learn learns "
              "fastest from and suggest and accept need (file names often sort by class: "
              "ingest order would show one class first). After the first ~400 tasks (the "
-             "fair sample accept's rules rest on: risk needs 199, bound 368), the Data "
+             "fair sample accept's rules rest on: risk needs 153, bound 368), the Data "
              "Manager sorted by score teaches the probe fastest: in benchmarks/"
              "clean_cost.py that order cost the fewest reviews on the three tasks, so random "
              "stays the default. ingest: as "

@@ -211,7 +211,7 @@ def export(
         help="With --include-auto: the trust rule, as accept's --rule (risk, bound or "
         "class; bound at 95% confidence).")] = "risk",
     min_taken: Annotated[float, typer.Option(
-        min=0.01, max=1.0, help="With --include-auto --rule risk: as accept's.")] = 0.5,
+        min=0.01, max=1.0, help="With --include-auto --rule risk: as accept's.")] = 0.65,
 ) -> None:
     """Export the labeled dataset: human-reviewed labels, plus trusted predictions with
     --include-auto. Every row records its provenance (human or auto, annotators,

@@ -170,10 +170,10 @@ def accept(
         "are not a fair sample of the rest (reviewed in uncertainty order), where thresholds "
         "may not hold. (risk and bound rest on the fair sample alone.)")] = False,
     rule: Annotated[str, typer.Option(
-        help="risk: one threshold for all classes by conformal risk control on the fair "
+        help="risk: one threshold for all classes by conformal selection on the fair "
         "sample (the tasks reviewed in push's order), each class guarded; the precision "
-        "holds in expectation, from 199 fair reviews at 99%, where at least --min-taken of "
-        "the rest is taken. bound: the same with a Clopper-Pearson bound at --confidence, "
+        "holds in expectation, from 153 fair reviews at 99%, where at least --min-taken of "
+        "what it selects is taken. bound: the same with a Clopper-Pearson bound at --confidence, "
         "from about 370 reviews. class: each class's threshold reaches the target on its "
         "own --min-support reviews, with no guarantee (docs/trust.md).")] = "risk",
     confidence: Annotated[float, typer.Option(
@@ -183,13 +183,14 @@ def accept(
         min=1, help="--rule bound: reviews of a class's predictions at or above the "
         "threshold before the pooled bound speaks for it.")] = 10,
     min_taken: Annotated[float, typer.Option(
-        min=0.01, max=1.0, help="--rule risk: the share of the images outside the fair "
-        "sample that must be taken, or none is; the errors allowed are (1 - target) times "
-        "it, so a smaller share needs more reviews (0.5 and 99%: 199).")] = 0.5,
+        min=0.01, max=1.0, help="--rule risk: the share of what the threshold selects that "
+        "accept must really take (the rest: out-of-set images, guarded classes, images "
+        "already reviewed), or it takes none; the selection's error level is (1 - target) "
+        "times it, so a smaller share needs more reviews (0.65 and 99%: 153).")] = 0.65,
 ) -> None:
     """Mark unreviewed predictions as auto-accepted where the reviews show they can be
     trusted at --target-precision: by default one threshold for all classes, set by
-    conformal risk control on the tasks reviewed in push's order (from 199 of them at
+    conformal selection on the tasks reviewed in push's order (from 153 of them at
     99%). They are recorded with provenance (source 'auto' in the export) and Label
     Studio is never told: nothing is passed off as human work. Images that match none of
     the classes well (out of set) are never accepted.
@@ -208,11 +209,12 @@ def accept(
               f"{target_precision:.1%} target precision", markup=False)
     if s.bound and s.bound["threshold"] is not None and s.bound["rule"] == "risk":
         b = s.bound
-        out.print(f"  one threshold for all classes: {b['threshold']:.3f}, by conformal risk "
-                  f"control on {b['reviews']:,} reviews of the fair sample with "
-                  f"{b['errors']} errors at or above it (expected error share of what is "
+        out.print(f"  one threshold for all classes: {b['threshold']:.3f}, by conformal "
+                  f"selection on {b['reviews']:,} reviews of the fair sample with "
+                  f"{b['errors']} errors at or above it; it selects {b['selected']:,} of the "
+                  f"{b['others']:,} images outside it (expected error share of what is "
                   f"taken at most {1 - target_precision:.0%}: {b['min_taken']:.0%} or more "
-                  "of the rest is taken)", markup=False)
+                  "of the selection is taken)", markup=False)
     elif s.bound and s.bound["threshold"] is not None:
         b = s.bound
         out.print(f"  one threshold for all classes: {b['threshold']:.3f}, on {b['reviews']:,} "

@@ -1,5 +1,5 @@
 """Auto-accept: trust unreviewed predictions above one threshold for all classes, set by
-conformal risk control on the fair sample (--rule risk, the default) or with a
+conformal selection on the fair sample (--rule risk, the default) or with a
 finite-sample bound (--rule bound: both in risk.py), or above their class's audited
 threshold (--rule class).
 
@@ -110,7 +110,7 @@ class _Take:
         accepted, unreviewed, out_of_set = Counter(), 0, 0
         base = aliased(Prediction)  # the zero-shot prediction whose similarity flags it
         query = (select(Prediction.id, Prediction.image_id, Prediction.label,
-                        Prediction.confidence, base.label, base.similarity)
+                        Prediction.confidence, base.similarity)
                  .outerjoin(base, (base.image_id == Prediction.image_id)
                             & (base.model_version_id == self.base_id))
                  .where(Prediction.model_version_id == version.id))
@@ -118,12 +118,12 @@ class _Take:
         for chunk in keyset_pages(self.db, query, Prediction.id, size=CHUNK):
             fresh = [row for row in chunk if row[1] not in reviewed]
             unreviewed += len(fresh)
-            odd = {row[1] for row in fresh if flagged(row[4], row[5], self.bars)}
+            odd = {row[1] for row in fresh if flagged(row[2], row[4], self.bars)}
             out_of_set += len(odd)
             rows = [{"image_id": image_id, "model_version_id": version.id, "label": label,
                      "confidence": confidence, "threshold": trusted[label],
                      "target_precision": self.target_precision, "created_at": utcnow()}
-                    for _, image_id, label, confidence, _, _ in fresh
+                    for _, image_id, label, confidence, _ in fresh
                     if label in trusted and confidence >= trusted[label]
                     and image_id not in odd]
             if write and rows:
@@ -135,18 +135,20 @@ class _Take:
 
 def _require_enough_taken(summary: AcceptSummary, counted: tuple[Counter, int, int],
                           trust: TrustOptions) -> None:
-    """--rule risk: conformal risk control bounds the expected errors at or above the
-    threshold to (1 - target) x min_taken of the images outside the fair sample, so the
-    precision holds only where at least min_taken of them are taken. Else nothing is
-    trusted, each class with the reason."""
-    others, taken = summary.bound["others"], sum(counted[0].values())
-    if summary.bound["threshold"] is None or takes_enough(taken, others, trust.min_taken):
+    """--rule risk: conformal selection bounds the expected share of errors among what it
+    selects to (1 - target) x min_taken, so the precision of what accept takes holds only
+    where that is at least min_taken of the selection. Else nothing is trusted, each class
+    with the reason."""
+    selected, taken = summary.bound["selected"], sum(counted[0].values())
+    if summary.bound["threshold"] is None or takes_enough(taken, selected, trust.min_taken):
         return
-    reason = (f"the threshold {summary.bound['threshold']:.3f} would take {taken:,} of the "
-              f"{others:,} images outside the fair sample ({taken / others:.1%}), under "
-              f"the {trust.min_taken:.0%} that the expected {trust.target_precision:.0%} "
-              "precision rests on (--min-taken; out-of-set images and guarded classes are "
-              "not taken): review more in push's order, or learn a better probe")
+    reason = (f"the threshold {summary.bound['threshold']:.3f} selects {selected:,} of the "
+              f"{summary.bound['others']:,} images outside the fair sample, and accept "
+              f"would take {taken:,} of them ({taken / selected:.1%}): under the "
+              f"{trust.min_taken:.0%} that the expected {trust.target_precision:.0%} "
+              "precision rests on (--min-taken; out-of-set images, guarded classes and "
+              "reviewed images are not taken): review more in push's order, or learn a "
+              "better probe")
     for cls, t in summary.thresholds.items():
         if t is not None:
             summary.thresholds[cls] = None
@@ -185,7 +187,7 @@ def _bounded(db: Database, version: ModelVersion, reviews,
         "rule": trust.rule, "threshold": result.threshold, "reviews": result.reviews,
         "errors": result.errors, "error_bound": result.error_bound,
         "confidence": trust.confidence, "reason": result.reason, "others": result.others,
-        "min_taken": trust.min_taken})
+        "selected": result.selected, "min_taken": trust.min_taken})
     for cls, t in result.per_class.items():
         summary.thresholds[cls] = t["threshold"]
         if t["threshold"] is None:

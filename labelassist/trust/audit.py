@@ -158,9 +158,9 @@ class TrustOptions:
     target_precision: float = 0.99
     min_support: int = DEFAULT_MIN_SUPPORT
     policy: str = "majority"
-    # accept --rule: "risk", the default (one threshold for all classes by conformal risk
-    # control: the precision holds in expectation, where at least `min_taken` of the
-    # unreviewed images are taken, else none; each class guarded: trust/risk.py), "bound"
+    # accept --rule: "risk", the default (one threshold for all classes by conformal
+    # selection: the precision holds in expectation, where at least `min_taken` of what it
+    # selects is taken, else none; each class guarded: trust/risk.py), "bound"
     # (one threshold with a finite-sample bound at `confidence`, each class guarded by
     # `min_class_reviews`) or "class" (each class's threshold from its own 30+ reviews,
     # as the audit shows: no guarantee; in benchmarks/clean_cost.py it took 96.7% right
@@ -168,7 +168,7 @@ class TrustOptions:
     rule: str = "risk"
     confidence: float = 0.95
     min_class_reviews: int = 10
-    min_taken: float = 0.5
+    min_taken: float = 0.65
 
     def __post_init__(self) -> None:
         if not 0 < self.target_precision <= 1:
@@ -179,7 +179,7 @@ class TrustOptions:
         if not 0 < self.confidence < 1:
             raise ConfigError("--confidence must be in (0, 1), e.g. 0.95")
         if not 0 < self.min_taken <= 1:
-            raise ConfigError("--min-taken must be in (0, 1], e.g. 0.5")
+            raise ConfigError("--min-taken must be in (0, 1], e.g. 0.65")
 
 
 class NoReviews(ConfigError):

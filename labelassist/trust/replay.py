@@ -108,7 +108,7 @@ def _thresholds(ids, labels, confs, correct, known, classes, before, trust) -> d
     out = {c: result.per_class[c]["threshold"] for c in classes}
     if trust.rule == "risk":  # accept's check: under --min-taken, nothing is trusted
         taken = int(((~known) & (confs >= _cuts(out, classes)[labels])).sum())
-        if not takes_enough(taken, int((~fair).sum()), trust.min_taken):
+        if not takes_enough(taken, result.selected, trust.min_taken):
             out = dict.fromkeys(classes)
     return out
 
