@@ -161,6 +161,13 @@ def update_workspace(workspace: Workspace, **changes: str) -> Workspace:
     return save_workspace(workspace.folder, {**workspace.settings, **changes})
 
 
+def data_root() -> Path:
+    """labelassist's own data on this machine, kept for the user and shared by every
+    workspace (serve's secret, images fetched through Label Studio for a ledger that is
+    no file, the Label Studio that `labelassist studio` starts): ~/.local/share/labelassist."""
+    return Path.home() / ".local" / "share" / "labelassist"
+
+
 def cache_root() -> Path:
     """labelassist's cache, shared by every workspace on the machine (the toy model
     unpacked, converted image towers, the runtimes' speed memory): LABELASSIST_CACHE, else

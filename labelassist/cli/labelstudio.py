@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from ..labels import DEFAULT_DB
+from ..workspace import data_root
 from . import (
     DbOpt,
     LsTokenOpt,
@@ -138,7 +139,7 @@ def studio(
                                        "else here.")]
     = Path("."),
     data_dir: Annotated[Path, typer.Option(help="Label Studio's data (its own database).")] =
-    Path.home() / ".local" / "share" / "labelassist" / "label-studio",
+    data_root() / "label-studio",
 ) -> None:
     """Start a local Label Studio wired for local files and an API token, print the URL,
     login and token, and keep it running until Ctrl-C. Needs labelassist[studio].

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..db import sqlite_file
 from ..errors import ConfigError, LabelStudioError
+from ..workspace import data_root
 from .backend import Backend
 from .project import find_project
 
@@ -32,7 +33,7 @@ class ServeOptions:
 
 
 def secret_file() -> Path:
-    return Path.home() / ".local" / "share" / "labelassist" / "serve-secret"
+    return data_root() / "serve-secret"
 
 
 def serve_secret(given: str | None, *, log=lambda line: None) -> str:
@@ -65,7 +66,7 @@ def fetch_dir_for(db_url: str) -> Path:
     path = sqlite_file(db_url)
     if path is not None:
         return path.parent / "labelassist-fetched"
-    return Path.home() / ".local" / "share" / "labelassist" / "fetched"
+    return data_root() / "fetched"
 
 
 def run_server(backend: Backend, secret: str, options: ServeOptions, *, log=print,
