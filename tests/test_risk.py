@@ -296,6 +296,13 @@ def test_the_fewest_reviews_conformal_selection_can_take_anything_with():
     at_111 = risk.risk_threshold(conf[:111], right[:111], names[:111], ["a"], 0.99, others,
                                  min_taken=0.9, min_class_reviews=1)
     assert at_111.threshold == others[-1]
+    # exactly at the level passes: 3 reviews at 50% and a half, 1 / 4 = 0.25
+    three = risk.risk_threshold(np.array([0.9, 0.8, 0.7]), np.ones(3, bool),
+                                np.array(["a"] * 3), ["a"], 0.5, np.array([0.95, 0.6]),
+                                0.5, min_class_reviews=1)
+    assert risk.risk_reviews_needed(0.5, 0.5) == 3 and three.threshold == 0.6
+    # what accept takes: at least min_taken of the selection, the edge included
+    assert risk.takes_enough(65, 100, 0.65) and not risk.takes_enough(64, 100, 0.65)
 
 
 def test_conformal_selection_worked_by_hand():
