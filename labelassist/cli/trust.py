@@ -180,13 +180,14 @@ def accept(
         help="--rule bound: the probability that the precision taken reaches the "
         "target.")] = 0.95,
     min_class_reviews: Annotated[int, typer.Option(
-        min=1, help="--rule bound: reviews of a class's predictions at or above the "
-        "threshold before the pooled bound speaks for it.")] = 10,
+        min=1, help="--rule risk and bound: reviews of a class's predictions at or above "
+        "the threshold before the pooled rule speaks for it.")] = 10,
     min_taken: Annotated[float, typer.Option(
         min=0.01, max=1.0, help="--rule risk: the share of what the threshold selects that "
         "accept must really take (the rest: out-of-set images, guarded classes, images "
         "already reviewed), or it takes none; the selection's error level is (1 - target) "
-        "times it, so a smaller share needs more reviews (0.65 and 99%: 153).")] = 0.65,
+        "times it, so a smaller share needs more reviews (0.65 and 99%: 153), and a "
+        "larger one leaves less room for chance (docs/trust.md).")] = 0.65,
 ) -> None:
     """Mark unreviewed predictions as auto-accepted where the reviews show they can be
     trusted at --target-precision: by default one threshold for all classes, set by
