@@ -41,11 +41,11 @@ def push(
         help="Which images become tasks first. random (the default): a fixed shuffle, so "
              "reviewers who work in task order review a fair sample, which learn learns "
              "fastest from and suggest and accept need (file names often sort by class: "
-             "ingest order would show one class first). After the first ~400 tasks (the "
-             "fair sample accept's rules rest on: risk needs 153, bound 368), the Data "
-             "Manager sorted by score teaches the probe fastest: in benchmarks/"
-             "clean_cost.py that order cost the fewest reviews on the three tasks, so random "
-             "stays the default. ingest: as "
+             "ingest order would show one class first). Images flagged out of set come "
+             "first in every order. In benchmarks/clean_cost.py no order cost the fewest "
+             "reviews on all three tasks; random came within 200 reviews of the best on "
+             "each, and it is the fair sample accept's rules rest on (risk needs 153 "
+             "reviews, bound 368; docs/trust.md). ingest: as "
              "ingested; uncertain: lowest margin first; confident: surest first.")] = "random",
     batch_size: Annotated[int, typer.Option(min=1, max=5000, help="Tasks per import request "
                                             "(Label Studio handles ~1,000 in 1.5 s).")] = 500,
