@@ -168,9 +168,11 @@ def out_of_set(task: dict, is_reviewed: np.ndarray, shown: np.ndarray) -> np.nda
 
 
 def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray,
-                fair: np.ndarray, args) -> tuple[np.ndarray, int]:
+                fair: np.ndarray, odd: np.ndarray, args) -> tuple[np.ndarray, int]:
     """What `accept --rule RULE` takes of the unreviewed images (before out of set), and
-    what --rule risk selected (takes_enough's measure)."""
+    what --rule risk selected (takes_enough's measure). The pooled rules calibrate on the
+    fair sample's images that are not out of set (`odd`), and select among the others
+    that are not."""
     from labelassist.trust.audit import class_threshold
     from labelassist.trust.risk import pooled_rule
 
@@ -186,11 +188,13 @@ def accepted_by(rule: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarra
             thresholds[c] = np.inf if t is None else t
     else:  # risk or bound: accept's pooled rules on the fair sample
         names = np.array(task["classes"])
-        result = pooled_rule(rule, conf[fair], correct[fair], names[pred[fair]],
+        cal = fair & ~odd if args.calibrate == "in-set" else fair
+        out = ~fair & ~odd if args.calibrate == "in-set" else ~fair
+        result = pooled_rule(rule, conf[cal], correct[cal], names[pred[cal]],
                              task["classes"], args.target_precision, level=args.confidence,
                              min_class_reviews=args.min_class_reviews,
-                             min_taken=args.min_taken, chosen=conf[rev & ~fair],
-                             others=conf[~fair])
+                             min_taken=args.min_taken, chosen=conf[rev & out],
+                             others=conf[out])
         selected = result.selected
         for c, name in enumerate(task["classes"]):
             t = result.per_class[name]["threshold"]
@@ -226,7 +230,7 @@ def measure(task: dict, probs: np.ndarray, is_reviewed: np.ndarray, fair: np.nda
     for rule in args.rules.split(","):
         # the class rule needs all reviews to be a fair sample (accept's guard); the bound
         # rests on the fair sample alone, and allows for the others reviewed
-        taken, selected = accepted_by(rule, task, probs, is_reviewed, fair, args)
+        taken, selected = accepted_by(rule, task, probs, is_reviewed, fair, odd, args)
         taken &= ~odd
         if rule == "class" and not unbiased:
             taken[:] = False
@@ -329,6 +333,9 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--min-class-reviews", type=int, default=10)
     parser.add_argument("--min-taken", type=float, default=0.65)
+    parser.add_argument("--calibrate", choices=("in-set", "all"), default="in-set",
+                        help="the pooled rules' fair sample and selection: the images not "
+                        "out of set (accept), or all of them (before)")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--orders", default=",".join(ORDERS))
     parser.add_argument("--tasks", default="warm/cool,shape,pairs")

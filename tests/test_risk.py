@@ -524,3 +524,36 @@ def test_conformal_selection_refusals_and_ties_worked_by_hand():
     assert guarded.threshold == 0.5
     assert guarded.per_class["b"] == {"threshold": 0.5, "reviews": 10, "errors": 0,
                                       "reason": None}
+
+
+def test_out_of_set_errors_in_the_fair_sample_do_not_hold_back_the_rest(db, db_url):
+    """250 fair reviews, 4 of them junk (similarity 0.05, far below the real pictures'
+    0.30) that the model called a class with high confidence, and reviewers corrected.
+    Junk is never taken (it is flagged), so its errors say nothing of what can be: the
+    pooled rules calibrate and select among the images not out of set. Before, those 4
+    errors at the top ((4 + 1) / 251 = 0.02 > 0.0065) refused everything."""
+    from sqlalchemy import update
+
+    from labelassist.db.models import Prediction
+
+    rng = np.random.default_rng(8)
+    ids, labels, conf = ledger(db, 3000, rng)
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))
+    fair = order[:250]
+    top = fair[np.argsort(-conf[fair], kind="stable")]
+    junk = [int(n) for n in top[1:5]] + [int(n) for n in order[300:320]]
+    sims = rng.normal(0.30, 0.01, len(ids))
+    sims[junk] = 0.05
+    with db.write() as s:
+        for i, sim in zip(ids.tolist(), sims.tolist()):
+            s.execute(update(Prediction).where(Prediction.image_id == i).values(similarity=sim))
+    wrong = {int(np.flatnonzero(fair == n)[0]) for n in junk[:4]}
+    review(db, ids[fair], labels[fair], wrong=wrong)
+    s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
+    assert s.bound["errors"] == 0 and s.bound["reviews"] == 246  # the fair in-set ones
+    assert s.bound["others"] == s.bound["selected"] == 2750 - 20
+    rest = np.ones(len(ids), bool)
+    rest[fair] = False
+    rest[junk] = False
+    assert s.bound["threshold"] == conf[rest].min()
+    assert sum(s.accepted.values()) == 2730 and s.out_of_set == 20

@@ -79,14 +79,14 @@ def rule_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOp
     alone; the class rule refuses reviews that are not a fair sample (BiasedSample)
     unless allowed."""
     zero_shot = zero_shot or base_version(db, version)  # once, for the uses below
+    if trust.rule == "class" and not allow_biased_sample:
+        require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
+    bars = class_bars(db, version, reviews, zero_shot)
     if trust.rule in ("bound", "risk"):
-        summary = _bounded(db, version, reviews, trust)
+        summary = _bounded(db, version, reviews, trust, bars, zero_shot.id)
     else:
-        if not allow_biased_sample:
-            require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
         summary = _audited(db, version, reviews, trust)
-    take = _Take(db, version, set(reviews.labels) | reviews.skipped,
-                 class_bars(db, version, reviews, zero_shot), zero_shot.id,
+    take = _Take(db, version, set(reviews.labels) | reviews.skipped, bars, zero_shot.id,
                  trust.target_precision)
     if trust.rule == "risk":  # the expected precision holds only if enough is taken
         _require_enough_taken(summary, take.run(summary.thresholds, write=False), trust)
@@ -173,16 +173,17 @@ def _audited(db: Database, version: ModelVersion, reviews,
     return summary
 
 
-def _bounded(db: Database, version: ModelVersion, reviews,
-             trust: TrustOptions) -> AcceptSummary:
+def _bounded(db: Database, version: ModelVersion, reviews, trust: TrustOptions, bars,
+             base_id: int) -> AcceptSummary:
     """The summary with the pooled threshold of risk.py for every class that its guard
-    lets through (or each class's reason), and what the bound rests on."""
+    lets through (or each class's reason), and what the bound rests on; among the images
+    not out of set (`bars`, by the similarities of the zero-shot version `base_id`)."""
     if not reviews.labels:
         raise NothingReviewed(f"no reviewed image has a prediction from {version.name}: "
                               "review some of its tasks, then pull")
     result = bound_thresholds(db, version, reviews, trust.target_precision,
                               trust.confidence, trust.min_class_reviews, rule=trust.rule,
-                              min_taken=trust.min_taken)
+                              min_taken=trust.min_taken, bars=bars, base_id=base_id)
     summary = AcceptSummary(version.name, bound={
         "rule": trust.rule, "threshold": result.threshold, "reviews": result.reviews,
         "errors": result.errors, "error_bound": result.error_bound,

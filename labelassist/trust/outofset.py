@@ -133,6 +133,16 @@ def flagged(label: str | None, similarity: float | None, bars: dict[str, ClassBa
                 and similarity < bar.threshold)
 
 
+def flagged_mask(labels: np.ndarray, similarities: np.ndarray, classes: list[str],
+                 bars: dict[str, ClassBar]) -> np.ndarray:
+    """flagged() over arrays: each label an index into `classes` (-1: none of them),
+    each similarity a float (NaN: unknown)."""
+    cut = np.array([-np.inf if bars.get(c) is None or bars[c].threshold is None
+                    else bars[c].threshold for c in classes] + [-np.inf])
+    with np.errstate(invalid="ignore"):  # NaN is never below a bar
+        return np.asarray(similarities, dtype=np.float64) < cut[np.asarray(labels)]
+
+
 def flag_clause(label, similarity, bars: dict[str, ClassBar]):
     """SQL: an image is flagged, given the label a version predicts for it and its
     zero-shot similarity (two columns, or one Prediction's)."""
