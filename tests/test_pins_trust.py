@@ -593,6 +593,20 @@ def test_flagged_by_hand():
     assert O.flagged("fox", 0.0, bars) is False and O.flagged(None, 0.0, bars) is False
 
 
+def test_flagged_mask_is_flagged_over_arrays():
+    bars = {"cat": O.ClassBar(0.3, "reviews", 10, 0.4, 0.35, 0),
+            "dog": O.ClassBar(None, "none", 0, None, None, 0),
+            "fox": O.ClassBar(0.5, "predictions", 12, 0.6, 0.55, 1)}
+    classes = ["cat", "dog", "fox", "owl"]  # owl: no bar at all
+    labels = np.array([0, 0, 0, 1, 2, 2, 3, -1, 0])
+    sims = np.array([0.29, 0.3, np.nan, 0.0, 0.49, 0.5, 0.0, 0.0, 0.31])
+    by_one = [O.flagged(classes[k] if k >= 0 else None,
+                        None if np.isnan(v) else float(v), bars)
+              for k, v in zip(labels, sims)]
+    assert O.flagged_mask(labels, sims, classes, bars).tolist() == by_one
+    assert by_one == [True, False, False, False, True, False, False, False, False]
+
+
 def test_flagged_images_and_their_order(bars_db):
     zs, probe = version(bars_db, "zs@1"), version(bars_db, "probe@1")
     expected = {12: 0.28, 13: 0.10, 15: 0.25, 17: 0.05, 18: 0.06, 19: 0.07}
