@@ -534,8 +534,6 @@ def test_out_of_set_errors_in_the_fair_sample_do_not_hold_back_the_rest(db, db_u
     errors at the top ((4 + 1) / 251 = 0.02 > 0.0065) refused everything."""
     from sqlalchemy import update
 
-    from labelassist.db.models import Prediction
-
     rng = np.random.default_rng(8)
     ids, labels, conf = ledger(db, 3000, rng)
     order = np.lexsort((ids, risk.shuffle_rank(ids)))
@@ -557,3 +555,16 @@ def test_out_of_set_errors_in_the_fair_sample_do_not_hold_back_the_rest(db, db_u
     rest[junk] = False
     assert s.bound["threshold"] == conf[rest].min()
     assert sum(s.accepted.values()) == 2730 and s.out_of_set == 20
+    # a probe learned from it has no similarity of its own: its zero-shot base's judges
+    with db.write() as session:
+        session.add(ModelVersion(name="p@1", kind="probe", model_id="m", model_key="k",
+                                 label_set={"classes": ["a", "b"], "probe": {"base": "v@1"}}))
+    with db.write() as session:
+        probe = session.scalars(select(ModelVersion).where(ModelVersion.name == "p@1")).one()
+        session.add_all(Prediction(image_id=int(i), model_version_id=probe.id, label=str(c),
+                                   confidence=float(p), margin=float(p), scores={},
+                                   created_at=utcnow())
+                        for i, c, p in zip(ids, labels, conf))
+    learned = accept_trusted(db, "p@1", TrustOptions(rule="risk"), write=False)
+    assert learned.bound == {**s.bound}
+    assert sum(learned.accepted.values()) == 2730 and learned.out_of_set == 20
