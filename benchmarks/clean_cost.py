@@ -262,20 +262,24 @@ def pick(order: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray, cou
     left = shuffle[~is_reviewed[shuffle]]
     k = len(task["classes"])
     done = int(is_reviewed.sum())
-    order, _, fair_reviews = order.partition(":")  # random-uncertain:500
-    fair_reviews = int(fair_reviews or args.fair_reviews)
+    order, _, given = order.partition(":")  # random-uncertain:500, push:400
+    fair_reviews = int(given or args.fair_reviews)
     if order == "random-uncertain" and done < fair_reviews:
         first = left[:min(count, fair_reviews - done)].tolist()
         return first + pick(f"{order}:{fair_reviews}", task, probs, _with(is_reviewed, first),
                             count - len(first), shuffle, args)
     if order == "random":
         return left[:count].tolist()
-    if order == "push":  # what push sends: the images flagged out of set first
+    if order == "push":  # what push sends: the images flagged out of set first (push:N:
+        # after the first N of the shuffle, to see what flagging first costs)
         if "flagged at push" not in task:  # zero-shot's flags, before any review
             task["flagged at push"] = out_of_set(task, np.zeros(len(task["truth"]), bool),
                                                  task["offset"].argmax(1))
-        first = left[task["flagged at push"][left]]
-        return np.concatenate([first, left[~task["flagged at push"][left]]])[:count].tolist()
+        odd = task["flagged at push"]
+        later = max(0, int(given or 0) - int(is_reviewed[~odd].sum()))
+        fair_first = left[~odd[left]][:later]
+        rest = left[~np.isin(left, fair_first)]
+        return np.concatenate([fair_first, rest[odd[rest]], rest[~odd[rest]]])[:count].tolist()
     if order == "random-uncertain":
         top2 = np.sort(probs[left], axis=1)[:, -2:]
         return left[np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:count]].tolist()

@@ -568,3 +568,33 @@ def test_out_of_set_errors_in_the_fair_sample_do_not_hold_back_the_rest(db, db_u
     learned = accept_trusted(db, "p@1", TrustOptions(rule="risk"), write=False)
     assert learned.bound == {**s.bound}
     assert sum(learned.accepted.values()) == 2730 and learned.out_of_set == 20
+
+
+def test_other_answers_of_the_fair_sample_still_count_against_the_threshold(db):
+    """Reviewers answer "other" for 3 junk pictures of the fair sample (similarity 0.275,
+    above the bar the real pictures set, 0.267) that the model named with top confidence.
+    Their answers raise the bar to just above 0.275: that flags them, and would drop the
+    very errors the rule must count, while 30 unreviewed junk pictures at 0.278 stay
+    under the raised bar's reach. So the pooled rules judge out of set with bars that
+    no "other" answer of the fair sample moved: the 3 errors stay, (3 + 1) / 251 > 0.0065,
+    and nothing is taken; it used to take the 30 junk pictures with the rest."""
+    from sqlalchemy import update
+
+    rng = np.random.default_rng(9)
+    ids, labels, conf = ledger(db, 3000, rng)
+    order = np.lexsort((ids, risk.shuffle_rank(ids)))
+    fair = order[:250]
+    top = fair[np.argsort(-conf[fair], kind="stable")]
+    seen, unseen = [int(n) for n in top[1:4]], [int(n) for n in order[300:330]]
+    sims = np.clip(rng.normal(0.30, 0.01, len(ids)), 0.285, None)
+    sims[seen], sims[unseen] = 0.275, 0.278
+    with db.write() as s:
+        for i, sim in zip(ids.tolist(), sims.tolist()):
+            s.execute(update(Prediction).where(Prediction.image_id == i).values(similarity=sim))
+    review(db, ids[fair], labels[fair])
+    with db.write() as s:  # the three junk pictures: "other"
+        s.execute(update(Annotation).where(Annotation.image_id.in_(
+            [int(ids[n]) for n in seen])).values(label="other"))
+    s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
+    assert not s.accepted and s.bound["threshold"] is None
+    assert "3 of the 250 fair reviews at or above it are wrong" in s.bound["reason"]

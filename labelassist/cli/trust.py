@@ -178,7 +178,8 @@ def accept(
         "own --min-support reviews, with no guarantee (docs/trust.md).")] = "risk",
     confidence: Annotated[float, typer.Option(
         help="--rule bound: the probability that the precision taken reaches the "
-        "target.")] = 0.95,
+        "target; --rule risk and bound: how sure a class guard must be that a class is "
+        "worse than the target before it refuses it.")] = 0.95,
     min_class_reviews: Annotated[int, typer.Option(
         min=1, help="--rule risk and bound: reviews of a class's predictions at or above "
         "the threshold before the pooled rule speaks for it.")] = 10,

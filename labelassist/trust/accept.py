@@ -83,7 +83,7 @@ def rule_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOp
         require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
     bars = class_bars(db, version, reviews, zero_shot)
     if trust.rule in ("bound", "risk"):
-        summary = _bounded(db, version, reviews, trust, bars, zero_shot.id)
+        summary = _bounded(db, version, reviews, trust, zero_shot)
     else:
         summary = _audited(db, version, reviews, trust)
     take = _Take(db, version, set(reviews.labels) | reviews.skipped, bars, zero_shot.id,
@@ -173,17 +173,17 @@ def _audited(db: Database, version: ModelVersion, reviews,
     return summary
 
 
-def _bounded(db: Database, version: ModelVersion, reviews, trust: TrustOptions, bars,
-             base_id: int) -> AcceptSummary:
+def _bounded(db: Database, version: ModelVersion, reviews, trust: TrustOptions,
+             zero_shot: ModelVersion) -> AcceptSummary:
     """The summary with the pooled threshold of risk.py for every class that its guard
     lets through (or each class's reason), and what the bound rests on; among the images
-    not out of set (`bars`, by the similarities of the zero-shot version `base_id`)."""
+    not out of set (by the similarities of `zero_shot`)."""
     if not reviews.labels:
         raise NothingReviewed(f"no reviewed image has a prediction from {version.name}: "
                               "review some of its tasks, then pull")
     result = bound_thresholds(db, version, reviews, trust.target_precision,
                               trust.confidence, trust.min_class_reviews, rule=trust.rule,
-                              min_taken=trust.min_taken, bars=bars, base_id=base_id)
+                              min_taken=trust.min_taken, base=zero_shot)
     summary = AcceptSummary(version.name, bound={
         "rule": trust.rule, "threshold": result.threshold, "reviews": result.reviews,
         "errors": result.errors, "error_bound": result.error_bound,

@@ -42,7 +42,7 @@ than the pool only makes the rest better.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from sqlalchemy import select
@@ -51,7 +51,7 @@ from sqlalchemy.orm import aliased
 from ..db import Database
 from ..db.models import ModelVersion, Prediction
 from ..db.queries import keyset_pages
-from .outofset import flagged_mask
+from .outofset import OTHER, base_version, class_bars, flagged_mask
 
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MIN_CLASS_REVIEWS = 10
@@ -268,7 +268,8 @@ def risk_reviews_needed(target: float, min_taken: float) -> int:
 def risk_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.ndarray,
                    classes: list[str], target: float, others: np.ndarray,
                    min_taken: float = DEFAULT_MIN_TAKEN,
-                   min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS) -> PooledThreshold:
+                   min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS,
+                   level: float = DEFAULT_CONFIDENCE) -> PooledThreshold:
     """The lowest threshold t by conformal selection (Jin & Candes, "Selection by
     prediction with conformal p-values", JMLR 2023): the fair sample (`confidence`,
     `correct`: whether the human agreed, `predicted`: the class names) calibrates, the
@@ -323,8 +324,8 @@ def risk_threshold(confidence: np.ndarray, correct: np.ndarray, predicted: np.nd
     best = int(passed[-1])  # step-up: the largest selection that passes
     result = PooledThreshold(float(t[best]), n, int(errors[best]), float(fdr[best]),
                              others=m, selected=int(k[best]))
-    return _guarded(result, confidence, correct, predicted, classes, target,
-                    DEFAULT_CONFIDENCE, min_class_reviews)
+    return _guarded(result, confidence, correct, predicted, classes, target, level,
+                    min_class_reviews)
 
 
 def takes_enough(taken: int, selected: int, min_taken: float) -> bool:
@@ -342,7 +343,7 @@ def pooled_rule(rule: str, confidence: np.ndarray, correct: np.ndarray,
     `others`: the confidences outside the fair sample, `chosen`: those reviewed anyway."""
     if rule == "risk":
         return risk_threshold(confidence, correct, predicted, classes, target, others,
-                              min_taken, min_class_reviews)
+                              min_taken, min_class_reviews, level)
     return pooled_threshold(confidence, correct, predicted, classes, target, level,
                             min_class_reviews, chosen=chosen, others=others)
 
@@ -374,27 +375,31 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
                      level: float = DEFAULT_CONFIDENCE,
                      min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS, *,
                      rule: str = "bound",
-                     min_taken: float = DEFAULT_MIN_TAKEN, bars: dict | None = None,
-                     base_id: int | None = None) -> PooledThreshold:
+                     min_taken: float = DEFAULT_MIN_TAKEN,
+                     base: ModelVersion | None = None) -> PooledThreshold:
     """The pooled threshold of a version's predictions, from the fair sample of its
     reviews (reviews.py's resolved labels are the truth; "other" is an error): rule
     "bound" holds at confidence `level` (pooled_threshold), "risk" in expectation
     (risk_threshold).
 
-    `bars` (outofset.class_bars, with `base_id`: the zero-shot version whose similarities
-    they judge): images out of set are never taken, so the rule calibrates on the fair
-    sample's images that are not, and selects among the others that are not. The flag is
-    a function of the image alone (given the bars), so the two stay alike: a junk picture
-    that the model called a class with confidence and a reviewer corrected then holds
-    back nothing that accept could take."""
+    Images out of set are never taken, so the rule calibrates on the fair sample's images
+    that are not, and selects among the others that are not: a junk picture that the
+    model named with confidence, and a reviewer corrected, then holds back nothing that
+    accept could take. The two sides must be judged alike, so the bars here (outofset.
+    class_bars, by the similarities of the zero-shot version `base`) are set without the
+    fair sample's "other" answers: each would raise its class's bar to just above itself,
+    and so drop from the calibration exactly the error it records, while junk a little
+    closer to the class, unreviewed, stays unflagged. (accept still leaves out what the
+    bars with every answer flag: fewer taken, never more.)"""
     classes = list(version.label_set["classes"])
     index = {c: n for n, c in enumerate(classes)}
+    base = base or base_version(db, version)
     parts = []  # a page at a time into arrays: 32 bytes a prediction, not a Python row
-    base = aliased(Prediction)
+    zero_shot = aliased(Prediction)
     query = (select(Prediction.id, Prediction.image_id, Prediction.label,
-                    Prediction.confidence, base.similarity)
-             .outerjoin(base, (base.image_id == Prediction.image_id)
-                        & (base.model_version_id == (base_id or version.id)))
+                    Prediction.confidence, zero_shot.similarity)
+             .outerjoin(zero_shot, (zero_shot.image_id == Prediction.image_id)
+                        & (zero_shot.model_version_id == base.id))
              .where(Prediction.model_version_id == version.id))
     for rows in keyset_pages(db, query, Prediction.id, size=20_000):
         parts.append((np.fromiter((r[1] for r in rows), np.int64, len(rows)),
@@ -406,8 +411,11 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
                                 else np.zeros(0, dtype) for k, dtype in
                                 enumerate((np.int64, np.int64, np.float64, np.float64)))
     labelled = np.fromiter(reviews.labels, dtype=np.int64, count=len(reviews.labels))
-    odd = flagged_mask(labels, sims, classes, bars or {})
     fair = fair_prefix(ids, labelled)
+    in_fair = set(ids[fair].tolist())
+    unmoved = replace(reviews, labels={i: h for i, h in reviews.labels.items()
+                                       if not (h.label == OTHER and i in in_fair)})
+    odd = flagged_mask(labels, sims, classes, class_bars(db, version, unmoved, base))
     reviewed = np.isin(ids, labelled)
     calibrate, others = fair & ~odd, ~fair & ~odd
     human = np.array([index.get(reviews.labels[i].label, -2)
