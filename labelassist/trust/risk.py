@@ -376,7 +376,8 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
                      min_class_reviews: int = DEFAULT_MIN_CLASS_REVIEWS, *,
                      rule: str = "bound",
                      min_taken: float = DEFAULT_MIN_TAKEN,
-                     base: ModelVersion | None = None) -> PooledThreshold:
+                     base: ModelVersion | None = None,
+                     bars: dict | None = None) -> PooledThreshold:
     """The pooled threshold of a version's predictions, from the fair sample of its
     reviews (reviews.py's resolved labels are the truth; "other" is an error): rule
     "bound" holds at confidence `level` (pooled_threshold), "risk" in expectation
@@ -390,7 +391,8 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
     fair sample's "other" answers: each would raise its class's bar to just above itself,
     and so drop from the calibration exactly the error it records, while junk a little
     closer to the class, unreviewed, stays unflagged. (accept still leaves out what the
-    bars with every answer flag: fewer taken, never more.)"""
+    bars with every answer flag: fewer taken, never more.) `bars`: those accept set from
+    all the reviews, used as they are where the fair sample holds no "other" answer."""
     classes = list(version.label_set["classes"])
     index = {c: n for n, c in enumerate(classes)}
     base = base or base_version(db, version)
@@ -413,9 +415,11 @@ def bound_thresholds(db: Database, version: ModelVersion, reviews, target: float
     labelled = np.fromiter(reviews.labels, dtype=np.int64, count=len(reviews.labels))
     fair = fair_prefix(ids, labelled)
     in_fair = set(ids[fair].tolist())
-    unmoved = replace(reviews, labels={i: h for i, h in reviews.labels.items()
-                                       if not (h.label == OTHER and i in in_fair)})
-    odd = flagged_mask(labels, sims, classes, class_bars(db, version, unmoved, base))
+    unmoved = {i: h for i, h in reviews.labels.items()
+               if not (h.label == OTHER and i in in_fair)}
+    if bars is None or len(unmoved) < len(reviews.labels):  # the bars moved: set them again
+        bars = class_bars(db, version, replace(reviews, labels=unmoved), base)
+    odd = flagged_mask(labels, sims, classes, bars)
     reviewed = np.isin(ids, labelled)
     calibrate, others = fair & ~odd, ~fair & ~odd
     human = np.array([index.get(reviews.labels[i].label, -2)
