@@ -83,7 +83,7 @@ def rule_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOp
         require_fair_sample(db, version, reviews, zero_shot)  # a refusal is cheap
     bars = class_bars(db, version, reviews, zero_shot)
     if trust.rule in ("bound", "risk"):
-        summary = _bounded(db, version, reviews, trust, zero_shot)
+        summary = _bounded(db, version, reviews, trust, zero_shot, bars)
     else:
         summary = _audited(db, version, reviews, trust)
     take = _Take(db, version, set(reviews.labels) | reviews.skipped, bars, zero_shot.id,
@@ -96,17 +96,27 @@ def rule_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOp
 class _Take:
     """The pass over a version's predictions that counts, and writes, what accept takes:
     the unreviewed predictions at or above their class's threshold, out-of-set ones left
-    out. (what was taken by class, the unreviewed, the out of set)"""
+    out. (what was taken by class, the unreviewed, the out of set)
+
+    A pass reads every prediction of the version, so one that would only count again
+    what the last pass counted (the same thresholds, nothing to write; or none trusted:
+    the unreviewed and the out of set do not depend on them) is answered from it: --rule
+    risk counts before it trusts, and accept's dry run (serve's status) then asks again."""
 
     def __init__(self, db: Database, version: ModelVersion, reviewed: set[int], bars,
                  base_id: int, target_precision: float):
         self.db, self.version, self.reviewed, self.bars = db, version, reviewed, bars
         self.base_id, self.target_precision = base_id, target_precision
+        self._last: tuple[tuple, tuple[Counter, int, int]] | None = None
 
     def run(self, thresholds: dict[str, float | None], write: bool
             ) -> tuple[Counter, int, int]:
         version, reviewed = self.version, self.reviewed
         trusted = {c: t for c, t in thresholds.items() if t is not None}
+        key = tuple(sorted(trusted.items()))
+        if self._last is not None and (not trusted or (not write and self._last[0] == key)):
+            taken, unreviewed, out_of_set = self._last[1]
+            return Counter(taken) if trusted else Counter(), unreviewed, out_of_set
         accepted, unreviewed, out_of_set = Counter(), 0, 0
         base = aliased(Prediction)  # the zero-shot prediction whose similarity flags it
         query = (select(Prediction.id, Prediction.image_id, Prediction.label,
@@ -130,6 +140,7 @@ class _Take:
                 with self.db.write() as s:
                     insert_ignoring_duplicates(s, AutoAccept, rows)
             accepted.update(r["label"] for r in rows)
+        self._last = (key, (Counter(accepted), unreviewed, out_of_set))
         return accepted, unreviewed, out_of_set
 
 
@@ -174,16 +185,16 @@ def _audited(db: Database, version: ModelVersion, reviews,
 
 
 def _bounded(db: Database, version: ModelVersion, reviews, trust: TrustOptions,
-             zero_shot: ModelVersion) -> AcceptSummary:
+             zero_shot: ModelVersion, bars) -> AcceptSummary:
     """The summary with the pooled threshold of risk.py for every class that its guard
     lets through (or each class's reason), and what the bound rests on; among the images
-    not out of set (by the similarities of `zero_shot`)."""
+    not out of set (by the similarities of `zero_shot`; `bars`: from all the reviews)."""
     if not reviews.labels:
         raise NothingReviewed(f"no reviewed image has a prediction from {version.name}: "
                               "review some of its tasks, then pull")
     result = bound_thresholds(db, version, reviews, trust.target_precision,
                               trust.confidence, trust.min_class_reviews, rule=trust.rule,
-                              min_taken=trust.min_taken, base=zero_shot)
+                              min_taken=trust.min_taken, base=zero_shot, bars=bars)
     summary = AcceptSummary(version.name, bound={
         "rule": trust.rule, "threshold": result.threshold, "reviews": result.reviews,
         "errors": result.errors, "error_bound": result.error_bound,
