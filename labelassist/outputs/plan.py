@@ -36,31 +36,31 @@ def plan_export(db: Database, *, include_auto: bool, version: str | None,
     chosen = resolve_version(db, version)
     zero_shot = base_version(db, chosen)  # looked up once
     # before anything is written: the thresholds (the class rule refuses a biased sample)
-    thresholds = trust_thresholds(db, chosen, reviews, trust, allow_biased_sample,
-                                  zero_shot) if include_auto else None
+    thresholds, bars = trust_thresholds(db, chosen, reviews, trust, allow_biased_sample,
+                                        zero_shot) if include_auto else (None, {})
     with db.read() as s:
         versions = s.execute(select(ModelVersion.id, ModelVersion.name,
                                     ModelVersion.label_set)).all()
     classes = {c for _, _, label_set in versions for c in label_set.get("classes", [])}
     labels = frozenset(classes | {h.label for h in reviews.labels.values()
                                   if h.label != OTHER or OTHER in classes})
-    bars = class_bars(db, chosen, reviews, zero_shot) if include_auto else {}
     return Plan(chosen.id, chosen.name, {i: name for i, name, _ in versions}, reviews,
                  thresholds, labels, zero_shot.id, bars)
 
 
 def trust_thresholds(db: Database, version: ModelVersion, reviews, trust: TrustOptions,
                      allow_biased_sample: bool = False,
-                     zero_shot: ModelVersion | None = None) -> dict[str, float]:
+                     zero_shot: ModelVersion | None = None
+                     ) -> tuple[dict[str, float], dict]:
     """Per class, the confidence above which unreviewed predictions are trusted, by
     accept's rule (trust.rule), from the reviews as this export resolves them (its
-    --resolve policy)."""
+    --resolve policy); and the out-of-set bars the rule set on the way (class_bars)."""
     from ..trust.accept import NothingReviewed, rule_thresholds
 
     try:
-        summary, _ = rule_thresholds(db, version, reviews, trust,
-                                     allow_biased_sample=allow_biased_sample,
-                                     zero_shot=zero_shot)
-    except NothingReviewed:
-        return {}  # nothing reviewed yet: no threshold can be trusted
-    return {c: t for c, t in summary.thresholds.items() if t is not None}
+        summary, take = rule_thresholds(db, version, reviews, trust,
+                                        allow_biased_sample=allow_biased_sample,
+                                        zero_shot=zero_shot)
+    except NothingReviewed:  # nothing reviewed yet: no threshold can be trusted
+        return {}, class_bars(db, version, reviews, zero_shot)
+    return {c: t for c, t in summary.thresholds.items() if t is not None}, take.bars
