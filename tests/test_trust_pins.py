@@ -84,6 +84,24 @@ def test_the_bar_from_the_reference_alone():
     assert bar.threshold == pytest.approx(0.12) and bar.n_reference == 21
 
 
+def test_a_bar_from_reviews_never_flags_a_picture_as_close_as_one_a_reviewer_saw():
+    # 21 real pictures a reviewer labelled, the lowest well below the rest: the 5th
+    # percentile is the second lowest (0.615), the median 0.63, so p5 - (median - p5) =
+    # 0.60 lies above the lowest real picture itself (the toy world's pairs at 500
+    # reviews: a class with an eighth of its pictures flagged). A picture as close to
+    # its class as a real one seen is not junk.
+    few = np.r_[0.58, 0.615, np.linspace(0.62, 0.64, 19)]
+    bar = O._bar(few, "reviews", [])
+    assert 2 * bar.low - bar.median > few.min()  # the old bar: above a real picture
+    assert bar.threshold == pytest.approx(few.min()) and bar.threshold <= few.min()
+    # the same similarities as predictions (no review yet: junk may be among them) keep
+    # p5 - (median - p5): the lowest of them proves nothing
+    assert O._bar(few, "predictions", []).threshold == pytest.approx(2 * bar.low - bar.median)
+    # a reviewer's "other" still lifts it, up to the 5th percentile
+    assert O._bar(few, "reviews", [0.605]).threshold == pytest.approx(
+        math.nextafter(0.605, 1))
+
+
 @pytest.mark.parametrize("other, expected", [
     (0.05, 0.12),                          # below the bar already: no change
     (0.15, math.nextafter(0.15, 1)),       # just above the highest "other"
