@@ -538,7 +538,7 @@ def test_reviews_from_a_real_label_studio_flow_into_audit_learn_accept_and_expor
 def test_junk_goes_to_reviewers_first_and_their_other_comes_back(db_url, db, toy_model_dir,
                                                                  ls_env, tmp_path, request):
     """None of these, through a real Label Studio: the project offers `other`, the junk
-    becomes the first tasks whatever the order, and reviewers' `other` comes back through
+    becomes the first tasks with --order flagged, and reviewers' `other` comes back through
     pull into the report and out of the export."""
     import json
 
@@ -558,7 +558,7 @@ def test_junk_goes_to_reviewers_first_and_their_other_comes_back(db_url, db, toy
     assert runner.invoke(app, ["run", str(photos), "--labels", str(members), "--model",
                                str(toy_model_dir), "--db", db_url]).exit_code == 0
     pushed = runner.invoke(app, ["push", "--db", db_url, "--project", title, "--order",
-                                 "random"])
+                                 "flagged"])
     assert pushed.exit_code == 0 and "46 tasks created" in pushed.output, pushed.output
 
     client = LabelStudioClient(Connection(ls_env.url, ls_env.token), retries=1)

@@ -72,16 +72,20 @@ def _upper_by_hand(values: list[float]) -> list[float]:
 def bars_by_hand(db, rows) -> dict[str, float]:
     """Per class, the similarity below which a prediction is flagged, from the ledger by
     the rule in docs/trust.md, not through class_bars: the reviewed pictures of the class
-    (all its predictions, Otsu's upper group, under 10 reviews) set p5 - (median - p5);
-    a review of "other" lifts it to just above that image, never above p5."""
+    (all its predictions, Otsu's upper group, under 10 reviews) set p5 - (median - p5),
+    never above the lowest reviewed picture; a review of "other" lifts it to just above
+    that image, never above p5."""
     truth = {i: h.label for i, h in load_reviews(db).labels.items()}
     bars = {}
     for c in {label for label, _, _ in rows.values()}:
         reference = [sim for i, (_, sim, _) in rows.items() if truth.get(i) == c]
-        if len(reference) < 10:
+        reviewed = len(reference) >= 10
+        if not reviewed:
             reference = _upper_by_hand([sim for label, sim, _ in rows.values() if label == c])
         low, median = np.percentile(reference, 5), np.median(reference)
         bar = low - (median - low)
+        if reviewed:  # never above the lowest real picture a reviewer saw
+            bar = min(bar, min(reference))
         other = [sim for i, (label, sim, _) in rows.items()
                  if label == c and truth.get(i) == OTHER]
         if other:
@@ -296,3 +300,38 @@ def test_the_flag_asks_the_class_the_version_predicts(corrected_by_a_probe, tmp_
     with open(tmp_path / "out" / "labels.csv", newline="") as fh:
         exported = {Path(r["path"]).stem: r["label"] for r in csv.DictReader(fh)}
     assert exported[str(ids[0])] == "b" and str(ids[1]) not in exported
+
+
+def test_push_sends_the_fair_shuffle_by_default_and_flagged_images_first_on_request(
+        junky_folder):
+    """benchmarks/clean_cost.py: sending the flagged images first cost 200 reviews on the
+    24 pairs (they lie outside the fair sample that accept's rules rest on) and saved
+    nothing elsewhere, so the default order is the shuffle alone, flagged images in their
+    place; --order flagged still sends them first."""
+    from labelassist.db.models import LSProject
+    from labelassist.labelstudio.push import ORDERS, _Pusher, push
+
+    db, rows = junky_folder
+    version = resolve_version(db)
+    with db.write() as s:
+        project = LSProject(url="http://127.0.0.1:1", ls_project_id=1, title="t",
+                            classes=["warm", "cool"], image_mode="local")
+        s.add(project)
+        s.flush()
+        s.expunge(project)
+    pusher = _Pusher(db, None, project, version, None, None)
+
+    def sent(order):  # the first batch, all of them (nothing is sent: it would repeat)
+        kind, batch = next(pusher.batches(order, len(rows)))
+        assert kind == "tasks" and len(batch) == len(rows)
+        return [p.image_id for p, _ in batch]
+
+    is_flagged = flags_by_hand(db, rows)
+    fair = sent("random")
+    assert fair == sorted(rows, key=lambda i: (i * 2654435761 % 2 ** 32, i))
+    assert push.__kwdefaults__["order"] == "random" and "flagged" in ORDERS
+    n = sum(is_flagged.values())
+    assert 36 <= n < len(rows) and sorted(fair[:n]) != sorted(i for i in rows if is_flagged[i])
+    first = sent("flagged")
+    assert all(is_flagged[i] for i in first[:n]) and not any(is_flagged[i] for i in first[n:])
+    assert [i for i in first if not is_flagged[i]] == [i for i in fair if not is_flagged[i]]

@@ -41,12 +41,13 @@ def push(
         help="Which images become tasks first. random (the default): a fixed shuffle, so "
              "reviewers who work in task order review a fair sample, which learn learns "
              "fastest from and suggest and accept need (file names often sort by class: "
-             "ingest order would show one class first). Images flagged out of set come "
-             "first in every order. In benchmarks/clean_cost.py no order cost the fewest "
-             "reviews on all three tasks; random came within 200 reviews of the best on "
-             "each, and it is the fair sample accept's rules rest on (risk needs 153 "
-             "reviews, bound 368; docs/trust.md). ingest: as "
-             "ingested; uncertain: lowest margin first; confident: surest first.")] = "random",
+             "ingest order would show one class first). In benchmarks/clean_cost.py it "
+             "came within 100 reviews of the best order on each of three tasks, and it is "
+             "the fair sample accept's rules rest on (risk needs 153 reviews, bound 368; "
+             "docs/trust.md). flagged: the images flagged out of set first, then the "
+             "shuffle (reviewers meet the junk first; it cost 200 more reviews on the "
+             "24-class task). ingest: as ingested; uncertain: lowest margin first; "
+             "confident: surest first.")] = "random",
     batch_size: Annotated[int, typer.Option(min=1, max=5000, help="Tasks per import request "
                                             "(Label Studio handles ~1,000 in 1.5 s).")] = 500,
 ) -> None:
