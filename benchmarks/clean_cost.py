@@ -27,8 +27,9 @@ measured against the truth:
   (risk.risk_threshold: the precision holds in expectation), taken only where at least
   --min-taken of what it selects is, each class guarded.
 
-Orders: random (push's fair shuffle, risk.shuffle_rank); push (push's order as it is:
-the images zero-shot flags out of set first, then the shuffle); balanced (round robin over the
+Orders: random (push's default order: its fair shuffle, risk.shuffle_rank); flagged (push
+--order flagged: the images zero-shot flags out of set first, then the shuffle; push's
+default before; flagged:N sends them after the first N of the shuffle); balanced (round robin over the
 classes the shown version predicts, in the shuffle's order within each); random-uncertain (the first
 --fair-reviews in the fair shuffle, then lowest margin of the version shown first). The
 bound and risk rules rest on
@@ -52,7 +53,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-ORDERS = ("random", "push", "balanced", "random-uncertain")
+ORDERS = ("random", "flagged", "balanced", "random-uncertain")
 RULES = ("class", "bound", "risk")
 COVERAGE, ACCURACY = 0.95, 0.99
 
@@ -159,10 +160,10 @@ def out_of_set(task: dict, is_reviewed: np.ndarray, shown: np.ndarray) -> np.nda
     sim, truth = task["similarity"], task["truth"]
     bars = np.full(len(task["classes"]), -np.inf)
     for c in range(len(bars)):
-        ref = sim[is_reviewed & (truth == c)]
+        ref, source = sim[is_reviewed & (truth == c)], "reviews"
         if len(ref) < MIN_REFERENCE:
-            ref = upper_group(sim[zs == c])
-        bar = _bar(ref, "", [])
+            ref, source = upper_group(sim[zs == c]), "predictions"
+        bar = _bar(ref, source, [])
         bars[c] = -np.inf if bar.threshold is None else bar.threshold
     return sim < bars[shown]
 
@@ -262,7 +263,7 @@ def pick(order: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray, cou
     left = shuffle[~is_reviewed[shuffle]]
     k = len(task["classes"])
     done = int(is_reviewed.sum())
-    order, _, given = order.partition(":")  # random-uncertain:500, push:400
+    order, _, given = order.partition(":")  # random-uncertain:500, flagged:400
     fair_reviews = int(given or args.fair_reviews)
     if order == "random-uncertain" and done < fair_reviews:
         first = left[:min(count, fair_reviews - done)].tolist()
@@ -270,8 +271,8 @@ def pick(order: str, task: dict, probs: np.ndarray, is_reviewed: np.ndarray, cou
                             count - len(first), shuffle, args)
     if order == "random":
         return left[:count].tolist()
-    if order == "push":  # what push sends: the images flagged out of set first (push:N:
-        # after the first N of the shuffle, to see what flagging first costs)
+    if order == "flagged":  # push --order flagged: the images flagged out of set first
+        # (flagged:N: after the first N of the shuffle, to see what flagging first costs)
         if "flagged at push" not in task:  # zero-shot's flags, before any review
             task["flagged at push"] = out_of_set(task, np.zeros(len(task["truth"]), bool),
                                                  task["offset"].argmax(1))
