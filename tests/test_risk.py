@@ -528,10 +528,12 @@ def test_conformal_selection_refusals_and_ties_worked_by_hand():
 
 def test_out_of_set_errors_in_the_fair_sample_do_not_hold_back_the_rest(db, db_url):
     """250 fair reviews, 4 of them junk (similarity 0.05, far below the real pictures'
-    0.30) that the model called a class with high confidence, and reviewers corrected.
-    Junk is never taken (it is flagged), so its errors say nothing of what can be: the
-    pooled rules calibrate and select among the images not out of set. Before, those 4
-    errors at the top ((4 + 1) / 251 = 0.02 > 0.0065) refused everything."""
+    0.30) that the model called a class with high confidence, and reviewers answered
+    "other". Junk is never taken (it is flagged), so its errors say nothing of what can be:
+    the pooled rules calibrate and select among the images not out of set. Before, those
+    4 errors at the top ((4 + 1) / 251 = 0.02 > 0.0065) refused everything. Had the
+    reviewers named a class for them instead, they would be real pictures of it: the bar
+    never flags below one (outofset._bar), so they count, and nothing is taken."""
     from sqlalchemy import update
 
     rng = np.random.default_rng(8)
@@ -540,13 +542,19 @@ def test_out_of_set_errors_in_the_fair_sample_do_not_hold_back_the_rest(db, db_u
     fair = order[:250]
     top = fair[np.argsort(-conf[fair], kind="stable")]
     junk = [int(n) for n in top[1:5]] + [int(n) for n in order[300:320]]
-    sims = rng.normal(0.30, 0.01, len(ids))
+    sims = np.clip(rng.normal(0.30, 0.01, len(ids)), 0.285, None)  # the bar: about 0.267
     sims[junk] = 0.05
     with db.write() as s:
         for i, sim in zip(ids.tolist(), sims.tolist()):
             s.execute(update(Prediction).where(Prediction.image_id == i).values(similarity=sim))
     wrong = {int(np.flatnonzero(fair == n)[0]) for n in junk[:4]}
     review(db, ids[fair], labels[fair], wrong=wrong)
+    named = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
+    assert not named.accepted and named.out_of_set == 0
+    assert "4 of the 250 fair reviews at or above it are wrong" in named.bound["reason"]
+    with db.write() as s:  # what reviewers answer for junk: "other"
+        s.execute(update(Annotation).where(Annotation.image_id.in_(
+            [int(ids[n]) for n in junk[:4]])).values(label="other"))
     s = accept_trusted(db, trust=TrustOptions(rule="risk"), write=False)
     assert s.bound["errors"] == 0 and s.bound["reviews"] == 246  # the fair in-set ones
     assert s.bound["others"] == s.bound["selected"] == 2750 - 20

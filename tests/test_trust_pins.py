@@ -97,6 +97,11 @@ def test_a_bar_from_reviews_never_flags_a_picture_as_close_as_one_a_reviewer_saw
     # the same similarities as predictions (no review yet: junk may be among them) keep
     # p5 - (median - p5): the lowest of them proves nothing
     assert O._bar(few, "predictions", []).threshold == pytest.approx(2 * bar.low - bar.median)
+    # a reviewer's word is the truth: a picture named the class far below the rest
+    # lowers the bar to it (tests/test_risk.py: junk that reviewers named a class)
+    many = np.r_[0.05, 0.58, np.linspace(0.62, 0.64, 60)]
+    bar = O._bar(many, "reviews", [])
+    assert 2 * bar.low - bar.median > 0.59 and bar.threshold == pytest.approx(0.05)
     # a reviewer's "other" still lifts it, up to the 5th percentile
     assert O._bar(few, "reviews", [0.605]).threshold == pytest.approx(
         math.nextafter(0.605, 1))

@@ -13,7 +13,11 @@ as far below the reference's 5th percentile as that lies below its median, and, 
 the reference is reviews, never above the lowest of them: an image that matches its class
 as well as a real picture a reviewer saw is not flagged (from a few reviews the 5th
 percentile is nearly the lowest, and the rule alone flagged an eighth of a class's real
-pictures in benchmarks/clean_cost.py's pairs). With fewer
+pictures in benchmarks/clean_cost.py's pairs). A reviewer's word is the truth here as in
+learn and accept: junk that a reviewer names a class lowers the bar to it (reviewers answer
+"other" for junk, below; Otsu's split cannot tell junk from a real picture far from its
+description: the pairs' real pictures alone split 8 deviations apart in one draw of 20 in
+eight). With fewer
 than MIN_REFERENCE reviews of a class (before the first review, say), the reference is
 the predictions of that class; when their similarities fall in two clearly separate
 groups (Otsu's split, the groups' means more than SEPARATION pooled standard deviations
@@ -127,7 +131,7 @@ def _bar(values: np.ndarray, source: str, other: list[float]) -> ClassBar:
     median = float(np.median(values))
     low = float(np.percentile(values, LOW_PERCENTILE))
     threshold = low - (median - low)
-    if source == "reviews":  # real pictures of the class: none of them is junk
+    if source == "reviews":  # real pictures of the class, by a reviewer's word
         threshold = min(threshold, float(values.min()))
     if other:  # just above every "other" image seen, but never above the 5th percentile
         threshold = max(threshold, min(math.nextafter(max(other), math.inf), low))
