@@ -112,6 +112,13 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(t.detach().exp())
 
 
+def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    """The mean cross-entropy of integer labels under these logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(y)), y].mean())
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -190,7 +197,8 @@ def learn(db: Database, model, version: ModelVersion, *, policy: str = "majority
 
 
 def choose_lambda(x, offset, y, keys, n_classes):
-    """Pick the regularisation by k-fold accuracy on the reviews. Pure zero-shot (None)
+    """Pick the regularisation by k-fold accuracy on the reviews (ties: by the k-fold
+    log-loss). Pure zero-shot (None)
     stays with fewer than MIN_REVIEWS reviews (or MIN_PER_CLASS of a reviewed class), and
     unless a probe beats it by at least two reviews: a lucky fold must not replace a good
     zero-shot classifier."""
@@ -201,7 +209,9 @@ def choose_lambda(x, offset, y, keys, n_classes):
     scored = [(float((logits.argmax(1) == y).mean()), lam, logits) for lam in LAMBDAS
               for logits in [out_of_fold(x, offset, y, fold, lam, n_classes)]]
     zero_acc, _, zero_logits = scored[0]
-    acc, lam, logits = max(scored[1:], key=lambda t: (t[0], -LAMBDAS.index(t[1])))
+    # ties of accuracy (common: a few hundred reviews, a handful of errors) go to the
+    # lowest held-out log-loss, which still tells the candidates apart
+    acc, lam, logits = max(scored[1:], key=lambda t: (t[0], -log_loss(t[2], y)))
     if acc - zero_acc < 2 / len(y) - 1e-9:
         return None, zero_acc, zero_logits
     return lam, acc, logits
