@@ -71,8 +71,8 @@ class PushSummary:
 # flagged: the images flagged out of set first (outofset.py), then the same shuffle.
 # Not the default: in benchmarks/clean_cost.py it cost 200 more reviews on the 24 pairs
 # (they lie outside the fair sample that accept's rules rest on) and saved none elsewhere.
-RANDOM = (cast(Prediction.image_id, BigInteger) * 2654435761) % 4294967296  # 64 bits:
-# PostgreSQL's 32-bit integer product overflows ("out of range")
+# In 64 bits: PostgreSQL's 32-bit integer product overflows ("out of range").
+RANDOM = (cast(Prediction.image_id, BigInteger) * 2654435761) % 4294967296
 ORDERS = {"ingest": Prediction.image_id, "uncertain": Prediction.margin,
           "confident": Prediction.confidence.desc(), "random": RANDOM, "flagged": RANDOM}
 

@@ -30,7 +30,7 @@ from ..model.zeroshot import TextClassifier, to_predictions
 # CLIP's embeddings differ between classes in a small part of each vector, so overruling
 # a zero-shot that is sure and wrong takes large weights (tests/test_learn.py). On the toy
 # world's 24 pairs the probe stopped at 0.001, the weakest before, and at 98.6% right;
-# it picks 0.0003 to 0.00003 now and is right on 99% (benchmarks/RESULTS.md).
+# it picks 0.0003 to 0.00001 now and is right on about 99% (benchmarks/RESULTS.md).
 LAMBDAS = (None, 1.0, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001, 0.00003, 0.00001)
 FOLDS = 5
 # Below these, cross-validation cannot tell a real gain from a lucky fold: zero-shot stays.
@@ -198,10 +198,9 @@ def learn(db: Database, model, version: ModelVersion, *, policy: str = "majority
 
 def choose_lambda(x, offset, y, keys, n_classes):
     """Pick the regularisation by k-fold accuracy on the reviews (ties: by the k-fold
-    log-loss). Pure zero-shot (None)
-    stays with fewer than MIN_REVIEWS reviews (or MIN_PER_CLASS of a reviewed class), and
-    unless a probe beats it by at least two reviews: a lucky fold must not replace a good
-    zero-shot classifier."""
+    log-loss). Pure zero-shot (None) stays with fewer than MIN_REVIEWS reviews (or
+    MIN_PER_CLASS of a reviewed class), and unless a probe beats it by at least two
+    reviews: a lucky fold must not replace a good zero-shot classifier."""
     counts = np.bincount(y, minlength=n_classes) if len(y) else np.zeros(n_classes)
     if len(y) < MIN_REVIEWS or counts[counts > 0].min() < MIN_PER_CLASS:
         return None, float((offset.argmax(1) == y).mean()) if len(y) else 0.0, offset
