@@ -154,16 +154,13 @@ def shown_probs(task: dict, reviewed: np.ndarray) -> tuple[np.ndarray, bool]:
 def out_of_set(task: dict, is_reviewed: np.ndarray, shown: np.ndarray) -> np.ndarray:
     """accept's out-of-set flags (trust.outofset): the zero-shot similarity of each image
     against the bar of the class the version shown predicts (`shown`)."""
-    from labelassist.trust.outofset import MIN_REFERENCE, _bar, upper_group
+    from labelassist.trust.outofset import reference_bar
 
     zs = task["offset"].argmax(1)
     sim, truth = task["similarity"], task["truth"]
     bars = np.full(len(task["classes"]), -np.inf)
     for c in range(len(bars)):
-        ref, source = sim[is_reviewed & (truth == c)], "reviews"
-        if len(ref) < MIN_REFERENCE:
-            ref, source = upper_group(sim[zs == c]), "predictions"
-        bar = _bar(ref, source, [])
+        bar = reference_bar(sim[is_reviewed & (truth == c)], sim[zs == c], [])
         bars[c] = -np.inf if bar.threshold is None else bar.threshold
     return sim < bars[shown]
 

@@ -96,13 +96,16 @@ def class_bars(db: Database, version: ModelVersion, reviews: Reviews | None = No
     fallback = [c for c in classes if len(by_truth[c]) < MIN_REFERENCE]
     predicted = class_confidences(db, base.id, fallback, column=Prediction.similarity) \
         if fallback else {}
-    bars = {}
-    for c in classes:
-        if c in predicted:
-            bars[c] = _bar(upper_group(predicted[c]), "predictions", others[c])
-        else:
-            bars[c] = _bar(np.asarray(by_truth[c], dtype=np.float64), "reviews", others[c])
-    return bars
+    return {c: reference_bar(by_truth[c], predicted.get(c, ()), others[c]) for c in classes}
+
+
+def reference_bar(reviewed, predicted, other) -> ClassBar:
+    """One class's bar: from the similarities of its reviewed pictures (`reviewed`), or,
+    with fewer than MIN_REFERENCE of them, from those of its predictions (`predicted`,
+    Otsu's upper group); `other`: the similarities of its images reviewed as "other"."""
+    if len(reviewed) < MIN_REFERENCE:
+        return _bar(upper_group(predicted), "predictions", list(other))
+    return _bar(np.asarray(reviewed, dtype=np.float64), "reviews", list(other))
 
 
 def upper_group(values: np.ndarray) -> np.ndarray:
