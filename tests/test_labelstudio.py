@@ -573,6 +573,15 @@ def test_junk_goes_to_reviewers_first_and_their_other_comes_back(db_url, db, toy
     odd = {paths[i] for i, label, sim in rows if flagged(label, sim, bars)}
     is_odd = [t["data"]["path"] in odd for t in tasks]
     assert is_odd == sorted(is_odd, reverse=True)  # reviewers meet the flagged ones first
+    # the default order leaves them in their place in the fair shuffle
+    fair_title = title[:35] + " fair"
+    assert runner.invoke(app, ["push", "--db", db_url, "--project", fair_title]).exit_code == 0
+    fair_project = next(p for p in client.sdk.projects.list() if p.title == fair_title)
+    in_order = [t["data"]["path"] for t in sorted(list_remote_tasks(client, fair_project.id),
+                                                  key=lambda t: t["id"])]
+    assert sorted(in_order) == sorted(t["data"]["path"] for t in tasks)
+    fair_odd = [path in odd for path in in_order]
+    assert fair_odd != sorted(fair_odd, reverse=True) and sum(fair_odd) == sum(is_odd)
     junk = [t for t in tasks if "/zz-junk/" in t["data"]["path"]]
     assert len(junk) == 6 and all(t["data"]["path"] in odd for t in junk)
     assert len(odd) <= 6 + 2  # and few real pictures among them (here 40)
